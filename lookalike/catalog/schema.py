@@ -1,0 +1,52 @@
+"""The catalog's versioned schema: each migration takes the database one version up.
+
+``PRAGMA user_version`` holds the version. Migrations only ever append to this list, so an
+old catalog is upgraded step by step and a newer one is refused instead of misread.
+"""
+
+from __future__ import annotations
+
+MIGRATIONS: tuple[str, ...] = (
+    # 1: images, the models that embedded them, their vectors, and files that failed.
+    """
+    CREATE TABLE settings (
+        key   TEXT PRIMARY KEY,
+        value TEXT NOT NULL
+    );
+    CREATE TABLE models (
+        id             INTEGER PRIMARY KEY,
+        key            TEXT NOT NULL UNIQUE,
+        name           TEXT NOT NULL,
+        layer          TEXT NOT NULL,
+        dim            INTEGER NOT NULL,
+        weights_sha256 TEXT NOT NULL,
+        preprocess     TEXT NOT NULL,
+        created_at     REAL NOT NULL
+    );
+    CREATE TABLE images (
+        id           INTEGER PRIMARY KEY AUTOINCREMENT,
+        path         TEXT NOT NULL UNIQUE,
+        content_hash TEXT NOT NULL,
+        size         INTEGER NOT NULL,
+        mtime        REAL NOT NULL,
+        width        INTEGER NOT NULL,
+        height       INTEGER NOT NULL,
+        metadata     TEXT NOT NULL DEFAULT '{}',
+        added_at     REAL NOT NULL
+    );
+    CREATE INDEX images_content_hash ON images (content_hash);
+    CREATE TABLE vectors (
+        image_id INTEGER NOT NULL REFERENCES images (id) ON DELETE CASCADE,
+        model_id INTEGER NOT NULL REFERENCES models (id),
+        vector   BLOB NOT NULL,
+        PRIMARY KEY (model_id, image_id)
+    );
+    CREATE TABLE failures (
+        path   TEXT PRIMARY KEY,
+        reason TEXT NOT NULL,
+        at     REAL NOT NULL
+    );
+    """,
+)
+
+SCHEMA_VERSION = len(MIGRATIONS)

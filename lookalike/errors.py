@@ -1,0 +1,56 @@
+"""Typed errors raised by lookalike. The library never prints or exits; callers catch these."""
+
+from __future__ import annotations
+
+
+class LookalikeError(Exception):
+    """Base class of every error lookalike raises on purpose."""
+
+
+class ImageError(LookalikeError):
+    """An input could not be turned into RGB pixels. ``source`` names the file or input kind."""
+
+    def __init__(self, source: str, reason: str) -> None:
+        super().__init__(f"{source}: {reason}")
+        self.source = source
+        self.reason = reason
+
+
+class NotAnImageError(ImageError):
+    """The input is empty, truncated, corrupt, or not an image format lookalike can decode."""
+
+
+class DecompressionBombError(ImageError):
+    """The image declares more pixels than the configured limit, so it is refused before decoding."""
+
+
+class EncoderError(LookalikeError):
+    """An encoder could not be created or run (unknown name, missing weights, bad option)."""
+
+
+class CatalogError(LookalikeError):
+    """The catalog is unreadable, from a newer schema, or asked something inconsistent."""
+
+
+class ModelMismatchError(CatalogError):
+    """Vectors of one model/layer were about to be mixed with vectors of another."""
+
+
+class VectorIndexError(LookalikeError):
+    """An index was given bad input (wrong dimension, bad spec) or a corrupt file."""
+
+
+class DimensionMismatchError(VectorIndexError):
+    """Vectors or queries have a different dimension than the index."""
+
+
+class IndexSpecError(VectorIndexError):
+    """An index spec string could not be parsed or names an unknown backend or option."""
+
+
+class CorruptIndexError(VectorIndexError):
+    """An index file is truncated, corrupt, or does not belong to this catalog."""
+
+
+class EmptyCollectionError(LookalikeError):
+    """A search was asked of a collection that has no images yet."""
