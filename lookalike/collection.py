@@ -299,7 +299,11 @@ class Collection:
                 break
         best = results[0].score if results else None
         if threshold is not None:
-            keep = (lambda s: s >= threshold) if metric.higher_is_better else (lambda s: s <= threshold)
+            keep = (
+                (lambda s: s >= threshold)
+                if metric.higher_is_better
+                else (lambda s: s <= threshold)
+            )
             results = [r for r in results if keep(r.score)]
         return SearchResponse(results, metric, threshold, best)
 
@@ -322,7 +326,9 @@ class Collection:
     def info(self) -> CollectionInfo:
         """Counts, the active model, and files that failed to index."""
         models = self.catalog.models()
-        active = next((m for m in models if m["name"] == self.model_name and m["layer"] == self.layer), None)
+        active = next(
+            (m for m in models if m["name"] == self.model_name and m["layer"] == self.layer), None
+        )
         return CollectionInfo(
             path=str(self.path),
             images=self.catalog.count(),

@@ -21,7 +21,7 @@ class NotAnImageError(ImageError):
 
 
 class DecompressionBombError(ImageError):
-    """The image declares more pixels than the configured limit, so it is refused before decoding."""
+    """The image declares more pixels than the configured limit; it is refused before decoding."""
 
 
 class EncoderError(LookalikeError):

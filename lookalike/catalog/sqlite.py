@@ -113,7 +113,9 @@ class SqliteCatalog:
 
     def register_model(self, identity: EncoderIdentity) -> int:
         """The id under which vectors of this encoder identity are stored (created if new)."""
-        row = self._db.execute("SELECT id, dim FROM models WHERE key = ?", (identity.key,)).fetchone()
+        row = self._db.execute(
+            "SELECT id, dim FROM models WHERE key = ?", (identity.key,)
+        ).fetchone()
         if row:
             if row[1] != identity.dim:
                 raise ModelMismatchError(f"model {identity.key} was stored with dim {row[1]}")
@@ -160,7 +162,9 @@ class SqliteCatalog:
         )
         return {path: FileState(i, size, mtime, h) for path, i, size, mtime, h in rows}
 
-    def store(self, records: Sequence[ImageRecord], vectors: np.ndarray, model_id: int) -> list[int]:
+    def store(
+        self, records: Sequence[ImageRecord], vectors: np.ndarray, model_id: int
+    ) -> list[int]:
         """Insert or update images by path together with their vectors, in one transaction."""
         dim = self.model_dim(model_id)
         vectors = np.asarray(vectors, dtype=np.float32)
@@ -191,7 +195,9 @@ class SqliteCatalog:
                 ).fetchone()
                 image_id = int(row[0])
                 # A changed file invalidates the vectors every other model made of it.
-                db.execute("DELETE FROM vectors WHERE image_id = ? AND model_id != ?", (image_id, model_id))
+                db.execute(
+                    "DELETE FROM vectors WHERE image_id = ? AND model_id != ?", (image_id, model_id)
+                )
                 db.execute(
                     "INSERT OR REPLACE INTO vectors (image_id, model_id, vector) VALUES (?, ?, ?)",
                     (image_id, model_id, vector.tobytes()),
@@ -204,7 +210,9 @@ class SqliteCatalog:
     def touch(self, image_id: int, size: int, mtime: float) -> None:
         """Record a new size/mtime for a file whose content hash did not change."""
         with self._transaction() as db:
-            db.execute("UPDATE images SET size = ?, mtime = ? WHERE id = ?", (size, mtime, image_id))
+            db.execute(
+                "UPDATE images SET size = ?, mtime = ? WHERE id = ?", (size, mtime, image_id)
+            )
 
     def remove(self, ids: Iterable[int]) -> int:
         """Delete images (and their vectors) by id; returns how many existed."""
@@ -274,7 +282,9 @@ class SqliteCatalog:
             if row is None:
                 raise CatalogError(f"no image with id {image_id}")
             merged = {**json.loads(row[0]), **metadata}
-            db.execute("UPDATE images SET metadata = ? WHERE id = ?", (json.dumps(merged), image_id))
+            db.execute(
+                "UPDATE images SET metadata = ? WHERE id = ?", (json.dumps(merged), image_id)
+            )
 
     def paths(self) -> dict[str, int]:
         """Path -> id of every image."""

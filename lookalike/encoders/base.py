@@ -74,7 +74,9 @@ class EncoderBase:
         pixels = np.ascontiguousarray(pixels, dtype=np.uint8)
         expected = (self.preprocess.resolution, self.preprocess.resolution, 3)
         if pixels.ndim != 4 or pixels.shape[1:] != expected:
-            raise EncoderError(f"expected uint8 pixels of shape [n, *{expected}], got {pixels.shape}")
+            raise EncoderError(
+                f"expected uint8 pixels of shape [n, *{expected}], got {pixels.shape}"
+            )
         if len(pixels) == 0:
             return np.empty((0, self.dim), dtype=np.float32)
         vectors = np.asarray(self._forward(pixels), dtype=np.float32)
@@ -91,7 +93,9 @@ class EncoderBase:
         draft = self.preprocess.resolution
         for start in range(0, len(images), batch_size):
             chunk = images[start : start + batch_size]
-            pixels = [resize_for_model(load_image(s, draft_size=draft), self.preprocess) for s in chunk]
+            pixels = [
+                resize_for_model(load_image(s, draft_size=draft), self.preprocess) for s in chunk
+            ]
             parts.append(self.embed_pixels(np.stack(pixels)))
         return np.concatenate(parts)
 

@@ -1,4 +1,4 @@
-"""EfficientNet-Lite0/1/2 (Tan & Le, 2019): the architecture, its ImageNet weights and their preprocessing.
+"""EfficientNet-Lite0/1/2 (Tan & Le, 2019): architecture, ImageNet weights, their preprocessing.
 
 Lite variants drop squeeze-and-excitation, use ReLU6, and keep the stem and head widths fixed
 while scaling the inner stages. Parameter names follow the widely used PyTorch port
@@ -151,7 +151,9 @@ class EfficientNetLite(nn.Module):
                 repeats = math.ceil(repeats * variant.depth)
             for r in range(repeats):
                 blocks.append(
-                    MBConvBlock(kernel, stride if r == 0 else 1, expand, in_ch if r == 0 else out_ch, out_ch)
+                    MBConvBlock(
+                        kernel, stride if r == 0 else 1, expand, in_ch if r == 0 else out_ch, out_ch
+                    )
                 )
             self.stage_ends.append(len(blocks) - 1)
         self._blocks = nn.ModuleList(blocks)
@@ -202,7 +204,8 @@ def load_pretrained(variant: LiteVariant) -> EfficientNetLite:
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise EncoderError(
-            f"weights {path} do not fit {variant.name}: missing {missing[:5]}, unexpected {unexpected[:5]}"
+            f"weights {path} do not fit {variant.name}: "
+            f"missing {missing[:5]}, unexpected {unexpected[:5]}"
         )
     return model.eval()
 

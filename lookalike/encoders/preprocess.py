@@ -1,4 +1,4 @@
-"""Pixel preprocessing: the config stored with each set of weights, and the resize that applies it."""
+"""Pixel preprocessing: the config stored with each set of weights, and the resize applying it."""
 
 from __future__ import annotations
 

@@ -1,0 +1,71 @@
+"""Shared fixtures: real photos (from scikit-image) written to disk, and one encoder per session."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image, ImageEnhance, ImageOps
+
+DATASET = Path(__file__).resolve().parents[1].parent / "shared" / "datasets" / "clothing-small"
+
+PHOTO_NAMES = ("astronaut", "chelsea", "coffee", "rocket", "immunohistochemistry", "retina")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def isolated_cache(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Exported models and default collections go to temporary folders, not the user's home."""
+    os.environ["LOOKALIKE_CACHE"] = str(tmp_path_factory.mktemp("cache"))
+    os.environ["LOOKALIKE_HOME"] = str(tmp_path_factory.mktemp("home"))
+    os.environ.pop("LOOKALIKE_COLLECTION", None)
+
+
+def photo(name: str) -> Image.Image:
+    """A real photo shipped with scikit-image, as an RGB PIL image."""
+    from skimage import data
+
+    return Image.fromarray(getattr(data, name)()).convert("RGB")
+
+
+def variants(image: Image.Image) -> dict[str, Image.Image]:
+    """Mild edits that should keep an image recognisably itself."""
+    width, height = image.size
+    return {
+        "half": image.resize((width // 2, height // 2)),
+        "crop": image.crop((width // 10, height // 10, width - width // 10, height - height // 10)),
+        "bright": ImageEnhance.Brightness(image).enhance(1.25),
+        "mirror": ImageOps.mirror(image),
+    }
+
+
+@pytest.fixture(scope="session")
+def photo_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A folder of six real photos as JPEGs, one per sub-folder level to exercise recursion."""
+    root = tmp_path_factory.mktemp("photos")
+    for i, name in enumerate(PHOTO_NAMES):
+        folder = root / ("nested/deeper" if i % 3 == 2 else "nested" if i % 3 == 1 else "")
+        folder.mkdir(parents=True, exist_ok=True)
+        photo(name).save(folder / f"{name}.jpg", quality=92)
+    return root
+
+
+@pytest.fixture(scope="session")
+def encoder():
+    """The default encoder (Lite0, raw vectors), built once per test session."""
+    from lookalike.encoders import create_encoder
+
+    return create_encoder("efficientnet-lite0", normalize=False)
+
+
+def require_dataset() -> Path:
+    """The clothing-small dataset, or a skip when this machine does not have it."""
+    if not (DATASET / "labels.csv").exists():
+        pytest.skip(f"dataset not found at {DATASET}")
+    return DATASET
+
+
+def unit(vectors: np.ndarray) -> np.ndarray:
+    """Row-wise L2 normalisation for assertions."""
+    return vectors / np.linalg.norm(vectors, axis=-1, keepdims=True)
