@@ -16,7 +16,6 @@ import io
 import os
 import stat
 import struct
-import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import BinaryIO, TypeAlias
@@ -38,7 +37,8 @@ ImageSource: TypeAlias = (
     str | os.PathLike | bytes | bytearray | memoryview | BinaryIO | Image.Image | np.ndarray
 )
 
-DEFAULT_MAX_PIXELS = 100_000_000
+# Pillow's own default limit: at the default, Pillow never warns about an image we accept.
+DEFAULT_MAX_PIXELS = 89_478_485
 
 _EXIF_ORIENTATION = 0x0112
 _SWAPPING_ORIENTATIONS = frozenset({5, 6, 7, 8})
@@ -65,23 +65,22 @@ _ALPHA_MODES = frozenset({"RGBA", "LA", "PA", "RGBa", "La"})
 
 @contextmanager
 def _decoding(source: str, max_pixels: int) -> Iterator[None]:
-    """Turn PIL's errors and decompression-bomb warnings into typed errors; leak no warnings.
+    """Turn PIL's errors into typed errors naming ``source``.
 
-    PIL warns (``DecompressionBombWarning``) above ``Image.MAX_IMAGE_PIXELS`` and raises its own
-    ``DecompressionBombError`` above twice that; both become our ``DecompressionBombError``,
-    the warning only when PIL's limit is at least ``max_pixels`` (so the image is certainly
-    over ``max_pixels``); otherwise the caller explicitly allowed that many pixels and the
-    warning is dropped. Other warnings (corrupt metadata and the like) are dropped too: they
-    do not affect the pixels.
+    This deliberately does not use ``warnings.catch_warnings``: it swaps process-wide state,
+    which is unsafe when several threads decode at once (the indexer does). Pixel limits are
+    enforced from the header by ``_check_size`` instead. PIL's own ``DecompressionBombError``
+    (above twice ``Image.MAX_IMAGE_PIXELS``) and its warning, when the application turns
+    warnings into errors, both become our ``DecompressionBombError``.
     """
     try:
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            yield
+        yield
     except ImageError:
         raise
-    except Image.DecompressionBombError as exc:
-        raise DecompressionBombError(source, f"refused by Pillow's pixel limit: {exc}") from exc
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise DecompressionBombError(
+            source, f"more pixels than allowed (max_pixels={max_pixels}): {exc}"
+        ) from exc
     except FileNotFoundError as exc:
         raise NotAnImageError(source, "no such file") from exc
     except IsADirectoryError as exc:
@@ -90,18 +89,11 @@ def _decoding(source: str, max_pixels: int) -> Iterator[None]:
         raise NotAnImageError(source, "permission denied") from exc
     except UnidentifiedImageError as exc:
         raise NotAnImageError(source, "not a recognized image format") from exc
-    except _DECODE_ERRORS as exc:
+    except (*_DECODE_ERRORS, Warning) as exc:
+        # A Warning arrives here only when the application made warnings errors.
         raise NotAnImageError(
             source, f"truncated, corrupt or unsupported image data ({type(exc).__name__}: {exc})"
         ) from exc
-    pil_limit = Image.MAX_IMAGE_PIXELS
-    if pil_limit is None or pil_limit < max_pixels:
-        return
-    for caught_warning in caught:
-        if issubclass(caught_warning.category, Image.DecompressionBombWarning):
-            raise DecompressionBombError(
-                source, f"more than max_pixels={max_pixels} ({caught_warning.message})"
-            )
 
 
 def _check_max_pixels(max_pixels: int) -> None:

@@ -1,4 +1,4 @@
-"""Indexing a folder: find what changed, decode in worker processes, embed in batches, store.
+"""Indexing a folder: find what changed, decode in worker threads, embed in batches, store.
 
 The catalog is written one batch per transaction, so a run that is killed keeps every batch it
 finished, and the next run only does what is left: nothing is duplicated, nothing is lost.
@@ -11,9 +11,8 @@ import io
 import os
 from collections import deque
 from collections.abc import Callable, Iterator
-from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from multiprocessing import get_context
 from pathlib import Path
 
 import numpy as np
@@ -101,21 +100,21 @@ def _decode_chunk(paths: list[str], config: PreprocessConfig) -> list[Decoded]:
 def decode_all(
     paths: list[str], config: PreprocessConfig, *, workers: int, chunk: int = 8
 ) -> Iterator[Decoded]:
-    """Decoded files in input order, from ``workers`` processes (0 decodes inline).
+    """Decoded files in input order, from ``workers`` threads (0 decodes inline).
 
-    At most a few chunks per worker are in flight, so memory stays flat however many files
-    there are, while the workers keep decoding during the caller's inference.
+    Threads, not processes: JPEG decoding, resizing and hashing release the GIL, so threads
+    decode in parallel with inference without pickling pixels between processes (measured
+    faster on 2 cores than a process pool). At most a few chunks per worker are in flight, so
+    memory stays flat however many files there are.
     """
     if workers <= 0:
         for path in paths:
             yield decode_file(path, config)
         return
-    # spawn, not fork: the parent may already run inference threads, which fork would break.
-    with ProcessPoolExecutor(workers, mp_context=get_context("spawn")) as pool:
+    with ThreadPoolExecutor(workers, thread_name_prefix="lookalike-decode") as pool:
         pending: deque[Future[list[Decoded]]] = deque()
-        chunks = (paths[i : i + chunk] for i in range(0, len(paths), chunk))
-        for part in chunks:
-            pending.append(pool.submit(_decode_chunk, part, config))
+        for start in range(0, len(paths), chunk):
+            pending.append(pool.submit(_decode_chunk, paths[start : start + chunk], config))
             if len(pending) >= 4 * workers:
                 yield from pending.popleft().result()
         while pending:

@@ -46,6 +46,8 @@ def test_class_level_map_on_clothing(tmp_path: Path, encoder) -> None:
     label = np.array([records[i].metadata["label"] for i in ids])
     unit = vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
     queries, database = split == "test", split == "train"
-    score = mean_average_precision(unit[queries] @ unit[database].T, label[queries], label[database])
+    score = mean_average_precision(
+        unit[queries] @ unit[database].T, label[queries], label[database]
+    )
     # Measured 0.486 for Lite0 GAP at 224 x 224 (squashed) with the Lite preprocessing.
     assert score >= 0.42

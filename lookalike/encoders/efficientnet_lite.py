@@ -104,9 +104,13 @@ class SameConv2d(nn.Conv2d):
             out = math.ceil(int(size) / stride)
             total = max((out - 1) * stride + kernel - int(size), 0)
             pads += [total // 2, total - total // 2]
-        if any(pads):
+        padding: tuple[int, int] | int = 0
+        if pads[0] == pads[1] and pads[2] == pads[3]:
+            # Symmetric: let the convolution pad, which keeps exported graphs free of Pad nodes.
+            padding = (pads[2], pads[0])
+        elif any(pads):
             x = F.pad(x, pads)
-        return F.conv2d(x, self.weight, self.bias, self.stride, 0, self.dilation, self.groups)
+        return F.conv2d(x, self.weight, self.bias, self.stride, padding, self.dilation, self.groups)
 
 
 class MBConvBlock(nn.Module):
@@ -283,7 +287,7 @@ class EfficientNetLiteEncoder(EncoderBase):
 
 
 # Bump when PooledFeatures changes, so stale exported files are not reused.
-_EXPORT_VERSION = 1
+_EXPORT_VERSION = 2
 
 
 def _factory(variant_name: str) -> Callable[..., EfficientNetLiteEncoder]:

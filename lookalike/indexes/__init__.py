@@ -1,0 +1,160 @@
+"""Vector indexes: exact, Annoy, LSH, HNSW, IVF-PQ and binary backends behind one protocol.
+
+Spec grammar (whitespace around tokens is ignored, option names match case-insensitively)::
+
+    spec    := backend [ ":" option { "," option } ]
+    option  := name "=" value
+
+    exact    engine=numpy|faiss
+    annoy    trees=50, search_k=-1, seed=0
+    lsh      bits=16, tables=8, probe=1, seed=0
+    hnsw     M=32, efConstruction=200, ef=128
+    ivfpq    nlist=1024, m=<divisor of dim near dim/4>, nbits=8, nprobe=16, rerank=0
+    binary   packed=false, engine=numpy|faiss|hnsw, M=32, ef=128
+
+Values are integers, booleans (true/false/1/0/yes/no) or one of the listed words. Every index
+saves to one self-describing file (see ``_format``), so ``load_index(path)`` needs no
+arguments.
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+from pathlib import Path
+from typing import Any
+
+from lookalike.errors import CorruptIndexError, IndexSpecError
+from lookalike.indexes._common import BaseIndex
+from lookalike.indexes._format import read_index_file
+from lookalike.indexes.base import Index, Metric, SearchHits
+from lookalike.indexes.exact import ExactIndex
+
+__all__ = [
+    "BACKENDS",
+    "ExactIndex",
+    "Index",
+    "Metric",
+    "SearchHits",
+    "backend_class",
+    "choose_spec",
+    "create_index",
+    "load_index",
+    "parse_spec",
+]
+
+# Imported on demand: faiss and annoy load only when one of their backends is used.
+BACKENDS: dict[str, str] = {
+    "exact": "lookalike.indexes.exact:ExactIndex",
+    "annoy": "lookalike.indexes.annoy:AnnoyIndex",
+    "lsh": "lookalike.indexes.lsh:LSHIndex",
+    "hnsw": "lookalike.indexes.hnsw:HNSWIndex",
+    "ivfpq": "lookalike.indexes.ivfpq:IVFPQIndex",
+    "binary": "lookalike.indexes.binary:BinaryIndex",
+}
+
+EXACT_MAX_N = 20_000
+
+
+def backend_class(name: str) -> type[BaseIndex]:
+    """The class implementing a backend name."""
+    try:
+        module_name, class_name = BACKENDS[name].split(":")
+    except KeyError:
+        valid = ", ".join(BACKENDS)
+        raise IndexSpecError(f"unknown index backend {name!r}; valid backends: {valid}") from None
+    cls: type[BaseIndex] = getattr(importlib.import_module(module_name), class_name)
+    return cls
+
+
+def parse_spec(spec: str) -> tuple[str, dict[str, Any]]:
+    """Split a spec into its backend name and typed options (canonical option names)."""
+    if not isinstance(spec, str) or not spec.strip():
+        raise IndexSpecError(f"an index spec must be a non-empty string, got {spec!r}")
+    name, _, rest = spec.partition(":")
+    name = name.strip().lower()
+    cls = backend_class(name)
+    canonical = {option.lower(): option for option in cls.options}
+    valid = ", ".join(f"{option}={cls.options[option].default!r}" for option in cls.options)
+    values: dict[str, Any] = {}
+    for item in rest.split(",") if rest.strip() else []:
+        key, equals, text = item.partition("=")
+        key = key.strip()
+        if not equals or not key or not text.strip():
+            raise IndexSpecError(f"{name}: expected name=value, got {item.strip()!r}")
+        option = key if key in cls.options else canonical.get(key.lower())
+        if option is None:
+            raise IndexSpecError(f"{name}: unknown option {key!r}; valid options: {valid}")
+        if option in values:
+            raise IndexSpecError(f"{name}: option {option!r} given twice")
+        values[option] = cls.options[option].parse(name, option, text)
+    return name, values
+
+
+def create_index(spec: str, *, dim: int, metric: str | Metric = "cosine") -> Index:
+    """A new, empty index from a spec such as ``hnsw:M=32,ef=128``."""
+    name, options = parse_spec(spec)
+    index: Index = backend_class(name)(dim=dim, metric=metric, **options)
+    return index
+
+
+def load_index(path: str | Path) -> Index:
+    """Load any saved index; the file names its own backend, options, dim and metric."""
+    file = read_index_file(path)
+    if file.backend not in BACKENDS:
+        raise CorruptIndexError(f"{path}: unknown index backend {file.backend!r}")
+    index: Index = backend_class(file.backend)._from_file(file, path)
+    return index
+
+
+def hnsw_bytes(n: int, dim: int, m: int) -> int:
+    """Resident size of an n-vector HNSWIndex: vectors, 2M level-0 links, ~48 bytes of
+    per-node bookkeeping (ids, levels, offsets, upper-level links), plus 10%."""
+    return int(n * (4 * dim + 8 * m + 48) * 1.1)
+
+
+def ivfpq_params(n: int, dim: int) -> dict[str, int]:
+    """IVF-PQ parameters for n vectors: nlist ~ 4 sqrt(n) (a power of two), nprobe ~ nlist/64."""
+    nlist = 2 ** round(math.log2(max(1.0, 4 * math.sqrt(n))))
+    nlist = max(16, min(65536, nlist, 2 ** math.floor(math.log2(max(16, n // 16)))))
+    return {"nlist": nlist, "nprobe": max(16, min(256, nlist // 64))}
+
+
+def ivfpq_bytes(n: int, dim: int, m: int, nlist: int, rerank: bool) -> int:
+    """Resident size: codes and ids, centroids and codebooks, optional float vectors (with
+    their ids and id lookup) for re-ranking, plus 10%."""
+    per_vector = m + 8 + (4 * dim + 24 if rerank else 0)
+    return int((n * per_vector + nlist * dim * 4 + 256 * dim * 4) * 1.1)
+
+
+def choose_spec(n: int, dim: int, *, memory_budget_bytes: int) -> str:
+    """A sensible spec for n vectors of dimension dim within a memory budget.
+
+    Rule:
+    - ``n < 20_000``: ``exact`` (a scan of that many vectors takes milliseconds, recall 1).
+    - else HNSW if it fits the budget: ``M=16, efConstruction=100`` below 1M vectors, ``M=32,
+      efConstruction=200`` from 1M on (larger graphs need more links for the same recall),
+      ``ef=128``; size estimated by :func:`hnsw_bytes` (vectors + links + ids, +10%).
+    - else IVF-PQ with ``nlist`` the power of two nearest ``4 * sqrt(n)``, ``nprobe =
+      max(16, nlist / 64)``, ``m`` the largest divisor of dim up to ``dim / 4`` whose codes fit
+      the budget, and ``rerank=100`` when the float vectors fit beside the codes too. When even
+      ``m=1`` does not fit, the smallest index is returned anyway (the budget is advisory).
+    """
+    if n < 0 or dim < 1 or memory_budget_bytes < 0:
+        raise IndexSpecError(f"choose_spec: bad sizes n={n}, dim={dim}")
+    if n < EXACT_MAX_N:
+        return "exact"
+    m_links, construction = (16, 100) if n < 1_000_000 else (32, 200)
+    if hnsw_bytes(n, dim, m_links) <= memory_budget_bytes:
+        return f"hnsw:M={m_links},efConstruction={construction},ef=128"
+    params = ivfpq_params(n, dim)
+    candidates = [d for d in range(1, dim + 1) if dim % d == 0 and d <= max(1, dim // 4)]
+    fitting = [
+        d
+        for d in candidates
+        if ivfpq_bytes(n, dim, d, params["nlist"], False) <= memory_budget_bytes
+    ]
+    m = max(fitting) if fitting else 1
+    rerank = ivfpq_bytes(n, dim, m, params["nlist"], True) <= memory_budget_bytes
+    spec = f"ivfpq:nlist={params['nlist']},m={m},nprobe={params['nprobe']}"
+    return spec + (",rerank=100" if rerank else "")

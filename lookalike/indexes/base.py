@@ -4,7 +4,9 @@ Conventions every backend follows:
 - ids are int64, vectors float32 of shape [n, dim]; binary backends take packed uint8 codes.
 - ``add`` with an id already present replaces its vector (upsert); the same id twice in one
   call is an error, because which vector wins would be arbitrary.
-- ``search`` returns best-first results of width ``min(k, len(index))``.
+- ``search`` returns best-first results of width ``min(k, len(index))``. An approximate
+  backend may find fewer hits for a query; the empty slots hold id -1 and the worst possible
+  score (-inf for similarities, +inf for distances), which is why ids must be non-negative.
 - scores: similarity for ``cosine`` and ``dot`` (higher is better), distance for
   ``euclidean`` (true L2, not squared) and ``hamming`` (lower is better).
 - ``save`` writes the backend's own metadata into the file, so ``load_index(path)`` needs

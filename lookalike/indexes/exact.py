@@ -61,6 +61,20 @@ def score_matrix(queries: np.ndarray, database: np.ndarray, metric: Metric) -> n
     raise CorruptIndexError(f"the exact float index does not support metric {metric.value!r}")
 
 
+def prepared_scores(
+    queries: np.ndarray, stored: np.ndarray, metric: Metric, squared_norms: np.ndarray | None
+) -> np.ndarray:
+    """Like ``score_matrix`` for rows already passed through ``faiss_ready`` (normalised for
+    cosine), with their squared norms precomputed for euclidean: no per-query database pass."""
+    if metric is Metric.COSINE:
+        return l2_normalize(queries) @ stored.T
+    if metric is Metric.DOT:
+        return queries @ stored.T
+    assert squared_norms is not None
+    squared = np.einsum("ij,ij->i", queries, queries)[:, None] - 2.0 * (queries @ stored.T)
+    return np.sqrt(np.maximum(squared + squared_norms[None, :], 0.0))
+
+
 def faiss_metric(metric: Metric) -> int:
     """The faiss metric type: cosine is inner product on normalised vectors."""
     faiss = import_faiss()
@@ -93,7 +107,9 @@ class ExactIndex(BaseIndex):
     ) -> None:
         self._setup(dim, metric)
         self.engine = check_choice(self.backend, "engine", engine, _ENGINES)
+        # Rows as faiss_ready() makes them: cosine vectors are normalised once, at add time.
         self._store = RowStore(vectors=np.empty((0, self.dim), dtype=np.float32))
+        self._squared_norms: np.ndarray | None = None  # euclidean only, rebuilt after changes
         self._faiss: Any = None
         if self.engine == "faiss":
             faiss = import_faiss()
@@ -112,7 +128,8 @@ class ExactIndex(BaseIndex):
         vectors = as_vectors(vectors, self.dim)
         ids = as_new_ids(ids, len(vectors))
         if self._faiss is None:
-            self._store.upsert(ids, vectors=vectors)
+            self._store.upsert(ids, vectors=faiss_ready(vectors, self.metric))
+            self._squared_norms = None
             return
         self._faiss.remove_ids(ids)
         self._faiss.add_with_ids(faiss_ready(vectors, self.metric), ids)
@@ -120,6 +137,7 @@ class ExactIndex(BaseIndex):
     def remove(self, ids: np.ndarray) -> int:
         ids = np.asarray(ids, dtype=np.int64).reshape(-1)
         if self._faiss is None:
+            self._squared_norms = None
             return self._store.remove(ids)
         return int(self._faiss.remove_ids(ids)) if len(ids) else 0
 
@@ -130,7 +148,10 @@ class ExactIndex(BaseIndex):
         if self._faiss is not None:
             distances, ids = self._faiss.search(faiss_ready(queries, self.metric), width)
             return ids, faiss_scores(distances, self.metric)
-        scores = score_matrix(queries, self._store["vectors"], self.metric)
+        stored = self._store["vectors"]
+        if self.metric is Metric.EUCLIDEAN and self._squared_norms is None:
+            self._squared_norms = np.einsum("ij,ij->i", stored, stored)
+        scores = prepared_scores(queries, stored, self.metric, self._squared_norms)
         positions, values = top_k(scores, width, higher_is_better=self.metric.higher_is_better)
         return self._store.ids[positions], values
 

@@ -1,0 +1,304 @@
+"""Approximate nearest-neighbour benchmark: every index backend against exact search.
+
+For each backend spec it reports recall@10 against exact ground truth, single-threaded
+queries per second, p50/p99 latency per query (one query per call), build time (create + add +
+one warm-up search, which triggers lazy builds such as Annoy's forest), and peak memory. Each
+backend runs in its own subprocess so that peak RSS (the child's own high-water mark: ``VmHWM``,
+which unlike ``ru_maxrss`` is not inherited across exec) belongs to that backend alone;
+"index MiB" is that peak minus the RSS the child had after loading the data, i.e. what
+building, holding and querying the index cost. A backend that fails, runs out of memory or exceeds
+``--timeout`` becomes a table row with the reason.
+
+Data (no real vectors are needed):
+- with ``--embeddings FILE.npy`` (an [m, d] float array of real embeddings): every synthetic
+  vector is a random convex combination (Dirichlet weights) of 2 or 3 random real vectors plus
+  Gaussian noise with per-dimension standard deviation ``--noise`` times the real data's
+  per-dimension standard deviation. ``--dim`` is then taken from the file.
+- otherwise a Gaussian mixture shaped like image embeddings: ``max(32, sqrt(n) / 2)`` clusters
+  of very uneven sizes (Dirichlet(0.5) weights), centres around a shared non-zero mean (real
+  embeddings are not centred), and anisotropic clusters: a random rank-``dim/8`` basis per
+  cluster with geometrically decaying scales plus weaker isotropic noise.
+``--queries`` extra vectors from the same distribution are held out as queries (never
+indexed). Ground truth is exact top-10 with a faiss flat index, in query batches.
+
+    python benchmarks/ann.py --n 20000 --dim 256 --queries 200
+    python benchmarks/ann.py --backends exact "hnsw:M=32,ef=128" --embeddings real.npy
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import resource
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+try:
+    import lookalike  # noqa: F401
+except ImportError:  # run from a checkout without installing
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from lookalike.indexes import create_index, ivfpq_params
+from lookalike.indexes.base import Metric, l2_normalize
+from lookalike.indexes.ivfpq import default_m
+
+RECALL_AT = 10
+_CHUNK = 65_536
+_THREAD_VARIABLES = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
+
+
+def default_backends(n: int, dim: int) -> list[str]:
+    """One representative configuration per backend, sized for n vectors."""
+    bits = int(min(24, max(8, round(math.log2(max(n, 1) / 16)))))
+    ivf = ivfpq_params(n, dim)
+    ivfpq = f"ivfpq:nlist={ivf['nlist']},m={default_m(dim)},nprobe={ivf['nprobe']}"
+    return [
+        "exact",
+        "exact:engine=faiss",
+        "annoy:trees=50,search_k=5000",
+        f"lsh:bits={bits},tables=16",
+        "hnsw:M=32,ef=128,efConstruction=200",
+        ivfpq,
+        ivfpq + ",rerank=100",
+        "binary",
+    ]
+
+
+def gaussian_mixture(total: int, dim: int, rng: np.random.Generator) -> np.ndarray:
+    """Clustered, anisotropic, uneven vectors (see the module docstring)."""
+    clusters = max(32, int(math.sqrt(total) / 2))
+    rank = max(2, dim // 8)
+    weights = rng.dirichlet(np.full(clusters, 0.5))
+    mean = np.abs(rng.standard_normal(dim)) * 0.5
+    centers = mean + rng.standard_normal((clusters, dim)) / math.sqrt(dim) * 2.0
+    scales = np.geomspace(1.0, 0.1, rank) * 1.5 / math.sqrt(dim)
+    bases = rng.standard_normal((clusters, rank, dim)).astype(np.float32)
+    out = np.empty((total, dim), dtype=np.float32)
+    for start in range(0, total, _CHUNK):
+        stop = min(total, start + _CHUNK)
+        labels = rng.choice(clusters, size=stop - start, p=weights)
+        noise = rng.standard_normal((stop - start, dim)) * (0.4 / math.sqrt(dim))
+        block = centers[labels] + noise
+        for cluster in np.unique(labels):  # grouped so no [chunk, rank, dim] temporary exists
+            rows = np.flatnonzero(labels == cluster)
+            spread = rng.standard_normal((len(rows), rank)) * scales
+            block[rows] += spread @ bases[cluster]
+        out[start:stop] = block
+    return out
+
+
+def perturbed_embeddings(
+    total: int, real: np.ndarray, noise: float, rng: np.random.Generator
+) -> np.ndarray:
+    """Convex combinations of 2-3 real vectors plus noise scaled by the real per-dim std."""
+    real = np.asarray(real, dtype=np.float32)
+    std = real.std(axis=0)
+    out = np.empty((total, real.shape[1]), dtype=np.float32)
+    for start in range(0, total, _CHUNK):
+        stop = min(total, start + _CHUNK)
+        count = stop - start
+        parents = rng.integers(0, len(real), size=(count, 3))
+        weights = rng.dirichlet(np.ones(3), size=count)
+        two = rng.random(count) < 0.5  # half of them mix only two parents
+        weights[two, 2] = 0.0
+        weights /= weights.sum(axis=1, keepdims=True)
+        block = np.einsum("nk,nkd->nd", weights, real[parents])
+        out[start:stop] = block + rng.standard_normal(block.shape) * std * noise
+    return out
+
+
+def ground_truth(base: np.ndarray, queries: np.ndarray, metric: Metric, k: int) -> np.ndarray:
+    """Exact top-k ids with a faiss flat index (all threads), in batches of queries."""
+    import faiss
+
+    if metric is Metric.COSINE:
+        base, queries = l2_normalize(base), l2_normalize(queries)
+    flat_type = faiss.METRIC_L2 if metric is Metric.EUCLIDEAN else faiss.METRIC_INNER_PRODUCT
+    flat = faiss.IndexFlat(base.shape[1], flat_type)
+    flat.add(np.ascontiguousarray(base))
+    truth = np.empty((len(queries), k), dtype=np.int64)
+    for start in range(0, len(queries), 256):
+        _, truth[start : start + 256] = flat.search(queries[start : start + 256], k)
+    return truth
+
+
+def memory_mib(field: str) -> float:
+    """``VmHWM`` (peak) or ``VmRSS`` (current) resident size of this process, in MiB.
+
+    Linux carries ``ru_maxrss`` across exec, so a child started by a big parent would report
+    the parent's peak; ``VmHWM`` belongs to the child's own address space. Elsewhere
+    ``ru_maxrss`` is the fallback (then both fields give the peak).
+    """
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / (1024 * 1024) if sys.platform == "darwin" else peak / 1024
+
+
+def run_worker(spec: str, data: Path, metric: str, build_threads: int) -> dict[str, Any]:
+    """Build one index and time its queries; runs inside the per-backend subprocess."""
+    import faiss
+
+    base = np.load(data / "base.npy")
+    queries = np.load(data / "queries.npy")
+    truth = np.load(data / "truth.npy")
+    data_rss = memory_mib("VmRSS")
+    faiss.omp_set_num_threads(build_threads)
+    started = time.perf_counter()
+    index = create_index(spec, dim=base.shape[1], metric=metric)
+    index.add(np.arange(len(base), dtype=np.int64), base)
+    index.search(queries[:1], RECALL_AT)  # lazy structures (Annoy forest, LSH buckets) build here
+    build_s = time.perf_counter() - started
+    faiss.omp_set_num_threads(1)
+    latencies = np.empty(len(queries))
+    found = np.empty((len(queries), RECALL_AT), dtype=np.int64)
+    for row in range(len(queries)):
+        tick = time.perf_counter()
+        hits = index.search(queries[row : row + 1], RECALL_AT)
+        latencies[row] = time.perf_counter() - tick
+        found[row] = hits.ids[0]
+    recall = np.mean([len(set(f) & set(t)) for f, t in zip(found, truth, strict=True)])
+    peak = memory_mib("VmHWM")
+    return {
+        "spec": spec,
+        "recall": float(recall) / RECALL_AT,
+        "qps": len(queries) / float(latencies.sum()),
+        "p50_ms": float(np.percentile(latencies, 50) * 1e3),
+        "p99_ms": float(np.percentile(latencies, 99) * 1e3),
+        "build_s": build_s,
+        "peak_mib": peak,
+        "index_mib": peak - data_rss,
+    }
+
+
+def run_backend(spec: str, data: Path, args: argparse.Namespace) -> dict[str, Any]:
+    """Run one backend in a fresh interpreter; failures become a row with their reason."""
+    command = [
+        sys.executable,
+        str(Path(__file__).resolve()),
+        "--worker",
+        spec,
+        "--data",
+        str(data),
+        "--metric",
+        args.metric,
+        "--build-threads",
+        str(args.build_threads),
+    ]
+    # Set before the child imports numpy/faiss: BLAS pools are sized at import time.
+    env = dict(os.environ, **{name: str(args.build_threads) for name in _THREAD_VARIABLES})
+    try:
+        done = subprocess.run(
+            command, capture_output=True, text=True, timeout=args.timeout, env=env, check=False
+        )
+    except subprocess.TimeoutExpired:
+        return {"spec": spec, "error": f"timeout after {args.timeout:g} s"}
+    if done.returncode < 0:
+        name = signal.Signals(-done.returncode).name
+        why = " (likely out of memory)" if done.returncode == -signal.SIGKILL else ""
+        return {"spec": spec, "error": f"killed by {name}{why}"}
+    lines = done.stdout.strip().splitlines()
+    if done.returncode or not lines:
+        last = (done.stderr.strip().splitlines() or ["no output"])[-1]
+        return {"spec": spec, "error": f"exit {done.returncode}: {last[:120]}"}
+    return json.loads(lines[-1])
+
+
+def markdown(rows: list[dict[str, Any]]) -> str:
+    header = (
+        "| backend | recall@10 | QPS (1 thread) | p50 ms | p99 ms | build s | peak RSS MiB "
+        "| index MiB |\n|---|---:|---:|---:|---:|---:|---:|---:|"
+    )
+    lines = [header]
+    for row in rows:
+        if "error" in row:
+            lines.append(f"| `{row['spec']}` | failed: {row['error']} | | | | | | |")
+            continue
+        lines.append(
+            f"| `{row['spec']}` | {row['recall']:.3f} | {row['qps']:,.0f} | {row['p50_ms']:.3f}"
+            f" | {row['p99_ms']:.3f} | {row['build_s']:.2f} | {row['peak_mib']:,.0f}"
+            f" | {row['index_mib']:,.0f} |"
+        )
+    return "\n".join(lines)
+
+
+def prepare(args: argparse.Namespace, folder: Path) -> tuple[int, str]:
+    """Write base, held-out queries and exact ground truth into ``folder``."""
+    rng = np.random.default_rng(args.seed)
+    total = args.n + args.queries
+    if args.embeddings:
+        real = np.load(args.embeddings, mmap_mode="r")
+        if real.ndim != 2 or len(real) < 3:
+            raise SystemExit(f"{args.embeddings}: expected an [m, d] array with m >= 3")
+        vectors = perturbed_embeddings(total, real, args.noise, rng)
+        source = f"{len(real)} real vectors from {args.embeddings}, mixed and perturbed"
+    else:
+        vectors = gaussian_mixture(total, args.dim, rng)
+        source = "synthetic Gaussian mixture"
+    order = rng.permutation(total)  # queries come from anywhere in the distribution
+    base, queries = vectors[order[: args.n]], vectors[order[args.n :]]
+    del vectors
+    np.save(folder / "base.npy", base)
+    np.save(folder / "queries.npy", queries)
+    np.save(folder / "truth.npy", ground_truth(base, queries, Metric.parse(args.metric), 10))
+    return base.shape[1], source
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--n", type=int, default=1_000_000, help="indexed vectors")
+    parser.add_argument("--dim", type=int, default=256, help="dimension (synthetic data)")
+    parser.add_argument("--queries", type=int, default=1_000, help="held-out queries")
+    parser.add_argument("--metric", default="cosine", choices=["cosine", "dot", "euclidean"])
+    parser.add_argument("--backends", nargs="+", metavar="SPEC", help="index specs to compare")
+    parser.add_argument("--embeddings", type=Path, help="real embeddings .npy to mix/perturb")
+    parser.add_argument("--noise", type=float, default=0.1, help="noise / real per-dim std")
+    parser.add_argument("--timeout", type=float, default=3_600, help="seconds per backend")
+    parser.add_argument("--build-threads", type=int, default=1, help="threads while building")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    parser.add_argument("--data", type=Path, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+
+    if args.worker:
+        try:
+            result = run_worker(args.worker, args.data, args.metric, args.build_threads)
+        except MemoryError:
+            result = {"spec": args.worker, "error": "out of memory (MemoryError)"}
+        except Exception as error:  # report any failure as a row instead of a traceback
+            result = {"spec": args.worker, "error": f"{type(error).__name__}: {error}"}
+        print(json.dumps(result))
+        return
+
+    with tempfile.TemporaryDirectory(prefix="lookalike-ann-") as name:
+        folder = Path(name)
+        started = time.perf_counter()
+        dim, source = prepare(args, folder)
+        print(
+            f"data: {args.n} x {dim} ({source}), {args.queries} held-out queries,"
+            f" metric {args.metric}, ground truth in {time.perf_counter() - started:.1f} s",
+            file=sys.stderr,
+        )
+        rows = []
+        for spec in args.backends or default_backends(args.n, dim):
+            print(f"running {spec} ...", file=sys.stderr, flush=True)
+            rows.append(run_backend(spec, folder, args))
+    print(f"{args.n:,} x {dim} vectors, {args.queries:,} queries, metric {args.metric}\n")
+    print(markdown(rows))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,234 @@
+"""Inverted file + product quantisation via faiss ``IndexIVFPQ``: compact, for very large sets.
+
+- Training: the coarse quantiser (``nlist`` centroids) and the product quantiser (``m``
+  sub-quantisers of ``2**nbits`` centroids) are trained on the stored vectors as soon as
+  ``train_size(nlist, nbits)`` vectors (16 per centroid of the larger codebook) have arrived,
+  or explicitly with ``train()``. Until then vectors are kept in flat float storage and searched
+  exactly, so a small or growing collection never crashes and never gets a badly trained index.
+- ``m`` must divide ``dim``: a spec that does not satisfies this raises IndexSpecError listing
+  the valid values. Padding was rejected because it silently costs code bytes on dimensions
+  that carry no information. Without ``m``, the divisor of ``dim`` closest to ``dim / 4`` is
+  used, closest by ratio (about 4 dimensions per code byte at 8 bits; a prime dim gets m=dim).
+- ``rerank=N`` fetches ``max(N, k)`` candidates and re-scores them exactly with float vectors
+  kept beside the codes (costs ``4 * dim`` bytes per vector more); ``rerank=0`` keeps only codes.
+- Removal (and the removal half of an upsert) uses faiss ``remove_ids``, which scans the
+  inverted lists: O(n) per call (multi-threaded), so batch changes. A hash-table direct map
+  would make it O(ids) but costs ~50 bytes per vector, more than the codes themselves.
+- Scores of non-reranked hits are approximate (PQ distances); euclidean ones are square-rooted.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, ClassVar
+
+import numpy as np
+
+from lookalike.errors import CorruptIndexError, IndexSpecError, VectorIndexError
+from lookalike.indexes._common import (
+    BaseIndex,
+    Option,
+    RowStore,
+    as_new_ids,
+    check_int,
+    import_faiss,
+    search_rows,
+)
+from lookalike.indexes._format import IndexFile
+from lookalike.indexes.base import Metric, SearchHits, as_vectors
+from lookalike.indexes.exact import faiss_metric, faiss_ready, faiss_scores, score_matrix, top_k
+
+_POINTS_PER_CENTROID = 16
+_RERANK_CHUNK = 64
+
+
+def train_size(nlist: int, nbits: int) -> int:
+    """Vectors needed before training: 16 per centroid of the larger codebook."""
+    return _POINTS_PER_CENTROID * max(nlist, 2**nbits)
+
+
+def divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def default_m(dim: int) -> int:
+    """The divisor of ``dim`` closest to ``dim / 4`` by ratio (the larger one on ties)."""
+    return min(divisors(dim), key=lambda d: (abs(math.log(4 * d / dim)), -d))
+
+
+class IVFPQIndex(BaseIndex):
+    """faiss IVF-PQ with a flat fallback before training and optional exact re-ranking."""
+
+    backend: ClassVar[str] = "ivfpq"
+    metrics: ClassVar[tuple[Metric, ...]] = (Metric.COSINE, Metric.DOT, Metric.EUCLIDEAN)
+    options: ClassVar[dict[str, Option]] = {
+        "nlist": Option(int, 1024, "coarse clusters; about 4 * sqrt(n) suits n vectors"),
+        "m": Option(int, 0, "PQ sub-quantisers, must divide dim; 0 picks one near dim / 4"),
+        "nbits": Option(int, 8, "bits per sub-quantiser code"),
+        "nprobe": Option(int, 16, "clusters visited per query"),
+        "rerank": Option(int, 0, "re-score this many candidates exactly (0: off)"),
+    }
+
+    def __init__(
+        self,
+        *,
+        dim: int,
+        metric: str | Metric = Metric.COSINE,
+        nlist: int = 1024,
+        m: int = 0,
+        nbits: int = 8,
+        nprobe: int = 16,
+        rerank: int = 0,
+    ) -> None:
+        self._setup(dim, metric)
+        self.nlist = check_int(self.backend, "nlist", nlist, low=1, high=2**20)
+        m = check_int(self.backend, "m", m, low=0, high=self.dim)
+        if m and self.dim % m:
+            raise IndexSpecError(
+                f"ivfpq: m={m} does not divide dim={self.dim}; valid m for this dimension: "
+                + ", ".join(map(str, divisors(self.dim)))
+            )
+        self.m = m or default_m(self.dim)
+        self.nbits = check_int(self.backend, "nbits", nbits, low=1, high=16)
+        self.nprobe = check_int(self.backend, "nprobe", nprobe, low=1, high=2**20)
+        self.rerank = check_int(self.backend, "rerank", rerank, low=0, high=100_000)
+        # Float vectors: everything before training, and afterwards only when re-ranking.
+        self._store = RowStore(vectors=np.empty((0, self.dim), dtype=np.float32))
+        self._ivf: Any = None
+
+    def _options(self) -> dict[str, Any]:
+        return {
+            "nlist": self.nlist,
+            "m": self.m,
+            "nbits": self.nbits,
+            "nprobe": self.nprobe,
+            "rerank": self.rerank,
+        }
+
+    @property
+    def is_trained(self) -> bool:
+        return self._ivf is not None
+
+    def __len__(self) -> int:
+        return int(self._ivf.ntotal) if self._ivf is not None else len(self._store)
+
+    def add(self, ids: np.ndarray, vectors: np.ndarray) -> None:
+        vectors = as_vectors(vectors, self.dim)
+        ids = as_new_ids(ids, len(vectors))
+        if not len(ids):
+            return
+        if self._ivf is None:
+            self._store.upsert(ids, vectors=vectors)
+            if len(self._store) >= train_size(self.nlist, self.nbits):
+                self.train()
+            return
+        self._ivf.remove_ids(ids)
+        self._ivf.add_with_ids(faiss_ready(vectors, self.metric), ids)
+        if self.rerank:
+            self._store.upsert(ids, vectors=vectors)
+
+    def train(self, vectors: np.ndarray | None = None) -> None:
+        """Train on ``vectors`` (or on the stored ones) and move stored vectors into IVF-PQ."""
+        if self._ivf is not None:
+            raise VectorIndexError("ivfpq: the index is already trained")
+        sample = self._store["vectors"] if vectors is None else as_vectors(vectors, self.dim)
+        needed = train_size(self.nlist, self.nbits)
+        if len(sample) < needed:
+            raise VectorIndexError(
+                f"ivfpq: training nlist={self.nlist}, nbits={self.nbits} needs at least {needed}"
+                f" vectors, got {len(sample)}"
+            )
+        faiss = import_faiss()
+        metric = faiss_metric(self.metric)
+        quantizer = faiss.IndexFlat(self.dim, metric)
+        ivf = faiss.IndexIVFPQ(quantizer, self.dim, self.nlist, self.m, self.nbits, metric)
+        # train_size() already enforces the sample size; this silences faiss's stderr warning.
+        ivf.cp.min_points_per_centroid = 1
+        ivf.pq.cp.min_points_per_centroid = 1
+        # k-means on a random 64 points per centroid: more costs hours at millions of vectors
+        # for little gain in code quality.
+        ivf.cp.max_points_per_centroid = 64
+        ivf.pq.cp.max_points_per_centroid = 64
+        ivf.train(faiss_ready(sample, self.metric))
+        if len(self._store):
+            ivf.add_with_ids(faiss_ready(self._store["vectors"], self.metric), self._store.ids)
+        self._ivf = ivf
+        if not self.rerank:
+            self._store = RowStore(vectors=np.empty((0, self.dim), dtype=np.float32))
+
+    def remove(self, ids: np.ndarray) -> int:
+        ids = np.asarray(ids, dtype=np.int64).reshape(-1)
+        if self._ivf is None:
+            return self._store.remove(ids)
+        self._store.remove(ids)
+        return int(self._ivf.remove_ids(ids)) if len(ids) else 0
+
+    def search(self, queries: np.ndarray, k: int) -> SearchHits:
+        return search_rows(as_vectors(queries, self.dim), k, len(self), self.metric, self._run)
+
+    def _run(self, queries: np.ndarray, width: int) -> tuple[np.ndarray, np.ndarray]:
+        higher = self.metric.higher_is_better
+        if self._ivf is None:
+            scores = score_matrix(queries, self._store["vectors"], self.metric)
+            positions, values = top_k(scores, width, higher_is_better=higher)
+            return self._store.ids[positions], values
+        faiss = import_faiss()
+        params = faiss.SearchParametersIVF()
+        params.nprobe = min(self.nprobe, self.nlist)
+        fetch = max(width, self.rerank) if self.rerank else width
+        distances, ids = self._ivf.search(faiss_ready(queries, self.metric), fetch, params=params)
+        if not self.rerank:
+            return ids, faiss_scores(distances, self.metric)
+        return self._rerank(queries, ids, width)
+
+    def _rerank(
+        self, queries: np.ndarray, candidates: np.ndarray, width: int
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Exact scores for the candidates; missing candidates get the worst score."""
+        higher = self.metric.higher_is_better
+        worst = -np.inf if higher else np.inf
+        out_ids = np.empty((len(queries), width), dtype=np.int64)
+        out_scores = np.empty((len(queries), width), dtype=np.float32)
+        vectors = self._store["vectors"]
+        for start in range(0, len(queries), _RERANK_CHUNK):  # bounds the gathered vectors
+            stop = start + _RERANK_CHUNK
+            positions = self._store.positions(candidates[start:stop])
+            gathered = vectors[np.maximum(positions, 0)]
+            query = queries[start:stop]
+            if self.metric is Metric.EUCLIDEAN:
+                scores = np.linalg.norm(gathered - query[:, None, :], axis=2)
+            else:
+                scores = np.einsum("qcd,qd->qc", gathered, query)
+                if self.metric is Metric.COSINE:
+                    norms = (
+                        np.linalg.norm(gathered, axis=2) * np.linalg.norm(query, axis=1)[:, None]
+                    )
+                    scores = scores / np.maximum(norms, 1e-12)
+            scores = np.where(positions >= 0, scores, worst)
+            order, values = top_k(scores, width, higher_is_better=higher)
+            chosen = np.take_along_axis(positions, order, axis=1)
+            out_ids[start:stop] = np.where(chosen >= 0, self._store.ids[chosen], -1)
+            out_scores[start:stop] = values
+        return out_ids, out_scores
+
+    def _state(self) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+        arrays = {"ids": self._store.ids, "vectors": self._store["vectors"]}
+        if self._ivf is not None:
+            arrays["ivf"] = import_faiss().serialize_index(self._ivf)
+        return {"trained": self._ivf is not None}, arrays
+
+    def _restore(self, state: dict[str, Any], file: IndexFile) -> None:
+        self._store.restore(file.array("ids"), vectors=file.array("vectors"))
+        if not state.get("trained"):
+            return
+        faiss = import_faiss()
+        ivf = faiss.deserialize_index(file.array("ivf"))
+        if not isinstance(ivf, faiss.IndexIVFPQ) or ivf.d != self.dim:
+            raise CorruptIndexError("the stored index is not an IVF-PQ index of this dimension")
+        if (ivf.nlist, ivf.pq.M, ivf.pq.nbits) != (self.nlist, self.m, self.nbits):
+            raise CorruptIndexError("the stored IVF-PQ parameters do not match the header")
+        if ivf.metric_type != faiss_metric(self.metric):
+            raise CorruptIndexError("the stored IVF-PQ index uses another metric")
+        if self.rerank and len(self._store) != ivf.ntotal:
+            raise CorruptIndexError("stored re-rank vectors do not match the IVF-PQ index")
+        self._ivf = ivf
