@@ -260,7 +260,7 @@ def prepare(args: argparse.Namespace, folder: Path) -> tuple[int, str]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n", type=int, default=1_000_000, help="indexed vectors")
-    parser.add_argument("--dim", type=int, default=256, help="dimension (synthetic data)")
+    parser.add_argument("--dim", type=int, default=1280, help="dimension (synthetic data)")
     parser.add_argument("--queries", type=int, default=1_000, help="held-out queries")
     parser.add_argument("--metric", default="cosine", choices=["cosine", "dot", "euclidean"])
     parser.add_argument("--backends", nargs="+", metavar="SPEC", help="index specs to compare")

@@ -42,7 +42,8 @@ def _cmd_index(args: argparse.Namespace) -> int:
         bar.total = total
         bar.update(done - bar.n)  # tqdm itself limits how often it redraws
 
-    with _open(args, model=args.model, layer=args.layer, runtime=args.runtime) as collection:
+    options = {"model": args.model, "layer": args.layer, "runtime": args.runtime}
+    with _open(args, index_spec=args.index, **options) as collection:
         report = collection.index(
             args.folder,
             batch_size=args.batch_size,
@@ -110,6 +111,7 @@ def _cmd_info(args: argparse.Namespace) -> int:
     print(f"collection: {info.path}")
     print(f"images:     {info.images}")
     print(f"model:      {info.model} (layer {info.layer}, dim {info.dim})")
+    print(f"index:      {info.index_spec}")
     print(f"schema:     v{info.schema_version}")
     for model in info.models:
         print(f"  vectors of {model['key']}: {model['vectors']}")
@@ -146,6 +148,11 @@ def build_parser() -> argparse.ArgumentParser:
     index.add_argument("--batch-size", type=int, default=32)
     index.add_argument("--workers", type=int, default=None, help="decoding processes")
     index.add_argument("--metadata", help="CSV keyed by file name whose columns become metadata")
+    index.add_argument(
+        "--index",
+        help="vector index spec, e.g. exact, hnsw:M=32,ef=128, ivfpq:nlist=4096,m=64 "
+        "(default: auto, chosen by collection size and memory)",
+    )
     index.add_argument("--runtime", choices=("auto", "onnx", "torch"), default="auto")
     index.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
     index.set_defaults(run=_cmd_index)

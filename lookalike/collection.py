@@ -15,8 +15,8 @@ from lookalike.catalog import FileState, ImageRecord, SqliteCatalog
 from lookalike.encoders.base import Encoder, create_encoder
 from lookalike.errors import EmptyCollectionError, LookalikeError, ModelMismatchError
 from lookalike.images import ImageSource
+from lookalike.indexes import Index
 from lookalike.indexes.base import Metric
-from lookalike.indexes.exact import ExactIndex
 from lookalike.indexing import (
     Decoded,
     IndexReport,
@@ -26,6 +26,7 @@ from lookalike.indexing import (
     read_metadata_csv,
     scan_folder,
 )
+from lookalike.vector_indexes import AUTO, CatalogIndexes
 
 DEFAULT_MODEL = "efficientnet-lite0"
 DEFAULT_LAYER = "head"
@@ -89,6 +90,7 @@ class CollectionInfo:
     models: list[dict[str, Any]]
     failures: list[tuple[str, str]]
     schema_version: int
+    index_spec: str
 
 
 class Collection:
@@ -105,6 +107,7 @@ class Collection:
         *,
         model: str | None = None,
         layer: str | None = None,
+        index_spec: str | None = None,
         runtime: str = "auto",
         device: str = "auto",
     ) -> None:
@@ -112,10 +115,20 @@ class Collection:
         self.catalog = SqliteCatalog(self.path / CATALOG_FILE)
         self.model_name = model or self.catalog.get_setting("model") or DEFAULT_MODEL
         self.layer = layer or self.catalog.get_setting("layer") or DEFAULT_LAYER
+        if index_spec is not None and index_spec != AUTO:
+            from lookalike.indexes import parse_spec
+
+            parse_spec(index_spec)  # a bad spec fails now, not at the first search
+        if index_spec is not None:
+            self.catalog.set_setting("index_spec", index_spec)
+        self.indexes = CatalogIndexes(
+            self.catalog,
+            self.path / "indexes",
+            spec=self.catalog.get_setting("index_spec") or AUTO,
+        )
         self._encoder_options = {"runtime": runtime, "device": device}
         self._encoder: Encoder | None = None
         self._model_id: int | None = None
-        self._indexes: dict[tuple[Metric, int], ExactIndex] = {}
 
     def close(self) -> None:
         """Release the catalog connection."""
@@ -173,8 +186,9 @@ class Collection:
 
         on_disk = {str(p): p.stat() for p in scan_folder(root)}
         known = self.catalog.file_states(str(root) + os.sep)
+        self.indexes.load_existing(self.encoder.identity.key, self.encoder.dim)
         gone = [state.id for path, state in known.items() if path not in on_disk]
-        report.removed = self.catalog.remove(gone)
+        report.removed = self._remove_ids(gone)
         self.catalog.clear_failures(p for p, _ in self.catalog.failures() if p not in on_disk)
         missing = {i for i, _ in self.catalog.ids_missing_vectors(model_id)}
         todo = []
@@ -203,6 +217,7 @@ class Collection:
                 progress(done + len(batch), len(todo))
         if batch:
             self._store_batch(batch, known, report)
+        self.indexes.flush()
         if progress:
             progress(len(todo), len(todo))
         if metadata_csv is not None:
@@ -216,7 +231,15 @@ class Collection:
         pixels = np.stack([d.pixels for d in batch])
         vectors = self.encoder.embed_pixels(pixels)
         records = [d.record for d in batch]
-        self.catalog.store(records, vectors, self.model_id)
+        before = self.catalog.generation
+        ids = self.catalog.store(records, vectors, self.model_id)
+        self.indexes.apply(
+            self.encoder.identity.key,
+            before=before,
+            after=self.catalog.last_written_generation,
+            changes=1,
+            added=(np.asarray(ids, dtype=np.int64), vectors),
+        )
         updated = sum(1 for d in batch if d.path in known)
         report.updated += updated
         report.added += len(batch) - updated
@@ -235,7 +258,22 @@ class Collection:
         ids = [t for t in targets if isinstance(t, int)]
         paths = [str(Path(t).resolve()) for t in targets if not isinstance(t, int)]
         ids += self.catalog.ids_for_paths(paths).values()
-        return self.catalog.remove(ids)
+        self.indexes.load_existing(self.encoder.identity.key, self.encoder.dim)
+        removed = self._remove_ids(ids)
+        self.indexes.flush()
+        return removed
+
+    def _remove_ids(self, ids: list[int]) -> int:
+        before = self.catalog.generation
+        removed = self.catalog.remove(ids)
+        self.indexes.apply(
+            self.encoder.identity.key,
+            before=before,
+            after=self.catalog.last_written_generation if removed else None,
+            changes=1 if removed else 0,
+            removed=np.asarray(ids, dtype=np.int64),
+        )
+        return removed
 
     # -- search ---------------------------------------------------------------------------
 
@@ -276,7 +314,7 @@ class Collection:
             raise LookalikeError("hamming search needs binary codes; use cosine, euclidean or dot")
         if k < 1:
             raise LookalikeError(f"k must be at least 1, got {k}")
-        index = self._exact_index(metric)
+        index = self.vector_index(metric)
         if len(index) == 0:
             raise EmptyCollectionError(f"the collection at {self.path} has no indexed images yet")
         vector = np.asarray(vector, dtype=np.float32).reshape(1, -1)
@@ -284,19 +322,7 @@ class Collection:
             raise ModelMismatchError(
                 f"query vector has dim {vector.shape[1]}, the collection's model has {index.dim}"
             )
-        # Filters are applied after ranking, so ask for more when filtering.
-        fetch = len(index) if where else k
-        hits = index.search(vector, fetch)
-        ids, scores = hits.ids[0], hits.scores[0]
-        records = self.catalog.images(ids.tolist())
-        results = []
-        for image_id, score in zip(ids.tolist(), scores.tolist(), strict=True):
-            record = records.get(image_id)
-            if record is None or not _matches(record, where):
-                continue
-            results.append(_result(record, score))
-            if len(results) == k:
-                break
+        results = self._ranked(index, vector, k, where)
         best = results[0].score if results else None
         if threshold is not None:
             keep = (
@@ -307,16 +333,31 @@ class Collection:
             results = [r for r in results if keep(r.score)]
         return SearchResponse(results, metric, threshold, best)
 
-    def _exact_index(self, metric: Metric) -> ExactIndex:
-        generation = self.catalog.generation
-        key = (metric, generation)
-        if key not in self._indexes:
-            ids, vectors = self.catalog.vectors(self.model_id)
-            index = ExactIndex(dim=self.encoder.dim, metric=metric)
-            index.add(ids, vectors)
-            self._indexes = {k: v for k, v in self._indexes.items() if k[1] == generation}
-            self._indexes[key] = index
-        return self._indexes[key]
+    def _ranked(
+        self, index: Index, vector: np.ndarray, k: int, where: dict[str, Any] | None
+    ) -> list[SearchResult]:
+        # Filters apply after ranking: widen the candidate list until k pass or all were seen.
+        fetch = k if not where else max(10 * k, 100)
+        while True:
+            hits = index.search(vector, fetch)
+            ids, scores = hits.ids[0], hits.scores[0]
+            records = self.catalog.images([i for i in ids.tolist() if i >= 0])
+            results = []
+            for image_id, score in zip(ids.tolist(), scores.tolist(), strict=True):
+                record = records.get(image_id)
+                if record is not None and _matches(record, where):
+                    results.append(_result(record, score))
+                    if len(results) == k:
+                        return results
+            if fetch >= len(index):
+                return results
+            fetch = min(len(index), fetch * 8)
+
+    def vector_index(self, metric: str | Metric = Metric.COSINE) -> Index:
+        """The index used to search this collection's vectors by ``metric``, up to date with
+        the catalog (loaded from its file, or rebuilt when that file is stale or corrupt)."""
+        identity = self.encoder.identity
+        return self.indexes.get(self.model_id, identity.key, identity.dim, Metric.parse(metric))
 
     # -- information ----------------------------------------------------------------------
 
@@ -338,6 +379,7 @@ class Collection:
             models=models,
             failures=self.catalog.failures(),
             schema_version=self.catalog.schema_version,
+            index_spec=self.indexes.spec,
         )
 
 

@@ -48,6 +48,7 @@ class SqliteCatalog:
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.last_written_generation: int | None = None
         try:
             self._db = sqlite3.connect(self.path, timeout=30.0, check_same_thread=False)
             self._db.execute("PRAGMA journal_mode=WAL")
@@ -316,10 +317,13 @@ class SqliteCatalog:
         return int(self.get_setting("generation", "0") or 0)
 
     def _bump_generation(self, db: sqlite3.Connection) -> None:
-        db.execute(
+        row = db.execute(
             "INSERT INTO settings (key, value) VALUES ('generation', '1') ON CONFLICT (key) "
-            "DO UPDATE SET value = CAST(value AS INTEGER) + 1"
-        )
+            "DO UPDATE SET value = CAST(value AS INTEGER) + 1 RETURNING value"
+        ).fetchone()
+        # Lets the caller tell its own change from a concurrent writer's: if this is one more
+        # than the generation it last saw, nobody else wrote in between.
+        self.last_written_generation = int(row[0])
 
 
 def _chunks(items: list, size: int) -> Iterator[list]:

@@ -26,7 +26,7 @@ from typing import Any
 
 from lookalike.errors import CorruptIndexError, IndexSpecError
 from lookalike.indexes._common import BaseIndex
-from lookalike.indexes._format import read_index_file
+from lookalike.indexes._format import read_index_file, read_index_header
 from lookalike.indexes.base import Index, Metric, SearchHits
 from lookalike.indexes.exact import ExactIndex
 
@@ -41,6 +41,7 @@ __all__ = [
     "create_index",
     "load_index",
     "parse_spec",
+    "read_index_header",
 ]
 
 # Imported on demand: faiss and annoy load only when one of their backends is used.

@@ -241,8 +241,11 @@ class BaseIndex:
         name, metric = type(self).__name__, self.metric.value
         return f"<{name} {self.spec} dim={self.dim} metric={metric} n={len(self)}>"
 
-    def save(self, path: str | Path) -> None:
-        """Write the index, its spec, dim, metric and count to one file."""
+    metadata: dict[str, Any] = {}  # noqa: RUF012 - replaced per instance by load
+
+    def save(self, path: str | Path, *, metadata: dict[str, Any] | None = None) -> None:
+        """Write the index, its spec, dim, metric, count and the owner's ``metadata`` to one
+        file."""
         state, arrays = self._state()
         write_index_file(
             path,
@@ -254,6 +257,7 @@ class BaseIndex:
             options=self._options(),
             state=state,
             arrays=arrays,
+            metadata=metadata,
         )
 
     @classmethod
@@ -272,6 +276,7 @@ class BaseIndex:
         try:
             index = cls(dim=header["dim"], metric=header["metric"], **file.options)
             index._restore(file.state, file)
+            index.metadata = dict(header.get("metadata") or {})
         except CorruptIndexError as error:
             raise CorruptIndexError(f"{path}: {error}") from error
         except (VectorIndexError, TypeError, KeyError, ValueError, RuntimeError) as error:

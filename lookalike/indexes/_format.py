@@ -88,8 +88,13 @@ def write_index_file(
     options: dict[str, Any],
     state: dict[str, Any],
     arrays: dict[str, np.ndarray],
+    metadata: dict[str, Any] | None = None,
 ) -> None:
-    """Write an index file atomically (a temporary file renamed over ``path``)."""
+    """Write an index file atomically (a temporary file renamed over ``path``).
+
+    ``metadata`` is the owner's JSON (e.g. which catalog state the index reflects); it comes
+    back from :func:`read_index_header` without reading the payload.
+    """
     path = Path(path)
     sections = []
     prepared = []
@@ -122,6 +127,7 @@ def write_index_file(
         "count": int(count),
         "options": options,
         "state": state,
+        "metadata": metadata or {},
         "sections": sections,
         "payload_bytes": offset,
     }
@@ -156,23 +162,7 @@ def read_index_file(path: str | Path) -> IndexFile:
         raise VectorIndexError(f"{path}: cannot open index file ({error})") from error
     with handle:
         size = os.fstat(handle.fileno()).st_size
-        prefix = handle.read(_PREFIX.size)
-        _require(len(prefix) == _PREFIX.size, path, "too short to be an index file")
-        magic, header_length, header_crc = _PREFIX.unpack(prefix)
-        _require(magic == MAGIC, path, "not a lookalike index file (bad magic bytes)")
-        _require(
-            header_length <= min(_MAX_HEADER_BYTES, size - _PREFIX.size),
-            path,
-            "truncated header",
-        )
-        header_bytes = handle.read(header_length)
-        _require(zlib.crc32(header_bytes) == header_crc, path, "header checksum mismatch")
-        try:
-            header = json.loads(header_bytes.decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as error:
-            raise CorruptIndexError(f"{path}: unreadable header ({error})") from error
-        _check_header(header, path)
-        start = _aligned(_PREFIX.size + header_length)
+        header, start = _read_header(handle, size, path)
         _require(
             size == start + header["payload_bytes"],
             path,
@@ -184,6 +174,37 @@ def read_index_file(path: str | Path) -> IndexFile:
             array = _read_section(handle, section, start, header["payload_bytes"], path)
             arrays[section["name"]] = array
     return IndexFile(header, arrays)
+
+
+def read_index_header(path: str | Path) -> dict[str, Any]:
+    """The verified JSON header of an index file, without reading its payload."""
+    path = Path(path)
+    try:
+        with open(path, "rb") as handle:
+            return _read_header(handle, os.fstat(handle.fileno()).st_size, path)[0]
+    except OSError as error:
+        raise VectorIndexError(f"{path}: cannot open index file ({error})") from error
+
+
+def _read_header(handle: Any, size: int, path: Path) -> tuple[dict[str, Any], int]:
+    """The header and the payload's start offset; the handle is left after the header."""
+    prefix = handle.read(_PREFIX.size)
+    _require(len(prefix) == _PREFIX.size, path, "too short to be an index file")
+    magic, header_length, header_crc = _PREFIX.unpack(prefix)
+    _require(magic == MAGIC, path, "not a lookalike index file (bad magic bytes)")
+    _require(
+        header_length <= min(_MAX_HEADER_BYTES, size - _PREFIX.size),
+        path,
+        "truncated header",
+    )
+    header_bytes = handle.read(header_length)
+    _require(zlib.crc32(header_bytes) == header_crc, path, "header checksum mismatch")
+    try:
+        header = json.loads(header_bytes.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise CorruptIndexError(f"{path}: unreadable header ({error})") from error
+    _check_header(header, path)
+    return header, _aligned(_PREFIX.size + header_length)
 
 
 def _check_header(header: Any, path: Path) -> None:

@@ -18,7 +18,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
@@ -86,8 +86,8 @@ class Index(Protocol):
         """Best-first top-k for each query row."""
         ...
 
-    def save(self, path: str | Path) -> None:
-        """Write the index and its metadata to one file."""
+    def save(self, path: str | Path, *, metadata: dict[str, Any] | None = None) -> None:
+        """Write the index, its own settings and the caller's ``metadata`` to one file."""
         ...
 
     def __len__(self) -> int: ...
