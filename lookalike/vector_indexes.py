@@ -144,7 +144,7 @@ class CatalogIndexes:
         added_ids = added[0] if added is not None else np.empty(0, dtype=np.int64)
         removed = removed if removed is not None else np.empty(0, dtype=np.int64)
         for key, loaded in list(self._loaded.items()):
-            loaded_model, metric = key
+            loaded_model = key[0]
             if loaded.generation != before or after != before + changes:
                 del self._loaded[key]
                 continue
