@@ -289,6 +289,26 @@ class BaseIndex:
         return index
 
 
+class RowStoreIndex(BaseIndex):
+    """A backend whose rows live in a ``RowStore`` and whose search structure (a forest,
+    buckets, a faiss index) is derived from them and rebuilt lazily after a change."""
+
+    _store: RowStore
+
+    def __len__(self) -> int:
+        return len(self._store)
+
+    def remove(self, ids: np.ndarray) -> int:
+        """Remove these ids; unknown ids are ignored. Returns how many were removed."""
+        removed = self._store.remove(np.asarray(ids, dtype=np.int64).reshape(-1))
+        if removed:
+            self._invalidate()
+        return removed
+
+    def _invalidate(self) -> None:
+        """Forget the derived search structure; it is rebuilt on next use."""
+
+
 def search_rows(
     queries: np.ndarray,
     k: int,

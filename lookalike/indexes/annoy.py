@@ -18,9 +18,9 @@ import numpy as np
 
 from lookalike.errors import CorruptIndexError, VectorIndexError
 from lookalike.indexes._common import (
-    BaseIndex,
     Option,
     RowStore,
+    RowStoreIndex,
     as_new_ids,
     check_int,
     search_rows,
@@ -39,7 +39,7 @@ def _annoy_class() -> Any:
     return Annoy
 
 
-class AnnoyIndex(BaseIndex):
+class AnnoyIndex(RowStoreIndex):
     """Random-projection forest from Spotify's Annoy, rebuilt lazily after changes."""
 
     backend: ClassVar[str] = "annoy"
@@ -69,20 +69,14 @@ class AnnoyIndex(BaseIndex):
     def _options(self) -> dict[str, Any]:
         return {"trees": self.trees, "search_k": self.search_k, "seed": self.seed}
 
-    def __len__(self) -> int:
-        return len(self._store)
-
     def add(self, ids: np.ndarray, vectors: np.ndarray) -> None:
         vectors = as_vectors(vectors, self.dim)
         ids = as_new_ids(ids, len(vectors))
         self._store.upsert(ids, vectors=vectors)
         self._forest = None
 
-    def remove(self, ids: np.ndarray) -> int:
-        removed = self._store.remove(np.asarray(ids, dtype=np.int64).reshape(-1))
-        if removed:
-            self._forest = None
-        return removed
+    def _invalidate(self) -> None:
+        self._forest = None
 
     def build(self) -> None:
         """Build the forest now (searching builds it too when it is stale)."""

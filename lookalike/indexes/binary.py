@@ -24,9 +24,9 @@ import numpy as np
 
 from lookalike.errors import DimensionMismatchError, VectorIndexError
 from lookalike.indexes._common import (
-    BaseIndex,
     Option,
     RowStore,
+    RowStoreIndex,
     as_new_ids,
     check_bool,
     check_choice,
@@ -69,7 +69,7 @@ def _as_words(codes: np.ndarray, words: int) -> np.ndarray:
     return padded.view(np.uint64)
 
 
-class BinaryIndex(BaseIndex):
+class BinaryIndex(RowStoreIndex):
     """Packed binary codes, exact or HNSW Hamming search."""
 
     backend: ClassVar[str] = "binary"
@@ -107,9 +107,6 @@ class BinaryIndex(BaseIndex):
     def _options(self) -> dict[str, Any]:
         return {"packed": self.packed, "engine": self.engine, "M": self.M, "ef": self.ef}
 
-    def __len__(self) -> int:
-        return len(self._store)
-
     def encode(self, vectors: np.ndarray) -> np.ndarray:
         """Packed codes of inputs in this index's input form (float vectors or packed codes)."""
         if not self.packed:
@@ -134,11 +131,8 @@ class BinaryIndex(BaseIndex):
         self._store.upsert(ids, codes=codes)
         self._faiss = None
 
-    def remove(self, ids: np.ndarray) -> int:
-        removed = self._store.remove(np.asarray(ids, dtype=np.int64).reshape(-1))
-        if removed:
-            self._faiss = None
-        return removed
+    def _invalidate(self) -> None:
+        self._faiss = None
 
     def search(self, queries: np.ndarray, k: int) -> SearchHits:
         return search_rows(self.encode(queries), k, len(self), self.metric, self._run)

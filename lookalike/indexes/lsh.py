@@ -20,9 +20,9 @@ import numpy as np
 
 from lookalike.errors import CorruptIndexError
 from lookalike.indexes._common import (
-    BaseIndex,
     Option,
     RowStore,
+    RowStoreIndex,
     as_new_ids,
     check_int,
     search_rows,
@@ -32,7 +32,7 @@ from lookalike.indexes.base import Metric, SearchHits, as_vectors, l2_normalize
 from lookalike.indexes.exact import score_matrix, top_k
 
 
-class LSHIndex(BaseIndex):
+class LSHIndex(RowStoreIndex):
     """Random-hyperplane LSH with multi-table buckets and exact re-ranking."""
 
     backend: ClassVar[str] = "lsh"
@@ -72,9 +72,6 @@ class LSHIndex(BaseIndex):
     def _options(self) -> dict[str, Any]:
         return {"bits": self.bits, "tables": self.tables, "probe": self.probe, "seed": self.seed}
 
-    def __len__(self) -> int:
-        return len(self._store)
-
     def _keys(self, vectors: np.ndarray) -> np.ndarray:
         return vectors if self.metric is Metric.EUCLIDEAN else l2_normalize(vectors)
 
@@ -99,11 +96,8 @@ class LSHIndex(BaseIndex):
         self._store.upsert(ids, vectors=vectors, codes=self._hash(vectors))
         self._buckets = None
 
-    def remove(self, ids: np.ndarray) -> int:
-        removed = self._store.remove(np.asarray(ids, dtype=np.int64).reshape(-1))
-        if removed:
-            self._buckets = None
-        return removed
+    def _invalidate(self) -> None:
+        self._buckets = None
 
     def _sorted_buckets(self) -> tuple[np.ndarray, np.ndarray]:
         """Per table, codes sorted with the row order: bucket lookup is a binary search."""
