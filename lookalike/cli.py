@@ -130,6 +130,50 @@ def _cmd_remove(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    path = _collection_path(args.collection)
+    if not (path / "catalog.sqlite").exists():
+        raise LookalikeError(f"no collection at {path}; run 'lookalike index FOLDER' first")
+    token = args.token or os.environ.get("LOOKALIKE_TOKEN")
+    if args.workers > 1:
+        if args.grpc_port is not None:
+            raise LookalikeError("--grpc-port needs --workers 1 (gRPC runs in the same process)")
+        # Each worker process opens the collection itself, configured through the environment.
+        os.environ["LOOKALIKE_COLLECTION"] = str(path.resolve())
+        if token:
+            os.environ["LOOKALIKE_TOKEN"] = token
+        print(f"serving {path} on http://{args.host}:{args.port} with {args.workers} workers")
+        uvicorn.run(
+            "lookalike.server.rest:create_app_from_env",
+            factory=True,
+            host=args.host,
+            port=args.port,
+            workers=args.workers,
+            log_level="warning",
+        )
+        return 0
+    from lookalike.collection import Collection
+    from lookalike.server.rest import create_app
+    from lookalike.server.service import SearchService
+
+    service = SearchService(Collection(path), token=token)
+    grpc_server = None
+    if args.grpc_port is not None:
+        from lookalike.server.grpc_server import create_grpc_server
+
+        grpc_server, port = create_grpc_server(service, host=args.host, port=args.grpc_port)
+        print(f"gRPC on {args.host}:{port}")
+    print(f"serving {path} on http://{args.host}:{args.port}")
+    try:
+        uvicorn.run(create_app(service), host=args.host, port=args.port, log_level="warning")
+    finally:
+        if grpc_server is not None:
+            grpc_server.stop(grace=2)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of every subcommand."""
     parser = argparse.ArgumentParser(prog="lookalike", description="Find images that look alike.")
@@ -170,6 +214,14 @@ def build_parser() -> argparse.ArgumentParser:
     info = commands.add_parser("info", help="describe the collection")
     info.add_argument("--json", action="store_true")
     info.set_defaults(run=_cmd_info)
+
+    serve = commands.add_parser("serve", help="serve the REST API and web page (and gRPC)")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--workers", type=int, default=1, help="HTTP worker processes")
+    serve.add_argument("--grpc-port", type=int, help="also serve gRPC on this port")
+    serve.add_argument("--token", help="bearer token required for writes ($LOOKALIKE_TOKEN)")
+    serve.set_defaults(run=_cmd_serve)
 
     remove = commands.add_parser("remove", help="remove images by id or path")
     remove.add_argument("targets", nargs="+")

@@ -13,7 +13,12 @@ import numpy as np
 
 from lookalike.catalog import FileState, ImageRecord, SqliteCatalog
 from lookalike.encoders.base import Encoder, create_encoder
-from lookalike.errors import EmptyCollectionError, LookalikeError, ModelMismatchError
+from lookalike.errors import (
+    EmptyCollectionError,
+    LookalikeError,
+    ModelMismatchError,
+    NotAnImageError,
+)
 from lookalike.images import ImageSource
 from lookalike.indexes import Index
 from lookalike.indexes.base import Metric
@@ -22,6 +27,7 @@ from lookalike.indexing import (
     IndexReport,
     ProgressCallback,
     decode_all,
+    decode_file,
     match_metadata,
     read_metadata_csv,
     scan_folder,
@@ -199,11 +205,27 @@ class Collection:
             else:
                 report.unchanged += 1
 
+        self._embed_files(todo, known, report, batch_size, workers, progress)
+        if metadata_csv is not None:
+            self.import_metadata(metadata_csv)
+        report.seconds = time.perf_counter() - started
+        return report
+
+    def _embed_files(
+        self,
+        paths: list[str],
+        known: dict[str, FileState],
+        report: IndexReport,
+        batch_size: int,
+        workers: int,
+        progress: ProgressCallback | None,
+    ) -> None:
+        """Decode, embed and store files in batches, recording the ones that fail."""
         if progress:
-            progress(0, len(todo))
+            progress(0, len(paths))
         batch: list[Decoded] = []
         done = 0
-        for decoded in decode_all(todo, self.encoder.preprocess, workers=workers):
+        for decoded in decode_all(paths, self.encoder.preprocess, workers=workers):
             if decoded.error is not None:
                 report.failed.append((decoded.path, decoded.error))
                 self.catalog.record_failure(decoded.path, decoded.error)
@@ -211,23 +233,36 @@ class Collection:
             else:
                 batch.append(decoded)
             if len(batch) >= batch_size:
-                done += self._store_batch(batch, known, report)
+                done += len(self._store_batch(batch, known, report))
                 batch = []
             if progress:
-                progress(done + len(batch), len(todo))
+                progress(done + len(batch), len(paths))
         if batch:
             self._store_batch(batch, known, report)
         self.indexes.flush()
         if progress:
-            progress(len(todo), len(todo))
-        if metadata_csv is not None:
-            self.import_metadata(metadata_csv)
-        report.seconds = time.perf_counter() - started
-        return report
+            progress(len(paths), len(paths))
+
+    def add_file(self, path: str | Path, *, metadata: dict[str, Any] | None = None) -> int:
+        """Index one image file (or re-index it if it changed) and return its catalog id.
+
+        Raises ``ImageError`` naming the file when it cannot be decoded; nothing is stored then.
+        """
+        resolved = str(Path(path).resolve())
+        decoded = decode_file(resolved, self.encoder.preprocess)
+        if decoded.error is not None:
+            raise NotAnImageError(resolved, decoded.error)
+        known = self.catalog.file_states(resolved)
+        self.indexes.load_existing(self.encoder.identity.key, self.encoder.dim)
+        (image_id,) = self._store_batch([decoded], known, IndexReport())
+        self.indexes.flush()
+        if metadata:
+            self.catalog.update_metadata(image_id, metadata)
+        return image_id
 
     def _store_batch(
         self, batch: list[Decoded], known: dict[str, FileState], report: IndexReport
-    ) -> int:
+    ) -> list[int]:
         pixels = np.stack([d.pixels for d in batch])
         vectors = self.encoder.embed_pixels(pixels)
         records = [d.record for d in batch]
@@ -243,7 +278,7 @@ class Collection:
         updated = sum(1 for d in batch if d.path in known)
         report.updated += updated
         report.added += len(batch) - updated
-        return len(batch)
+        return ids
 
     def import_metadata(self, csv_path: str | Path, *, key: str | None = None) -> int:
         """Attach CSV columns to images whose relative path or file name is in the key column.

@@ -54,3 +54,15 @@ class CorruptIndexError(VectorIndexError):
 
 class EmptyCollectionError(LookalikeError):
     """A search was asked of a collection that has no images yet."""
+
+
+class RequestError(LookalikeError):
+    """A request to a lookalike server is malformed or over a limit (HTTP 400/413)."""
+
+
+class NotFoundError(LookalikeError):
+    """A request names an image id that the collection does not hold (HTTP 404)."""
+
+
+class AuthError(LookalikeError):
+    """A write request lacks the configured bearer token (HTTP 401)."""

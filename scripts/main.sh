@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The main job on the embedded default model: install, index a folder, search it.
+# The main job on the embedded default model: install, index a folder, search it once, then
+# serve the web page and REST API on http://127.0.0.1:8000 (Ctrl+C stops it).
 #   bash scripts/main.sh [FOLDER] [QUERY_IMAGE]
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -13,3 +14,4 @@ query="${2:-$(find "$folder" -type f \( -iname '*.jpg' -o -iname '*.png' \) | so
 echo "query: $query"
 lookalike search "$query" -k 5
 lookalike info
+lookalike serve --host "${HOST:-127.0.0.1}" --port "${PORT:-8000}"

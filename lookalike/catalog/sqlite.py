@@ -272,6 +272,13 @@ class SqliteCatalog:
         matrix = np.frombuffer(blob, dtype=np.float32).reshape(len(rows), dim).copy()
         return ids, matrix
 
+    def vector(self, image_id: int, model_id: int) -> np.ndarray | None:
+        """One image's vector from one model, or None when it has none."""
+        row = self._db.execute(
+            "SELECT vector FROM vectors WHERE image_id = ? AND model_id = ?", (image_id, model_id)
+        ).fetchone()
+        return None if row is None else np.frombuffer(row[0], dtype=np.float32).copy()
+
     def count(self) -> int:
         """Number of images in the catalog."""
         return int(self._db.execute("SELECT COUNT(*) FROM images").fetchone()[0])

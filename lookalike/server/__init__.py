@@ -1,0 +1,1 @@
+"""Network access to a collection: a REST API with a web page, and gRPC services."""

@@ -1,0 +1,251 @@
+"""The REST API and the web page, served by one FastAPI app over a SearchService.
+
+Files are only ever served by catalog id: no request field becomes a path, and no URL or path
+in a request is fetched.
+"""
+
+from __future__ import annotations
+
+import json
+import mimetypes
+import os
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from importlib import resources
+from pathlib import Path
+from typing import Annotated, Any
+
+from fastapi import FastAPI, File, Form, Header, Request, Response, UploadFile
+from fastapi.responses import FileResponse, HTMLResponse, JSONResponse
+from pydantic import BaseModel, Field
+
+from lookalike.collection import Collection, SearchResponse
+from lookalike.errors import (
+    AuthError,
+    DecompressionBombError,
+    EmptyCollectionError,
+    ImageError,
+    LookalikeError,
+    NotFoundError,
+    RequestError,
+)
+from lookalike.server.service import SearchService, ServiceLimits
+
+# Multipart framing and form fields on top of the image itself.
+_FORM_OVERHEAD = 64 * 1024
+
+
+class Match(BaseModel):
+    """One search result."""
+
+    id: int
+    score: float
+    filename: str
+    width: int
+    height: int
+    metadata: dict[str, Any] = Field(default_factory=dict)
+    url: str
+    thumbnail_url: str
+
+
+class SearchReply(BaseModel):
+    """Results, best first; ``no_close_match`` when the threshold removed every candidate."""
+
+    results: list[Match]
+    metric: str
+    threshold: float | None
+    no_close_match: bool
+    best_score: float | None
+
+
+class Added(BaseModel):
+    """The id of an image that was added."""
+
+    id: int
+
+
+def _status(error: LookalikeError) -> int:
+    if isinstance(error, AuthError):
+        return 401
+    if isinstance(error, NotFoundError):
+        return 404
+    if isinstance(error, EmptyCollectionError):
+        return 409
+    if isinstance(error, DecompressionBombError) or (
+        isinstance(error, RequestError) and "exceeds the limit" in str(error)
+    ):
+        return 413
+    return 400  # malformed request, undecodable image, bad k or metric
+
+
+def _reply(response: SearchResponse) -> SearchReply:
+    return SearchReply(
+        results=[
+            Match(
+                id=r.id,
+                score=r.score,
+                filename=os.path.basename(r.path),
+                width=r.width,
+                height=r.height,
+                metadata=r.metadata,
+                url=f"/images/{r.id}",
+                thumbnail_url=f"/images/{r.id}/thumbnail",
+            )
+            for r in response.results
+        ],
+        metric=response.metric.value,
+        threshold=response.threshold,
+        no_close_match=response.no_close_match,
+        best_score=response.best_score,
+    )
+
+
+def _parse_where(items: list[str]) -> dict[str, str]:
+    where = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise RequestError(f"where expects KEY=VALUE, got {item!r}")
+        where[key] = value
+    return where
+
+
+def _bearer(authorization: str | None) -> str | None:
+    if authorization and authorization.lower().startswith("bearer "):
+        return authorization[7:].strip()
+    return None
+
+
+async def _read_upload(upload: UploadFile, limits: ServiceLimits) -> bytes:
+    data = await upload.read(limits.max_upload_bytes + 1)
+    if len(data) > limits.max_upload_bytes:
+        raise RequestError(
+            f"{upload.filename or 'upload'}: exceeds the limit of {limits.max_upload_bytes} bytes"
+        )
+    return data
+
+
+def create_app(service: SearchService) -> FastAPI:
+    """The FastAPI app: the API under its paths, the web page at ``/``."""
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        service.warm_up()  # the model and index load once, at startup
+        yield
+
+    app = FastAPI(
+        title="lookalike",
+        summary="Find the images that look like a query image.",
+        version="1",
+        lifespan=lifespan,
+    )
+    limits = service.limits
+    page = resources.files("lookalike.server").joinpath("web/index.html").read_text("utf-8")
+
+    @app.middleware("http")
+    async def refuse_oversized_bodies(request: Request, call_next):
+        length = request.headers.get("content-length")
+        if length and length.isdigit() and int(length) > limits.max_upload_bytes + _FORM_OVERHEAD:
+            return JSONResponse(
+                {"detail": f"request body exceeds {limits.max_upload_bytes} bytes"}, 413
+            )
+        return await call_next(request)
+
+    @app.exception_handler(LookalikeError)
+    async def lookalike_error(_: Request, error: LookalikeError) -> JSONResponse:
+        return JSONResponse({"detail": str(error)}, status_code=_status(error))
+
+    @app.get("/", response_class=HTMLResponse, include_in_schema=False)
+    def web_page() -> str:
+        return page
+
+    @app.get("/health")
+    def health() -> dict[str, str]:
+        """Liveness: the process answers."""
+        return {"status": "ok"}
+
+    @app.get("/stats")
+    def stats() -> dict[str, Any]:
+        """How many images, which model and which index kind."""
+        return service.stats()
+
+    @app.post("/search", response_model=SearchReply, responses={400: {}, 409: {}, 413: {}})
+    async def search(
+        image: Annotated[UploadFile, File(description="the query image file")],
+        k: Annotated[int, Form(ge=1)] = 10,
+        metric: Annotated[str, Form(pattern="^(cosine|euclidean|dot)$")] = "cosine",
+        threshold: Annotated[float | None, Form(allow_inf_nan=False)] = None,
+        where: Annotated[list[str], Form(description="metadata filters, KEY=VALUE")] = [],  # noqa: B006
+    ) -> SearchReply:
+        """The k indexed images most like the uploaded one."""
+        data = await _read_upload(image, limits)
+        decoded = service.decode(data, name=image.filename or "upload")
+        response = service.search(
+            decoded, k=k, metric=metric, threshold=threshold, where=_parse_where(where)
+        )
+        return _reply(response)
+
+    @app.get("/images/{image_id}/similar", response_model=SearchReply, responses={404: {}})
+    def similar(
+        image_id: int,
+        k: int = 10,
+        metric: str = "cosine",
+        threshold: float | None = None,
+    ) -> SearchReply:
+        """The k indexed images most like an indexed one (from its stored vector)."""
+        return _reply(service.search_by_id(image_id, k=k, metric=metric, threshold=threshold))
+
+    @app.get("/images/{image_id}", response_class=FileResponse, responses={404: {}})
+    def original(image_id: int) -> FileResponse:
+        """The indexed file itself."""
+        record = service.record(image_id)
+        path = Path(record.path)
+        if not path.is_file():
+            raise NotFoundError(f"the file of image {image_id} is no longer on disk")
+        media_type = mimetypes.guess_type(path.name)[0] or "application/octet-stream"
+        return FileResponse(path, media_type=media_type)
+
+    @app.get("/images/{image_id}/thumbnail", responses={200: {"content": {"image/jpeg": {}}}})
+    def thumbnail(image_id: int) -> Response:
+        """A small JPEG of the image."""
+        try:
+            data = service.thumbnail(image_id)
+        except ImageError as error:
+            raise NotFoundError(f"image {image_id} can no longer be read: {error.reason}") from None
+        return Response(data, media_type="image/jpeg", headers={"Cache-Control": "max-age=3600"})
+
+    @app.post("/images", status_code=201, response_model=Added, responses={401: {}, 400: {}})
+    async def add(
+        image: Annotated[UploadFile, File(description="the image file to add")],
+        metadata: Annotated[str, Form(description="JSON object of metadata")] = "{}",
+        authorization: Annotated[str | None, Header()] = None,
+    ) -> Added:
+        """Add an image to the collection (needs the bearer token when one is configured)."""
+        service.check_token(_bearer(authorization))
+        try:
+            fields = json.loads(metadata)
+        except json.JSONDecodeError as error:
+            raise RequestError(f"metadata is not valid JSON: {error}") from None
+        if not isinstance(fields, dict):
+            raise RequestError("metadata must be a JSON object")
+        data = await _read_upload(image, limits)
+        return Added(id=service.add(data, filename=image.filename or "", metadata=fields))
+
+    @app.delete("/images/{image_id}", status_code=204, responses={401: {}, 404: {}})
+    def remove(image_id: int, authorization: Annotated[str | None, Header()] = None) -> Response:
+        """Remove an image (needs the bearer token when one is configured)."""
+        service.check_token(_bearer(authorization))
+        service.remove(image_id)
+        return Response(status_code=204)
+
+    return app
+
+
+def create_app_from_env() -> FastAPI:
+    """App factory for ``uvicorn --factory`` and multi-worker serving: the collection folder
+    comes from $LOOKALIKE_COLLECTION and the token from $LOOKALIKE_TOKEN."""
+    path = os.environ.get("LOOKALIKE_COLLECTION")
+    if not path:
+        raise LookalikeError("set LOOKALIKE_COLLECTION to the collection folder to serve")
+    service = SearchService(Collection(path), token=os.environ.get("LOOKALIKE_TOKEN"))
+    return create_app(service)

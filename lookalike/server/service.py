@@ -1,0 +1,221 @@
+"""What every server front end (REST, gRPC) does with a collection, safely across threads.
+
+The encoder runs outside the lock (ONNX Runtime sessions are thread-safe, and embedding is the
+slow part), while catalog and index access is serialised: searches keep answering while images
+are added or removed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import io
+import os
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from lookalike.catalog import ImageRecord
+from lookalike.collection import Collection, SearchResponse
+from lookalike.errors import AuthError, NotFoundError, RequestError
+from lookalike.images import ImageSource, load_image
+from lookalike.indexes.base import Metric
+
+UPLOADS = "uploads"
+
+
+@dataclass(frozen=True)
+class ServiceLimits:
+    """Bounds on what one request may ask, so no request can exhaust the server."""
+
+    max_upload_bytes: int = 20 * 1024 * 1024
+    max_pixels: int = 50_000_000
+    max_k: int = 100
+    thumbnail_size: int = 256
+    thumbnail_cache: int = 2048
+
+
+class SearchService:
+    """A collection behind thread-safe search, add, remove and image access."""
+
+    def __init__(
+        self,
+        collection: Collection,
+        *,
+        token: str | None = None,
+        limits: ServiceLimits | None = None,
+    ) -> None:
+        self.collection = collection
+        self.token = token or None
+        self.limits = limits or ServiceLimits()
+        self._lock = threading.RLock()
+        self._thumbnails: OrderedDict[tuple[int, str], bytes] = OrderedDict()
+
+    def warm_up(self) -> None:
+        """Load the model and the cosine index now, so no request pays for it."""
+        encoder = self.collection.encoder
+        encoder.embed_pixels(np.zeros((1, *(encoder.preprocess.resolution,) * 2, 3), np.uint8))
+        with self._lock:
+            if len(self.collection):
+                self.collection.vector_index(Metric.COSINE)
+
+    # -- requests ---------------------------------------------------------------------------
+
+    def check_token(self, presented: str | None) -> None:
+        """Raise AuthError unless writes are open or ``presented`` is the configured token."""
+        if self.token is None:
+            return
+        if presented is None or not hmac.compare_digest(presented.encode(), self.token.encode()):
+            raise AuthError("this server requires a bearer token for changes")
+
+    def decode(self, source: ImageSource, *, name: str = "<upload>") -> Image.Image:
+        """A request's image as RGB pixels, within the size and pixel limits."""
+        if isinstance(source, bytes | bytearray):
+            if not source:
+                raise RequestError(f"{name}: the image is empty")
+            if len(source) > self.limits.max_upload_bytes:
+                raise RequestError(
+                    f"{name}: {len(source)} bytes exceeds the limit of "
+                    f"{self.limits.max_upload_bytes} bytes"
+                )
+        return load_image(source, max_pixels=self.limits.max_pixels)
+
+    def check_k(self, k: int) -> int:
+        """k within 1..max_k."""
+        if not 1 <= k <= self.limits.max_k:
+            raise RequestError(f"k must be between 1 and {self.limits.max_k}, got {k}")
+        return k
+
+    def search(
+        self,
+        image: Image.Image,
+        *,
+        k: int = 10,
+        metric: str | Metric = Metric.COSINE,
+        threshold: float | None = None,
+        where: dict[str, Any] | None = None,
+    ) -> SearchResponse:
+        """The k images most like an already decoded query image."""
+        self.check_k(k)
+        metric = Metric.parse(metric)
+        vector = self.collection.encoder.embed([image])[0]
+        with self._lock:
+            return self.collection.search_vector(
+                vector, k=k, metric=metric, threshold=threshold, where=where
+            )
+
+    def search_by_id(
+        self,
+        image_id: int,
+        *,
+        k: int = 10,
+        metric: str | Metric = Metric.COSINE,
+        threshold: float | None = None,
+        where: dict[str, Any] | None = None,
+    ) -> SearchResponse:
+        """The k images most like an indexed image, from its stored vector (no decoding)."""
+        self.check_k(k)
+        metric = Metric.parse(metric)
+        with self._lock:
+            collection = self.collection
+            vector = collection.catalog.vector(image_id, collection.model_id)
+            if vector is None:
+                raise NotFoundError(f"no image with id {image_id}")
+            return collection.search_vector(
+                vector, k=k, metric=metric, threshold=threshold, where=where
+            )
+
+    def add(
+        self, data: bytes, *, filename: str = "", metadata: dict[str, Any] | None = None
+    ) -> int:
+        """Store an uploaded image inside the collection folder and index it; returns its id."""
+        image = self.decode(data, name=filename or "<upload>")
+        extension = {"JPEG": ".jpg", "PNG": ".png", "GIF": ".gif", "WEBP": ".webp"}.get(
+            Image.open(io.BytesIO(data)).format or "", ".img"
+        )
+        del image
+        folder = self.collection.path / UPLOADS
+        folder.mkdir(parents=True, exist_ok=True)
+        # Named by content: the same upload twice is the same file, and no client-chosen name
+        # ever becomes a path.
+        target = folder / (hashlib.sha256(data).hexdigest()[:32] + extension)
+        if not target.exists():
+            temporary = target.with_suffix(target.suffix + f".{os.getpid()}.part")
+            temporary.write_bytes(data)
+            os.replace(temporary, target)
+        meta = dict(metadata or {})
+        if filename:
+            meta.setdefault("filename", os.path.basename(filename))
+        with self._lock:
+            return self.collection.add_file(target, metadata=meta)
+
+    def remove(self, image_id: int) -> None:
+        """Remove an image; an uploaded file is deleted too, a user's own file never is."""
+        with self._lock:
+            record = self._record(image_id)
+            self.collection.remove([image_id])
+        path = Path(record.path)
+        if path.parent == (self.collection.path / UPLOADS).resolve():
+            path.unlink(missing_ok=True)
+
+    def record(self, image_id: int) -> ImageRecord:
+        """The catalog record of an image id."""
+        with self._lock:
+            return self._record(image_id)
+
+    def _record(self, image_id: int) -> ImageRecord:
+        record = self.collection.catalog.images([image_id]).get(image_id)
+        if record is None:
+            raise NotFoundError(f"no image with id {image_id}")
+        return record
+
+    def thumbnail(self, image_id: int) -> bytes:
+        """A JPEG of at most thumbnail_size pixels a side, cached in memory by content."""
+        record = self.record(image_id)
+        key = (image_id, record.content_hash)
+        with self._lock:
+            cached = self._thumbnails.get(key)
+            if cached is not None:
+                self._thumbnails.move_to_end(key)
+                return cached
+        image = load_image(
+            record.path, max_pixels=max(self.limits.max_pixels, record.width * record.height)
+        )
+        size = self.limits.thumbnail_size
+        image.thumbnail((size, size), Image.Resampling.BILINEAR, reducing_gap=2.0)
+        buffer = io.BytesIO()
+        image.save(buffer, "JPEG", quality=85)
+        data = buffer.getvalue()
+        with self._lock:
+            self._thumbnails[key] = data
+            while len(self._thumbnails) > self.limits.thumbnail_cache:
+                self._thumbnails.popitem(last=False)
+        return data
+
+    def image_pixels(self, image_id: int, size: int) -> Image.Image:
+        """An indexed image as RGB, squashed to ``size`` x ``size`` (the gRPC contract)."""
+        record = self.record(image_id)
+        image = load_image(
+            record.path, max_pixels=max(self.limits.max_pixels, record.width * record.height)
+        )
+        return image.resize((size, size), Image.Resampling.BILINEAR)
+
+    def stats(self) -> dict[str, Any]:
+        """Counts and what the collection runs on."""
+        with self._lock:
+            info = self.collection.info()
+            index = self.collection.vector_index(Metric.COSINE) if info.images else None
+        return {
+            "images": info.images,
+            "model": info.model,
+            "layer": info.layer,
+            "dim": info.dim,
+            "index_spec": info.index_spec,
+            "index_kind": index.spec if index is not None else None,
+            "schema_version": info.schema_version,
+        }
