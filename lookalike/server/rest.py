@@ -15,7 +15,8 @@ from importlib import resources
 from pathlib import Path
 from typing import Annotated, Any
 
-from fastapi import FastAPI, File, Form, Header, Request, Response, UploadFile
+from fastapi import FastAPI, File, Form, Header, Query, Request, Response, UploadFile
+from fastapi import Path as PathParam
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse
 from pydantic import BaseModel, Field
 
@@ -30,6 +31,9 @@ from lookalike.errors import (
     RequestError,
 )
 from lookalike.server.service import SearchService, ServiceLimits
+
+# Catalog ids are positive SQLite integers.
+ImageId = Annotated[int, PathParam(ge=1, le=2**63 - 1, description="catalog id of an image")]
 
 # Multipart framing and form fields on top of the image itself.
 _FORM_OVERHEAD = 64 * 1024
@@ -187,16 +191,16 @@ def create_app(service: SearchService) -> FastAPI:
 
     @app.get("/images/{image_id}/similar", response_model=SearchReply, responses={404: {}})
     def similar(
-        image_id: int,
-        k: int = 10,
-        metric: str = "cosine",
-        threshold: float | None = None,
+        image_id: ImageId,
+        k: Annotated[int, Query(ge=1)] = 10,
+        metric: Annotated[str, Query(pattern="^(cosine|euclidean|dot)$")] = "cosine",
+        threshold: Annotated[float | None, Query(allow_inf_nan=False)] = None,
     ) -> SearchReply:
         """The k indexed images most like an indexed one (from its stored vector)."""
         return _reply(service.search_by_id(image_id, k=k, metric=metric, threshold=threshold))
 
     @app.get("/images/{image_id}", response_class=FileResponse, responses={404: {}})
-    def original(image_id: int) -> FileResponse:
+    def original(image_id: ImageId) -> FileResponse:
         """The indexed file itself."""
         record = service.record(image_id)
         path = Path(record.path)
@@ -206,7 +210,7 @@ def create_app(service: SearchService) -> FastAPI:
         return FileResponse(path, media_type=media_type)
 
     @app.get("/images/{image_id}/thumbnail", responses={200: {"content": {"image/jpeg": {}}}})
-    def thumbnail(image_id: int) -> Response:
+    def thumbnail(image_id: ImageId) -> Response:
         """A small JPEG of the image."""
         try:
             data = service.thumbnail(image_id)
@@ -232,7 +236,9 @@ def create_app(service: SearchService) -> FastAPI:
         return Added(id=service.add(data, filename=image.filename or "", metadata=fields))
 
     @app.delete("/images/{image_id}", status_code=204, responses={401: {}, 404: {}})
-    def remove(image_id: int, authorization: Annotated[str | None, Header()] = None) -> Response:
+    def remove(
+        image_id: ImageId, authorization: Annotated[str | None, Header()] = None
+    ) -> Response:
         """Remove an image (needs the bearer token when one is configured)."""
         service.check_token(_bearer(authorization))
         service.remove(image_id)

@@ -123,6 +123,7 @@ class SearchService:
         metric = Metric.parse(metric)
         with self._lock:
             collection = self.collection
+            self._record(image_id)
             vector = collection.catalog.vector(image_id, collection.model_id)
             if vector is None:
                 raise NotFoundError(f"no image with id {image_id}")
@@ -169,6 +170,8 @@ class SearchService:
             return self._record(image_id)
 
     def _record(self, image_id: int) -> ImageRecord:
+        if not 0 < image_id < 2**63:
+            raise NotFoundError(f"no image with id {image_id}")
         record = self.collection.catalog.images([image_id]).get(image_id)
         if record is None:
             raise NotFoundError(f"no image with id {image_id}")
