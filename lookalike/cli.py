@@ -142,6 +142,9 @@ def _cmd_serve(args: argparse.Namespace) -> int:
             raise LookalikeError("--grpc-port needs --workers 1 (gRPC runs in the same process)")
         # Each worker process opens the collection itself, configured through the environment.
         os.environ["LOOKALIKE_COLLECTION"] = str(path.resolve())
+        # Workers share the cores: without this each would start one inference thread per core.
+        threads = max(1, (os.cpu_count() or 1) // args.workers)
+        os.environ.setdefault("LOOKALIKE_THREADS", str(threads))
         if token:
             os.environ["LOOKALIKE_TOKEN"] = token
         print(f"serving {path} on http://{args.host}:{args.port} with {args.workers} workers")

@@ -116,6 +116,7 @@ class Collection:
         index_spec: str | None = None,
         runtime: str = "auto",
         device: str = "auto",
+        threads: int | None = None,
     ) -> None:
         self.path = Path(path)
         self.catalog = SqliteCatalog(self.path / CATALOG_FILE)
@@ -132,7 +133,11 @@ class Collection:
             self.path / "indexes",
             spec=self.catalog.get_setting("index_spec") or AUTO,
         )
-        self._encoder_options = {"runtime": runtime, "device": device}
+        self._encoder_options: dict[str, Any] = {
+            "runtime": runtime,
+            "device": device,
+            "threads": threads,
+        }
         self._encoder: Encoder | None = None
         self._model_id: int | None = None
 
@@ -191,11 +196,14 @@ class Collection:
         report = IndexReport()
 
         on_disk = {str(p): p.stat() for p in scan_folder(root)}
-        known = self.catalog.file_states(str(root) + os.sep)
+        prefix = str(root) + os.sep
+        known = self.catalog.file_states(prefix)
         self.indexes.load_existing(self.encoder.identity.key, self.encoder.dim)
         gone = [state.id for path, state in known.items() if path not in on_disk]
         report.removed = self._remove_ids(gone)
-        self.catalog.clear_failures(p for p, _ in self.catalog.failures() if p not in on_disk)
+        self.catalog.clear_failures(
+            p for p, _ in self.catalog.failures() if p.startswith(prefix) and p not in on_disk
+        )
         missing = {i for i, _ in self.catalog.ids_missing_vectors(model_id)}
         todo = []
         for path, stat in on_disk.items():

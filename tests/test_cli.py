@@ -139,3 +139,46 @@ def test_a_killed_run_resumes_without_duplicates_or_loss(tmp_path: Path) -> None
     assert resumed.returncode == 0, resumed.stderr
     assert f"{total - before[0]} added" in resumed.stdout
     assert counts(catalog) == (total, total, total)
+
+
+def test_serve_answers_over_http_with_two_workers(photo_dir: Path, tmp_path: Path) -> None:
+    import socket
+
+    import httpx
+
+    collection = str(tmp_path / "c")
+    lookalike("-c", collection, "index", str(photo_dir), "-q")
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    server = subprocess.Popen(
+        [sys.executable, "-m", "lookalike.cli", "-c", collection, "serve", "--port", str(port),
+         "--workers", "2", "--token", "t0ken"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        start_new_session=True,
+    )  # fmt: skip
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 120
+        while True:
+            assert server.poll() is None, server.stderr.read().decode()
+            try:
+                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                assert time.monotonic() < deadline, "the server did not come up"
+                time.sleep(0.3)
+        query = (photo_dir / "rocket.jpg").read_bytes()
+        for _ in range(4):  # several requests, so both workers answer some
+            reply = httpx.post(
+                f"{url}/search", files={"image": ("q.jpg", query, "image/jpeg")}, timeout=60
+            )
+            assert reply.status_code == 200, reply.text
+            assert reply.json()["results"][0]["filename"] == "rocket.jpg"
+        files = {"image": ("q.jpg", query, "image/jpeg")}
+        assert httpx.post(f"{url}/images", files=files, timeout=60).status_code == 401
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=30)
+        server.stderr.close()

@@ -185,3 +185,16 @@ def test_bad_search_arguments(collection: Collection, folder: Path) -> None:
 def test_k_larger_than_the_collection(collection: Collection, folder: Path) -> None:
     collection.index(folder, workers=0)
     assert len(collection.search(photo("coffee"), k=100)) == len(PHOTO_NAMES)
+
+
+def test_two_folders_keep_their_own_images_and_failures(
+    collection: Collection, folder: Path, tmp_path: Path
+) -> None:
+    other = tmp_path / "other"
+    other.mkdir()
+    photo("coffee").save(other / "cup.jpg")
+    (other / "broken.jpg").write_bytes(b"\xff\xd8 not really")
+    collection.index(other, workers=0)
+    collection.index(folder, workers=0)
+    assert len(collection) == len(PHOTO_NAMES) + 1  # indexing one folder keeps the other's
+    assert [Path(p).name for p, _ in collection.info().failures] == ["broken.jpg"]

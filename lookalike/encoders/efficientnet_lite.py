@@ -261,6 +261,7 @@ class EfficientNetLiteEncoder(EncoderBase):
         normalize: bool = True,
         runtime: Runtime = "auto",
         device: str = "auto",
+        threads: int | None = None,
     ) -> None:
         config = lite_preprocess(variant)
         module = PooledFeatures(load_pretrained(variant), layer, config)
@@ -276,7 +277,7 @@ class EfficientNetLiteEncoder(EncoderBase):
         if runtime == "onnx":
             example = np.zeros((1, config.resolution, config.resolution, 3), dtype=np.uint8)
             key = f"{variant.name}-{layer}-{sha[:12]}-v{_EXPORT_VERSION}-torch{torch.__version__}"
-            self._run = OnnxRunner(module, example=example, cache_key=key)
+            self._run = OnnxRunner(module, example=example, cache_key=key, threads=threads)
         elif runtime == "torch":
             self._run = TorchRunner(module, resolved)
         else:

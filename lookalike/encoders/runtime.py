@@ -74,7 +74,14 @@ class TorchRunner:
 class OnnxRunner:
     """Exports the module to an ONNX file once (cached by key) and runs it with ONNX Runtime."""
 
-    def __init__(self, module: torch.nn.Module, *, example: np.ndarray, cache_key: str) -> None:
+    def __init__(
+        self,
+        module: torch.nn.Module,
+        *,
+        example: np.ndarray,
+        cache_key: str,
+        threads: int | None = None,
+    ) -> None:
         import onnxruntime as ort
 
         path = cache_dir() / "onnx" / f"{cache_key}.onnx"
@@ -82,7 +89,7 @@ class OnnxRunner:
             export_onnx(module, example, path)
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        options.intra_op_num_threads = os.cpu_count() or 1
+        options.intra_op_num_threads = threads or os.cpu_count() or 1
         # Spinning threads would steal the cores that decode images between batches.
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         try:

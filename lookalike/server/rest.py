@@ -19,6 +19,7 @@ from fastapi import FastAPI, File, Form, Header, Query, Request, Response, Uploa
 from fastapi import Path as PathParam
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse
 from pydantic import BaseModel, Field
+from starlette.concurrency import run_in_threadpool
 
 from lookalike.collection import Collection, SearchResponse
 from lookalike.errors import (
@@ -183,11 +184,14 @@ def create_app(service: SearchService) -> FastAPI:
     ) -> SearchReply:
         """The k indexed images most like the uploaded one."""
         data = await _read_upload(image, limits)
-        decoded = service.decode(data, name=image.filename or "upload")
-        response = service.search(
-            decoded, k=k, metric=metric, threshold=threshold, where=_parse_where(where)
-        )
-        return _reply(response)
+        filters = _parse_where(where)
+
+        def run() -> SearchResponse:
+            decoded = service.decode(data, name=image.filename or "upload")
+            return service.search(decoded, k=k, metric=metric, threshold=threshold, where=filters)
+
+        # Decoding and inference are CPU work: off the event loop, so it keeps accepting.
+        return _reply(await run_in_threadpool(run))
 
     @app.get("/images/{image_id}/similar", response_model=SearchReply, responses={404: {}})
     def similar(
@@ -233,7 +237,10 @@ def create_app(service: SearchService) -> FastAPI:
         if not isinstance(fields, dict):
             raise RequestError("metadata must be a JSON object")
         data = await _read_upload(image, limits)
-        return Added(id=service.add(data, filename=image.filename or "", metadata=fields))
+        added = await run_in_threadpool(
+            service.add, data, filename=image.filename or "", metadata=fields
+        )
+        return Added(id=added)
 
     @app.delete("/images/{image_id}", status_code=204, responses={401: {}, 404: {}})
     def remove(
@@ -253,5 +260,7 @@ def create_app_from_env() -> FastAPI:
     path = os.environ.get("LOOKALIKE_COLLECTION")
     if not path:
         raise LookalikeError("set LOOKALIKE_COLLECTION to the collection folder to serve")
-    service = SearchService(Collection(path), token=os.environ.get("LOOKALIKE_TOKEN"))
+    threads = os.environ.get("LOOKALIKE_THREADS")
+    collection = Collection(path, threads=int(threads) if threads else None)
+    service = SearchService(collection, token=os.environ.get("LOOKALIKE_TOKEN"))
     return create_app(service)
