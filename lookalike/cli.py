@@ -164,6 +164,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     service = SearchService(Collection(path), token=token)
     grpc_server = None
     if args.grpc_port is not None:
+        service.warm_up()
         from lookalike.server.grpc_server import create_grpc_server
 
         grpc_server, port = create_grpc_server(service, host=args.host, port=args.grpc_port)

@@ -71,9 +71,7 @@ class Served:
     def __init__(self, service: SearchService) -> None:
         self.service = service
         self.server, self.port = create_grpc_server(service, port=0, max_workers=4)
-        self.channel = grpc.insecure_channel(
-            f"127.0.0.1:{self.port}", options=[("grpc.max_receive_message_length", -1)]
-        )
+        self.channel = grpc.insecure_channel(f"127.0.0.1:{self.port}")  # default options
         self.classic = classic_grpc.SimilarImageStub(self.channel)
         self.v1 = v1_grpc.LookalikeStub(self.channel)
 
@@ -242,6 +240,16 @@ def test_find_similar_refuses_a_bad_image_size(served: Served, image_size: float
     assert "image_size" in error.details()
 
 
+def test_find_similar_refuses_sizes_whose_replies_are_over_the_limit(served: Served) -> None:
+    side = 900  # as L: 810 kB in, but each RGB reply image would be 2.43 MB, over the 2 MB limit
+    request = classic.ImageFileIn(
+        value=bytes(side * side), image_size=side, similarity="CosineDistance"
+    )
+    error = rpc_error(served.classic.FindSimilar, request)
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "per RGB reply image" in error.details()
+
+
 def test_find_similar_refuses_empty_requests(served: Served) -> None:
     error = rpc_error(served.classic.FindSimilar, classic.ImageFileIn())
     assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
@@ -387,9 +395,10 @@ def test_corrupt_and_empty_images_are_invalid(served: Served, photo_dir: Path) -
     for bad in (data[: len(data) // 3], b"definitely not an image", b""):
         error = rpc_error(served.v1.Search, v1.SearchRequest(image=bad))
         assert error.code() == grpc.StatusCode.INVALID_ARGUMENT, bad[:20]
-        assert "image" in error.details()
+        assert error.details().startswith("image: "), error.details()
         error = rpc_error(served.v1.Add, v1.AddRequest(image=bad), metadata=AUTH)
         assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert error.details().startswith("image: "), error.details()
 
 
 @pytest.mark.parametrize(
@@ -397,7 +406,7 @@ def test_corrupt_and_empty_images_are_invalid(served: Served, photo_dir: Path) -
     [
         ({"k": 51}, "between 1 and 50"),
         ({"k": -1}, "between 1 and 50"),
-        ({"metric": "manhattan"}, "cosine, euclidean"),
+        ({"metric": "manhattan"}, "'manhattan'; expected one of: cosine, euclidean, dot"),
         ({"metric": "hamming"}, "cosine, euclidean, dot"),
         ({"threshold": float("nan")}, "threshold"),
     ],

@@ -91,7 +91,10 @@ def _status(error: LookalikeError) -> tuple[grpc.StatusCode, str]:
     if isinstance(error, EmptyCollectionError):
         # The library's message names the collection's folder; the client needs no path.
         return grpc.StatusCode.FAILED_PRECONDITION, "the collection has no indexed images yet"
-    if isinstance(error, RequestError | ImageError) or type(error) is LookalikeError:
+    if isinstance(error, ImageError):
+        # Named by the file's name at most: a server folder never reaches the client.
+        return grpc.StatusCode.INVALID_ARGUMENT, f"{os.path.basename(error.source)}: {error.reason}"
+    if isinstance(error, RequestError) or type(error) is LookalikeError:
         # Plain LookalikeErrors are what searches raise for requests they cannot answer.
         return grpc.StatusCode.INVALID_ARGUMENT, str(error)
     raise error  # a catalog, index or encoder fault: the server's problem, not the request's
@@ -126,6 +129,11 @@ def _check_upload_size(data: bytes, limit: int, field: str) -> None:
             grpc.StatusCode.RESOURCE_EXHAUSTED,
             f"{field}: {len(data)} bytes exceeds the limit of {limit} bytes",
         )
+
+
+def _named(error: ImageError, field: str) -> ImageError:
+    """The same error naming the request field instead of the input kind (``<bytes>``)."""
+    return type(error)(field, error.reason)
 
 
 def _bearer(context: grpc.ServicerContext) -> str | None:
@@ -191,10 +199,17 @@ class SimilarImageServicer(classic_grpc.SimilarImageServicer):
         if not math.isfinite(image_size) or image_size < 1 or image_size != int(image_size):
             raise RequestError(f"image_size must be a positive whole number, got {image_size}")
         side = int(image_size)
-        max_pixels = self.service.limits.max_pixels
-        if side * side > max_pixels:
+        limits = self.service.limits
+        if side * side > limits.max_pixels:
             raise RequestError(
-                f"image_size {side} means {side * side} pixels, over the limit of {max_pixels}"
+                f"image_size {side} means {side * side} pixels, over the limit of "
+                f"{limits.max_pixels}"
+            )
+        if side * side * 3 > limits.max_upload_bytes:
+            # Each reply image is as large as an RGB upload of that size: bound it alike.
+            raise RequestError(
+                f"image_size {side} means {side * side * 3} bytes per RGB reply image, over "
+                f"the limit of {limits.max_upload_bytes}"
             )
         return side
 
@@ -212,17 +227,20 @@ class SimilarImageServicer(classic_grpc.SimilarImageServicer):
                 f"expected one of {expected}"
             )
         pixels = np.frombuffer(value, dtype=np.uint8).reshape(side, side, channels)
-        return self.service.decode(pixels, name="value")  # LA and RGBA flattened on white
+        try:
+            return self.service.decode(pixels, name="value")  # LA, RGBA flattened on white
+        except ImageError as error:
+            raise _named(error, "value") from None
 
 
 def _metric(name: str) -> Metric:
     """A search metric by name, cosine when empty."""
     try:
         metric = Metric.parse(name or Metric.COSINE)
-    except VectorIndexError as error:
-        raise RequestError(str(error)) from None
-    if metric is Metric.HAMMING:
-        raise RequestError("metric must be one of: cosine, euclidean, dot")
+    except VectorIndexError:
+        metric = None
+    if metric is None or metric is Metric.HAMMING:  # hamming needs binary codes
+        raise RequestError(f"unknown metric {name!r}; expected one of: cosine, euclidean, dot")
     return metric
 
 
@@ -269,7 +287,10 @@ class LookalikeServicer(v1_grpc.LookalikeServicer):
         threshold = request.threshold if request.HasField("threshold") else None
         if threshold is not None and not math.isfinite(threshold):
             raise RequestError(f"threshold must be a finite number, got {threshold}")
-        image = self.service.decode(request.image, name="image")
+        try:
+            image = self.service.decode(request.image, name="image")
+        except ImageError as error:
+            raise _named(error, "image") from None
         response = self.service.search(
             image, k=k, metric=metric, threshold=threshold, where=dict(request.where)
         )
@@ -279,10 +300,15 @@ class LookalikeServicer(v1_grpc.LookalikeServicer):
     def Add(self, request: v1.AddRequest, context: grpc.ServicerContext) -> v1.AddReply:
         """Index an uploaded file (needs the bearer token when the service has one)."""
         self.service.check_token(_bearer(context))
+        if not request.image:
+            raise RequestError("image: the image is empty")
         _check_upload_size(request.image, self.service.limits.max_upload_bytes, "image")
-        image_id = self.service.add(
-            request.image, filename=request.filename, metadata=dict(request.metadata)
-        )
+        try:
+            image_id = self.service.add(
+                request.image, filename=request.filename, metadata=dict(request.metadata)
+            )
+        except ImageError as error:
+            raise _named(error, "image") from None
         return v1.AddReply(id=image_id)
 
     @_guarded
