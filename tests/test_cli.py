@@ -11,6 +11,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 from conftest import PHOTO_NAMES, photo
 
@@ -141,34 +142,51 @@ def test_a_killed_run_resumes_without_duplicates_or_loss(tmp_path: Path) -> None
     assert counts(catalog) == (total, total, total)
 
 
-def test_serve_answers_over_http_with_two_workers(photo_dir: Path, tmp_path: Path) -> None:
+def free_port() -> int:
     import socket
 
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def start_serving(collection: str, *args: str) -> subprocess.Popen:
+    """``lookalike serve`` in its own process group, once /health answers."""
+    import httpx
+
+    port = args[args.index("--port") + 1]
+    server = subprocess.Popen(
+        [sys.executable, "-m", "lookalike.cli", "-c", collection, "serve", *args],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        start_new_session=True,
+    )
+    deadline = time.monotonic() + 120
+    while True:
+        assert server.poll() is None, server.stderr.read().decode()
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
+                return server
+        except httpx.HTTPError:
+            assert time.monotonic() < deadline, "the server did not come up"
+            time.sleep(0.3)
+
+
+def stop_serving(server: subprocess.Popen) -> None:
+    os.killpg(server.pid, signal.SIGTERM)
+    server.wait(timeout=30)
+    server.stderr.close()
+
+
+def test_serve_answers_over_http_with_two_workers(photo_dir: Path, tmp_path: Path) -> None:
     import httpx
 
     collection = str(tmp_path / "c")
     lookalike("-c", collection, "index", str(photo_dir), "-q")
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    server = subprocess.Popen(
-        [sys.executable, "-m", "lookalike.cli", "-c", collection, "serve", "--port", str(port),
-         "--workers", "2", "--token", "t0ken"],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        start_new_session=True,
-    )  # fmt: skip
+    port = free_port()
+    server = start_serving(collection, "--port", str(port), "--workers", "2", "--token", "t0ken")
     try:
         url = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 120
-        while True:
-            assert server.poll() is None, server.stderr.read().decode()
-            try:
-                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                assert time.monotonic() < deadline, "the server did not come up"
-                time.sleep(0.3)
         query = (photo_dir / "rocket.jpg").read_bytes()
         for _ in range(4):  # several requests, so both workers answer some
             reply = httpx.post(
@@ -179,6 +197,30 @@ def test_serve_answers_over_http_with_two_workers(photo_dir: Path, tmp_path: Pat
         files = {"image": ("q.jpg", query, "image/jpeg")}
         assert httpx.post(f"{url}/images", files=files, timeout=60).status_code == 401
     finally:
-        os.killpg(server.pid, signal.SIGTERM)
-        server.wait(timeout=30)
-        server.stderr.close()
+        stop_serving(server)
+
+
+def test_serve_with_grpc_answers_the_classic_contract(photo_dir: Path, tmp_path: Path) -> None:
+    import grpc
+    from PIL import Image
+
+    from lookalike.server.protos import similar_image_pb2, similar_image_pb2_grpc
+
+    collection = str(tmp_path / "c")
+    lookalike("-c", collection, "index", str(photo_dir), "-q")
+    http_port, grpc_port = free_port(), free_port()
+    server = start_serving(collection, "--port", str(http_port), "--grpc-port", str(grpc_port))
+    try:
+        query = Image.open(photo_dir / "astronaut.jpg").convert("RGB").resize((96, 96))
+        with grpc.insecure_channel(f"127.0.0.1:{grpc_port}") as channel:
+            stub = similar_image_pb2_grpc.SimilarImageStub(channel)
+            request = similar_image_pb2.ImageFileIn(
+                value=query.tobytes(), image_size=96.0, similarity="EuclideanDistance"
+            )
+            reply = stub.FindSimilar(request, timeout=60)
+        best = Image.frombytes(mode="RGB", size=(96, 96), data=reply.imageOut1)
+        difference = np.abs(np.asarray(best, np.float32) - np.asarray(query, np.float32))
+        assert difference.mean() < 10
+        assert len(reply.imageOut5) == 96 * 96 * 3
+    finally:
+        stop_serving(server)
