@@ -75,17 +75,28 @@ def _parse_where(items: Sequence[str]) -> dict[str, str]:
 
 
 def _cmd_search(args: argparse.Namespace) -> int:
+    if (args.image is None) == (args.text is None):
+        raise LookalikeError("search needs one query: an IMAGE or --text TEXT")
+    query = args.image if args.text is None else args.text
     with _open(args, runtime=args.runtime) as collection:
-        response = collection.search(
-            args.image,
-            k=args.k,
-            metric=args.metric,
-            threshold=args.threshold,
-            where=_parse_where(args.where),
-        )
+        if args.text is not None:
+            if args.metric != "cosine":
+                raise LookalikeError("--text searches by cosine; leave out --metric")
+            response = collection.search_text(
+                args.text, k=args.k, threshold=args.threshold, where=_parse_where(args.where)
+            )
+        else:
+            response = collection.search(
+                args.image,
+                k=args.k,
+                metric=args.metric,
+                threshold=args.threshold,
+                where=_parse_where(args.where),
+                query_expansion=args.qe,
+            )
     if args.json:
         payload = {
-            "query": str(args.image),
+            "query": str(query),
             "metric": response.metric.value,
             "threshold": response.threshold,
             "no_close_match": response.no_close_match,
@@ -94,7 +105,7 @@ def _cmd_search(args: argparse.Namespace) -> int:
         print(json.dumps(payload, indent=2))
     elif response.no_close_match:
         best = "" if response.best_score is None else f" (best score {response.best_score:.4f})"
-        print(f"no close match for {args.image} at threshold {args.threshold}{best}")
+        print(f"no close match for {query} at threshold {args.threshold}{best}")
     else:
         for rank, result in enumerate(response.results, 1):
             meta = " ".join(f"{k}={v}" for k, v in result.metadata.items())
@@ -205,12 +216,20 @@ def build_parser() -> argparse.ArgumentParser:
     index.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
     index.set_defaults(run=_cmd_index)
 
-    search = commands.add_parser("search", help="find the images most like IMAGE")
-    search.add_argument("image")
+    search = commands.add_parser(
+        "search", help="find the images most like IMAGE, or matching --text (CLIP models)"
+    )
+    search.add_argument("image", nargs="?")
+    search.add_argument(
+        "--text", help="search by a text query instead of an image (needs a CLIP model)"
+    )
     search.add_argument("-k", type=int, default=10)
     search.add_argument("--metric", choices=("cosine", "euclidean", "dot"), default="cosine")
     search.add_argument("--threshold", type=float, help="no results weaker than this")
     search.add_argument("--where", action="append", default=[], metavar="KEY=VALUE")
+    search.add_argument(
+        "--qe", type=int, default=0, metavar="N", help="query expansion with the N nearest (cosine)"
+    )
     search.add_argument("--json", action="store_true")
     search.add_argument("--runtime", choices=("auto", "onnx", "torch"), default="auto")
     search.set_defaults(run=_cmd_search)
@@ -226,6 +245,12 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--grpc-port", type=int, help="also serve gRPC on this port")
     serve.add_argument("--token", help="bearer token required for writes ($LOOKALIKE_TOKEN)")
     serve.set_defaults(run=_cmd_serve)
+
+    from lookalike.evaluation.cli import add_eval_arguments, run_eval
+
+    evaluate = commands.add_parser("eval", help="measure retrieval quality on a dataset")
+    add_eval_arguments(evaluate)
+    evaluate.set_defaults(run=run_eval)
 
     remove = commands.add_parser("remove", help="remove images by id or path")
     remove.add_argument("targets", nargs="+")

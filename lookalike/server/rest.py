@@ -181,6 +181,7 @@ def create_app(service: SearchService) -> FastAPI:
         metric: Annotated[str, Form(pattern="^(cosine|euclidean|dot)$")] = "cosine",
         threshold: Annotated[float | None, Form(allow_inf_nan=False)] = None,
         where: Annotated[list[str], Form(description="metadata filters, KEY=VALUE")] = [],  # noqa: B006
+        query_expansion: Annotated[int, Form(ge=0, le=100)] = 0,
     ) -> SearchReply:
         """The k indexed images most like the uploaded one."""
         data = await _read_upload(image, limits)
@@ -188,7 +189,14 @@ def create_app(service: SearchService) -> FastAPI:
 
         def run() -> SearchResponse:
             decoded = service.decode(data, name=image.filename or "upload")
-            return service.search(decoded, k=k, metric=metric, threshold=threshold, where=filters)
+            return service.search(
+                decoded,
+                k=k,
+                metric=metric,
+                threshold=threshold,
+                where=filters,
+                query_expansion=query_expansion,
+            )
 
         # Decoding and inference are CPU work: off the event loop, so it keeps accepting.
         return _reply(await run_in_threadpool(run))

@@ -99,6 +99,7 @@ class SearchService:
         metric: str | Metric = Metric.COSINE,
         threshold: float | None = None,
         where: dict[str, Any] | None = None,
+        query_expansion: int = 0,
     ) -> SearchResponse:
         """The k images most like an already decoded query image."""
         self.check_k(k)
@@ -106,7 +107,12 @@ class SearchService:
         vector = self.collection.encoder.embed([image])[0]
         with self._lock:
             return self.collection.search_vector(
-                vector, k=k, metric=metric, threshold=threshold, where=where
+                vector,
+                k=k,
+                metric=metric,
+                threshold=threshold,
+                where=where,
+                query_expansion=query_expansion,
             )
 
     def search_by_id(
@@ -219,6 +225,6 @@ class SearchService:
             "layer": info.layer,
             "dim": info.dim,
             "index_spec": info.index_spec,
-            "index_kind": index.spec if index is not None else None,
+            "index_kind": index.index.spec if index is not None else None,
             "schema_version": info.schema_version,
         }

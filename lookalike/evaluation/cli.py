@@ -1,0 +1,260 @@
+"""``lookalike eval``: measure retrieval quality on a labelled dataset, or copy detection.
+
+Wired into the main command as::
+
+    evaluate = commands.add_parser("eval", help="measure retrieval quality on a dataset")
+    add_eval_arguments(evaluate)
+    evaluate.set_defaults(run=run_eval)
+
+This module prints (it is command-line code); the library functions it calls do not.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from lookalike.errors import LookalikeError
+from lookalike.evaluation.metrics import DEFAULT_KS, SCORE_METRICS
+
+if TYPE_CHECKING:
+    from lookalike.evaluation.copydetect import CopyDetectionResult
+    from lookalike.evaluation.report import EvaluationResult
+
+DEFAULT_OUT = "eval-report"
+
+
+def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add the arguments of ``lookalike eval`` to ``parser`` (a subcommand parser)."""
+    from lookalike.evaluation.copydetect import ATTACKS
+
+    parser.add_argument(
+        "dataset",
+        help="dataset folder: DATASET/<label>/*.jpg or DATASET/<split>/<label>/*.jpg, "
+        "or a CSV of path,label[,split]",
+    )
+    parser.add_argument(
+        "--csv",
+        metavar="FILE",
+        help="CSV with path and label (and optional split) columns, paths relative to the "
+        "CSV's folder; a relative FILE not found as given is looked for in DATASET",
+    )
+    parser.add_argument(
+        "--protocol",
+        choices=("split", "leave-one-out"),
+        help="split: queries from --query-split against --database-split; leave-one-out: every "
+        "image against all others (default: split when both splits exist)",
+    )
+    parser.add_argument("--query-split", default="test", metavar="NAME")
+    parser.add_argument("--database-split", default="train", metavar="NAME")
+    parser.add_argument("--model", default="efficientnet-lite0", help="encoder name")
+    parser.add_argument("--layer", default="head", help="layer to pool: head or stage4..stage7")
+    parser.add_argument("--metric", choices=SCORE_METRICS, default="cosine")
+    parser.add_argument("--runtime", choices=("auto", "onnx", "torch"), default="auto")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument(
+        "--out",
+        default=DEFAULT_OUT,
+        metavar="DIR",
+        help=f"folder for report.json and pr_curve.png (default: ./{DEFAULT_OUT})",
+    )
+    parser.add_argument(
+        "--copy-detection",
+        action="store_true",
+        help="find attacked copies of database images among the database instead of "
+        "measuring class-level retrieval",
+    )
+    parser.add_argument(
+        "--attacks",
+        default=",".join(ATTACKS),
+        metavar="LIST",
+        help=f"comma-separated copy-detection attacks (default: all of {','.join(ATTACKS)})",
+    )
+    parser.add_argument(
+        "--copies",
+        type=int,
+        default=200,
+        metavar="N",
+        help="database images attacked, each by every attack (default: 200)",
+    )
+    parser.add_argument("--seed", type=int, default=0, help="seed of the sample and the attacks")
+    parser.add_argument(
+        "--top-k",
+        type=int,
+        default=10,
+        metavar="K",
+        help="copy-detection candidates kept per query (recall@K, micro-AP)",
+    )
+    parser.add_argument(
+        "--save-copies",
+        metavar="DIR",
+        help="also write the attacked copies as PNG files into DIR",
+    )
+    parser.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
+
+
+@contextmanager
+def _progress_bar(quiet: bool) -> Iterator:
+    from tqdm import tqdm
+
+    bars: dict[str, tqdm] = {}
+
+    def update(stage: str, done: int, total: int) -> None:
+        bar = bars.get(stage)
+        if bar is None:
+            bar = bars[stage] = tqdm(
+                total=total, desc=stage, unit="img", dynamic_ncols=True, file=sys.stderr
+            )
+        bar.update(done - bar.n)
+
+    try:
+        yield None if quiet else update
+    finally:
+        for bar in bars.values():
+            bar.close()
+
+
+def run_eval(args: argparse.Namespace) -> int:
+    """Run ``lookalike eval``; returns the exit status (errors raise LookalikeError)."""
+    from lookalike.encoders import create_encoder
+    from lookalike.evaluation.datasets import load_dataset, make_task
+    from lookalike.evaluation.report import run_evaluation
+
+    for name in ("batch_size", "copies", "top_k"):
+        if getattr(args, name) < 1:
+            raise LookalikeError(f"--{name.replace('_', '-')} must be at least 1")
+    if args.seed < 0:
+        raise LookalikeError("--seed must be non-negative")
+
+    if args.copy_detection:
+        return _run_copy_detection(args)
+    dataset = load_dataset(args.dataset, csv_file=args.csv)
+    task = make_task(
+        dataset,
+        args.protocol,
+        query_split=args.query_split,
+        database_split=args.database_split,
+    )
+    encoder = create_encoder(args.model, layer=args.layer, normalize=False, runtime=args.runtime)
+    with _progress_bar(args.quiet) as progress:
+        result = run_evaluation(
+            task,
+            encoder,
+            metric=args.metric,
+            ks=DEFAULT_KS,
+            out_dir=Path(args.out),
+            batch_size=args.batch_size,
+            progress=progress,
+        )
+    _print_retrieval(args, task.describe(), result)
+    print(f"wrote {result.report_path} and {result.plot_path}")
+    return 0
+
+
+def _copy_detection_database(args: argparse.Namespace) -> tuple[list[Path], dict[str, object]]:
+    """The images to attack and search among: the database split when the dataset has it
+    (unless --protocol leave-one-out), else every image; a folder needs no class layout."""
+    from lookalike.evaluation.datasets import load_dataset
+    from lookalike.indexing import scan_folder
+
+    source = Path(args.dataset)
+    try:
+        dataset = load_dataset(source, csv_file=args.csv)
+    except LookalikeError:
+        if args.csv is not None or not source.is_dir():
+            raise
+        # Copy detection needs no labels: any folder of images will do.
+        paths = list(scan_folder(source))
+        if not paths:
+            raise LookalikeError(f"no images found under {source}") from None
+        return paths, {"root": str(source), "database_split": None, "database": len(paths)}
+    split = args.database_split
+    if args.protocol == "leave-one-out" or split not in dataset.split_names():
+        if args.protocol == "split":
+            raise LookalikeError(
+                f"no split {split!r} in {source}; splits are {dataset.split_names() or 'none'}"
+            )
+        split = None
+    paths = [dataset.paths[i] for i in dataset.indices(split)]
+    return paths, {"root": str(dataset.root), "database_split": split, "database": len(paths)}
+
+
+def _run_copy_detection(args: argparse.Namespace) -> int:
+    from lookalike.encoders import create_encoder
+    from lookalike.evaluation.copydetect import parse_attacks, run_copy_detection
+    from lookalike.evaluation.report import encoder_info, write_report
+
+    attacks = parse_attacks(args.attacks)
+    database, described = _copy_detection_database(args)
+    encoder = create_encoder(args.model, layer=args.layer, normalize=False, runtime=args.runtime)
+    with _progress_bar(args.quiet) as progress:
+        copies = run_copy_detection(
+            database,
+            encoder=encoder,
+            attacks=attacks,
+            copies=args.copies,
+            seed=args.seed,
+            k=args.top_k,
+            metric=args.metric,
+            batch_size=args.batch_size,
+            save_dir=args.save_copies,
+            progress=progress,
+        )
+    extra = {"dataset": described, "encoder": encoder_info(encoder)}
+    report_path, plot_path = write_report(Path(args.out), copy_detection=copies, extra=extra)
+    _print_copy_detection(args, len(database), copies)
+    print(f"wrote {report_path} and {plot_path}")
+    return 0
+
+
+def _print_retrieval(
+    args: argparse.Namespace, task: dict[str, Any], result: EvaluationResult
+) -> None:
+    split = (
+        f"{task['queries']} {task['query_split']} queries against {task['database']} "
+        f"{task['database_split']} images"
+        if task["protocol"] == "split"
+        else f"{task['queries']} images, each against all the others"
+    )
+    print(f"dataset  {task['root']}: {task['classes']} classes, {task['protocol']} ({split})")
+    print(f"model    {args.model} (layer {args.layer}), metric {args.metric}")
+    metrics = result.metrics
+    if metrics.queries_without_relevant:
+        print(f"note     {metrics.queries_without_relevant} queries have no relevant image")
+    print()
+    print(f"{'k':>5}  {'precision':>9}  {'recall':>7}  {'F1':>7}  {'mAP@k':>7}")
+    for k in metrics.ks:
+        print(
+            f"{k:>5}  {metrics.precision_at_k[k]:>9.4f}  {metrics.recall_at_k[k]:>7.4f}  "
+            f"{metrics.f1_at_k[k]:>7.4f}  {metrics.map_at_k[k]:>7.4f}"
+        )
+    print(f"\nmAP {metrics.mean_ap:.4f}")
+
+
+def _print_copy_detection(
+    args: argparse.Namespace, database_size: int, result: CopyDetectionResult
+) -> None:
+    print(
+        f"copy detection: {len(result.sources)} images attacked, searched among "
+        f"{database_size} (model {args.model}, layer {args.layer}, metric {args.metric}, "
+        f"seed {args.seed})"
+    )
+    print()
+    k = result.k
+    header = f"{'attack':<10}  {'queries':>7}  {'recall@1':>8}  {f'recall@{k}':>9}  {'micro-AP':>8}"
+    print(header)
+    for attack in result.attacks:
+        print(
+            f"{attack.attack:<10}  {attack.queries:>7}  {attack.recall_at_1:>8.4f}  "
+            f"{attack.recall_at_k:>9.4f}  {attack.micro_ap:>8.4f}"
+        )
+    recall_k = sum(a.recall_at_k for a in result.attacks) / max(1, len(result.attacks))
+    print(
+        f"{'mean':<10}  {'':>7}  {result.mean_recall_at_1:>8.4f}  {recall_k:>9.4f}  "
+        f"{result.mean_micro_ap:>8.4f}"
+    )
+    print(f"pooled micro-AP over all attacks: {result.pooled_micro_ap:.4f}")

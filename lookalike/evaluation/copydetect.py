@@ -1,0 +1,533 @@
+"""Copy detection: find the source of an edited copy among many distractors.
+
+A seeded sample of the database images is attacked (cropped, rotated, recompressed, overlaid
+with text, ...); each attacked copy is a query whose only relevant item is its source, and the
+rest of the database are distractors. Per attack it reports recall@1 (the source ranked first),
+recall@k, and the micro-averaged AP of DISC21 / ISC 2021: the top-k predictions of every query
+are pooled and ranked by score, and the AP of that single ranking is taken with the number of
+queries as the number of positives, so scores must also be comparable *across* queries.
+
+Attacked images live in memory only (``save_dir`` writes them when asked). Features come from
+an :class:`~lookalike.encoders.Encoder` or from any ``embed(list_of_PIL_images)`` callable, and
+a ``rerank`` callable can rescore each query's top-k candidates (local-feature verification).
+"""
+
+from __future__ import annotations
+
+import io
+import itertools
+import time
+import zlib
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageEnhance, ImageFilter, ImageFont, ImageOps
+
+from lookalike.errors import LookalikeError
+from lookalike.evaluation.metrics import (
+    micro_average_precision,
+    micro_precision_recall,
+    recall_at_precision,
+    score_matrix,
+)
+from lookalike.images import ImageSource, load_image
+
+if TYPE_CHECKING:
+    from lookalike.encoders import Encoder
+
+AttackFn = Callable[[Image.Image, np.random.Generator], Image.Image]
+EmbedFn = Callable[[list[Image.Image]], np.ndarray]
+ProgressFn = Callable[[str, int, int], None]
+
+
+class Reranker(Protocol):
+    """Rescores one query's candidates, e.g. by local-feature matching.
+
+    ``candidate_ids`` are positions in the database sequence, best first; ``scores`` are their
+    global similarities (higher is better). Returns one new score per candidate, higher is
+    better; candidates are re-sorted by it and it is what micro-AP pools, so it should be
+    comparable across queries.
+    """
+
+    def __call__(
+        self, query: Image.Image, candidate_ids: np.ndarray, scores: np.ndarray
+    ) -> np.ndarray: ...
+
+
+# -- attacks ----------------------------------------------------------------------------------
+# Each takes an RGB image and a generator and returns a new RGB image; all randomness comes
+# from the generator, so a (seed, attack, source) triple always gives the same copy.
+
+
+def _crop(image: Image.Image, rng: np.random.Generator) -> Image.Image:
+    """Keep a random 50-70% of the area, with a slightly different aspect ratio."""
+    width, height = image.size
+    area = rng.uniform(0.5, 0.7)
+    aspect = float(np.exp(rng.uniform(-0.2, 0.2)))
+    keep_w = min(1.0, np.sqrt(area * aspect))
+    keep_h = min(1.0, area / keep_w)
+    crop_w, crop_h = max(1, round(width * keep_w)), max(1, round(height * keep_h))
+    left = int(rng.integers(0, width - crop_w + 1))
+    top = int(rng.integers(0, height - crop_h + 1))
+    return image.crop((left, top, left + crop_w, top + crop_h))
+
+
+def _rotation(image: Image.Image, rng: np.random.Generator) -> Image.Image:
+    """Rotate 5-15 degrees either way; the canvas grows so no content is lost (black corners)."""
+    angle = rng.uniform(5.0, 15.0) * rng.choice([-1.0, 1.0])
+    return image.rotate(angle, Image.Resampling.BICUBIC, expand=True, fillcolor=(0, 0, 0))
+
+
+def _flip(image: Image.Image, rng: np.random.Generator) -> Image.Image:
+    """Mirror left to right."""
+    return ImageOps.mirror(image)
+
+
+def _scale(image: Image.Image, rng: np.random.Generator) -> Image.Image:
+    """Downscale to 30-60% of each side."""
+    factor = rng.uniform(0.3, 0.6)
+    width, height = image.size
+    size = (max(8, round(width * factor)), max(8, round(height * factor)))
+    return image.resize(size, Image.Resampling.BILINEAR)
+
+
+def _jpeg(image: Image.Image, rng: np.random.Generator) -> Image.Image:
+    """Re-encode as JPEG at quality 10-30."""
+    buffer = io.BytesIO()
+    image.save(buffer, "JPEG", quality=int(rng.integers(10, 31)))
+    buffer.seek(0)
+    with Image.open(buffer) as decoded:
+        return decoded.convert("RGB")
+
+
+def _blur(image: Image.Image, rng: np.random.Generator) -> Image.Image:
+    """Gaussian blur of radius 2-4 pixels."""
+    return image.filter(ImageFilter.GaussianBlur(rng.uniform(2.0, 4.0)))
+
+
+def _away_from_one(rng: np.random.Generator, low: float, high: float) -> float:
+    """A factor 1 +- [low, high]: never so close to 1 that the edit is invisible."""
+    return 1.0 + rng.uniform(low, high) * rng.choice([-1.0, 1.0])
+
+
+def _color(image: Image.Image, rng: np.random.Generator) -> Image.Image:
+    """Brightness and contrast +-15-40%, saturation +-20-60%, hue rotated 3-12% of the circle."""
+    image = ImageEnhance.Brightness(image).enhance(_away_from_one(rng, 0.15, 0.4))
+    image = ImageEnhance.Contrast(image).enhance(_away_from_one(rng, 0.15, 0.4))
+    image = ImageEnhance.Color(image).enhance(_away_from_one(rng, 0.2, 0.6))
+    hsv = np.array(image.convert("HSV"))
+    shift = round(256 * rng.uniform(0.03, 0.12) * rng.choice([-1.0, 1.0]))
+    hsv[..., 0] = (hsv[..., 0].astype(np.int16) + shift) % 256  # hue wraps around
+    return Image.fromarray(hsv, "HSV").convert("RGB")
+
+
+def _grayscale(image: Image.Image, rng: np.random.Generator) -> Image.Image:
+    """Drop the colour (kept as a 3-channel image)."""
+    return ImageOps.grayscale(image).convert("RGB")
+
+
+def _border(image: Image.Image, rng: np.random.Generator) -> Image.Image:
+    """Pad each side with a random solid colour 10-25% as thick as that side is long."""
+    width, height = image.size
+    fraction = rng.uniform(0.10, 0.25)
+    pad_x, pad_y = max(1, round(width * fraction)), max(1, round(height * fraction))
+    colour = tuple(int(c) for c in rng.integers(0, 256, size=3))
+    return ImageOps.expand(image, border=(pad_x, pad_y, pad_x, pad_y), fill=colour)
+
+
+_WORDS = (
+    "sale", "original", "copy", "meme", "look", "free", "today", "best", "news", "viral",
+    "share", "like", "photo", "wow", "limited", "offer", "exclusive", "new", "hot", "deal",
+)  # fmt: skip
+
+
+def _font(size: int) -> ImageFont.FreeTypeFont | ImageFont.ImageFont:
+    try:
+        return ImageFont.load_default(size=size)
+    except TypeError:  # Pillow < 10.1 has only the small bitmap font
+        return ImageFont.load_default()
+
+
+def _wrap(draw: ImageDraw.ImageDraw, words: list[str], font: Any, width: float) -> str:
+    """Words on as few lines as fit ``width`` (a single over-long word keeps its own line)."""
+    lines: list[str] = []
+    for word in words:
+        if lines and draw.textlength(f"{lines[-1]} {word}", font=font) <= width:
+            lines[-1] = f"{lines[-1]} {word}"
+        else:
+            lines.append(word)
+    return "\n".join(lines)
+
+
+def _text(image: Image.Image, rng: np.random.Generator) -> Image.Image:
+    """Overlay 2-3 random words in a large outlined font (12-20% of the shorter side), wrapped
+    onto several lines rather than shrunk when they are wider than the image."""
+    out = image.copy()
+    width, height = out.size
+    words = [str(w) for w in rng.choice(_WORDS, size=int(rng.integers(2, 4)), replace=False)]
+    size = max(8, round(min(width, height) * rng.uniform(0.12, 0.2)))
+    draw = ImageDraw.Draw(out)
+    while True:
+        font = _font(size)
+        stroke = max(1, size // 16)
+        text = _wrap(draw, words, font, 0.95 * width)
+        box = draw.multiline_textbbox((0, 0), text, font=font, stroke_width=stroke)
+        if (box[2] - box[0] <= 0.95 * width and box[3] - box[1] <= 0.95 * height) or size <= 8:
+            break
+        size = max(8, int(size * 0.85))
+    x = int(rng.integers(0, max(0, width - (box[2] - box[0])) + 1)) - box[0]
+    y = int(rng.integers(0, max(0, height - (box[3] - box[1])) + 1)) - box[1]
+    fill = tuple(int(c) for c in rng.integers(0, 256, size=3))
+    outline = (0, 0, 0) if sum(fill) > 384 else (255, 255, 255)
+    draw.multiline_text(
+        (x, y), text, font=font, fill=fill, stroke_width=stroke, stroke_fill=outline, align="center"
+    )
+    return out
+
+
+ATTACKS: dict[str, AttackFn] = {
+    "crop": _crop,
+    "rotation": _rotation,
+    "flip": _flip,
+    "scale": _scale,
+    "jpeg": _jpeg,
+    "blur": _blur,
+    "color": _color,
+    "grayscale": _grayscale,
+    "border": _border,
+    "text": _text,
+}
+
+
+def parse_attacks(names: str | Iterable[str] | None) -> list[str]:
+    """Attack names from a comma-separated string or a list (None: all), validated."""
+    if names is None:
+        return list(ATTACKS)
+    items = names.split(",") if isinstance(names, str) else list(names)
+    chosen = [n.strip() for n in items if n.strip()]
+    unknown = [n for n in chosen if n not in ATTACKS]
+    if unknown or not chosen:
+        raise LookalikeError(
+            f"unknown attack(s) {', '.join(unknown) or '(none given)'}; "
+            f"available: {', '.join(ATTACKS)}"
+        )
+    return list(dict.fromkeys(chosen))
+
+
+def attack_rng(seed: int, attack: str, source_id: int) -> np.random.Generator:
+    """The generator of one attacked copy: independent of which other copies are made."""
+    if seed < 0:
+        raise LookalikeError(f"seed must be non-negative, got {seed}")
+    return np.random.default_rng([seed, zlib.crc32(attack.encode()), int(source_id)])
+
+
+def apply_attack(
+    image: ImageSource, attack: str, *, seed: int = 0, source_id: int = 0
+) -> Image.Image:
+    """One attacked copy of ``image`` (any image input), deterministic for the arguments."""
+    (name,) = parse_attacks([attack])
+    return ATTACKS[name](load_image(image), attack_rng(seed, name, source_id))
+
+
+@dataclass(frozen=True)
+class AttackedCopy:
+    """One query: ``image`` is ``attack`` applied to database item ``source_id``."""
+
+    source_id: int
+    attack: str
+    image: Image.Image
+
+
+def sample_sources(database_size: int, copies: int, seed: int) -> np.ndarray:
+    """The database positions that get attacked: a seeded sample, sorted, shared by attacks."""
+    if copies < 1:
+        raise LookalikeError(f"copies must be at least 1, got {copies}")
+    rng = np.random.default_rng(seed)
+    size = min(copies, database_size)
+    return np.sort(rng.choice(database_size, size=size, replace=False)).astype(np.int64)
+
+
+def generate_copies(
+    database: Sequence[ImageSource],
+    *,
+    attacks: str | Iterable[str] | None = None,
+    copies: int = 200,
+    seed: int = 0,
+    sources: np.ndarray | None = None,
+) -> Iterator[AttackedCopy]:
+    """Attacked copies of a seeded sample (or of ``sources``), source by source; each source
+    is decoded once and given every attack."""
+    names = parse_attacks(attacks)
+    if sources is None:
+        sources = sample_sources(len(database), copies, seed)
+    for source_id in sources.tolist():
+        image = load_image(database[source_id])
+        for name in names:
+            yield AttackedCopy(
+                source_id, name, ATTACKS[name](image, attack_rng(seed, name, source_id))
+            )
+
+
+# -- results ----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class AttackResult:
+    """Copy-detection quality for one attack. Arrays hold each query's ranked candidates."""
+
+    attack: str
+    queries: int
+    recall_at_1: float
+    recall_at_k: float
+    micro_ap: float
+    recall_at_p90: float
+    source_ids: np.ndarray = field(repr=False)
+    candidate_ids: np.ndarray = field(repr=False)
+    candidate_scores: np.ndarray = field(repr=False)
+
+    def precision_recall(self) -> tuple[np.ndarray, np.ndarray]:
+        """(precision, recall) after each pooled prediction, for plotting."""
+        precision, recall, _ = micro_precision_recall(
+            self.candidate_scores, self.candidate_ids == self.source_ids[:, None], self.queries
+        )
+        return precision, recall
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "attack": self.attack,
+            "queries": self.queries,
+            "recall_at_1": self.recall_at_1,
+            "recall_at_k": self.recall_at_k,
+            "micro_ap": self.micro_ap,
+            "recall_at_p90": self.recall_at_p90,
+        }
+
+
+@dataclass(frozen=True)
+class CopyDetectionResult:
+    """Per-attack results and how they were obtained."""
+
+    attacks: tuple[AttackResult, ...]
+    database_size: int
+    sources: np.ndarray = field(repr=False)
+    k: int = 10
+    metric: str = "cosine"
+    seed: int = 0
+    reranked: bool = False
+    seconds: float = 0.0
+
+    def __getitem__(self, attack: str) -> AttackResult:
+        for result in self.attacks:
+            if result.attack == attack:
+                return result
+        raise KeyError(attack)
+
+    @property
+    def mean_recall_at_1(self) -> float:
+        return float(np.mean([a.recall_at_1 for a in self.attacks])) if self.attacks else 0.0
+
+    @property
+    def mean_micro_ap(self) -> float:
+        return float(np.mean([a.micro_ap for a in self.attacks])) if self.attacks else 0.0
+
+    @property
+    def pooled_micro_ap(self) -> float:
+        """Micro-AP over every attack's predictions at once (one threshold for all edits)."""
+        if not self.attacks:
+            return 0.0
+        scores = np.concatenate([a.candidate_scores.ravel() for a in self.attacks])
+        matches = np.concatenate(
+            [(a.candidate_ids == a.source_ids[:, None]).ravel() for a in self.attacks]
+        )
+        return micro_average_precision(scores, matches, sum(a.queries for a in self.attacks))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "database_size": self.database_size,
+            "sources": len(self.sources),
+            "k": self.k,
+            "metric": self.metric,
+            "seed": self.seed,
+            "reranked": self.reranked,
+            "seconds": round(self.seconds, 3),
+            "attacks": [a.to_dict() for a in self.attacks],
+            "mean_recall_at_1": self.mean_recall_at_1,
+            "mean_micro_ap": self.mean_micro_ap,
+            "pooled_micro_ap": self.pooled_micro_ap,
+        }
+
+
+# -- the run ----------------------------------------------------------------------------------
+
+
+def _chunks(items: Iterable[Any], size: int) -> Iterator[list[Any]]:
+    iterator = iter(items)
+    while chunk := list(itertools.islice(iterator, size)):
+        yield chunk
+
+
+def _source_name(source: ImageSource, source_id: int) -> str:
+    if isinstance(source, (str, Path)):
+        return f"{source_id:06d}_{Path(source).stem}"
+    return f"{source_id:06d}"
+
+
+def embed_database(
+    database: Sequence[ImageSource],
+    *,
+    encoder: Encoder | None = None,
+    embed: EmbedFn | None = None,
+    batch_size: int = 32,
+    progress: ProgressFn | None = None,
+) -> np.ndarray:
+    """[n, dim] vectors of the database, in chunks (with progress) from either source."""
+    if (encoder is None) == (embed is None):
+        raise LookalikeError("give exactly one of encoder and embed")
+    parts = []
+    done = 0
+    for chunk in _chunks(database, max(1, batch_size) * 4):
+        if encoder is not None:
+            parts.append(np.asarray(encoder.embed(chunk, batch_size=batch_size)))
+        else:
+            assert embed is not None
+            parts.append(np.asarray(embed([load_image(s) for s in chunk])))
+        done += len(chunk)
+        if progress is not None:
+            progress("database", done, len(database))
+    if not parts:
+        raise LookalikeError("the database is empty")
+    return np.concatenate(parts).astype(np.float32, copy=False)
+
+
+def run_copy_detection(
+    database: Sequence[ImageSource],
+    *,
+    encoder: Encoder | None = None,
+    embed: EmbedFn | None = None,
+    database_vectors: np.ndarray | None = None,
+    attacks: str | Iterable[str] | None = None,
+    copies: int = 200,
+    seed: int = 0,
+    k: int = 10,
+    metric: str = "cosine",
+    rerank: Reranker | None = None,
+    batch_size: int = 32,
+    save_dir: str | Path | None = None,
+    progress: ProgressFn | None = None,
+) -> CopyDetectionResult:
+    """Attack a seeded sample of ``database`` and search each copy among all of ``database``.
+
+    Features come from ``encoder`` or ``embed`` (exactly one); ``database_vectors`` skips
+    embedding the database (they must come from the same features). ``k`` candidates per
+    query are kept (and given to ``rerank``); recall@k and micro-AP use them. Euclidean
+    distances are negated so that higher is better throughout. ``save_dir`` writes every
+    attacked copy as ``save_dir/<attack>/<source>.png``.
+    """
+    started = time.perf_counter()
+    names = parse_attacks(attacks)
+    if k < 1:
+        raise LookalikeError(f"k must be at least 1, got {k}")
+    if (encoder is None) == (embed is None):
+        raise LookalikeError("give exactly one of encoder and embed")
+    if len(database) == 0:
+        raise LookalikeError("the database is empty")
+    if database_vectors is None:
+        database_vectors = embed_database(
+            database, encoder=encoder, embed=embed, batch_size=batch_size, progress=progress
+        )
+    database_vectors = np.asarray(database_vectors, dtype=np.float32)
+    if database_vectors.ndim != 2 or len(database_vectors) != len(database):
+        raise LookalikeError(
+            f"database_vectors has shape {database_vectors.shape}, expected {len(database)} rows"
+        )
+    if encoder is not None:
+        model = encoder
+
+        def embed(images: list[Image.Image]) -> np.ndarray:
+            return model.embed(images, batch_size=batch_size)
+
+    assert embed is not None
+    save_root = Path(save_dir) if save_dir is not None else None
+
+    sources = sample_sources(len(database), copies, seed)
+    depth = min(k, len(database))
+    found: dict[str, dict[str, list[np.ndarray]]] = {
+        name: {"sources": [], "ids": [], "scores": []} for name in names
+    }
+    total = len(sources) * len(names)
+    done = 0
+    # A chunk holds about one encoder batch of attacked images, whatever the number of attacks.
+    per_chunk = max(1, batch_size // len(names))
+    copies_iter = generate_copies(database, attacks=names, seed=seed, sources=sources)
+    for chunk in _chunks(copies_iter, per_chunk * len(names)):
+        if save_root is not None:
+            for copy in chunk:
+                folder = save_root / copy.attack
+                folder.mkdir(parents=True, exist_ok=True)
+                name = _source_name(database[copy.source_id], copy.source_id)
+                copy.image.save(folder / f"{name}.png")
+        vectors = np.asarray(embed([c.image for c in chunk]), dtype=np.float32)
+        if vectors.shape != (len(chunk), database_vectors.shape[1]):
+            raise LookalikeError(
+                f"embed returned shape {vectors.shape} for {len(chunk)} images, expected "
+                f"[{len(chunk)}, {database_vectors.shape[1]}]"
+            )
+        scores, higher_is_better = score_matrix(vectors, database_vectors, metric)
+        similarity = scores if higher_is_better else -scores
+        order = np.argsort(-similarity, axis=1, kind="stable")[:, :depth]
+        top = np.take_along_axis(similarity, order, axis=1)
+        for row, copy in enumerate(chunk):
+            ids, values = order[row], top[row]
+            if rerank is not None:
+                ids, values = _reranked(rerank, copy.image, ids, values)
+            bucket = found[copy.attack]
+            bucket["sources"].append(np.array(copy.source_id))
+            bucket["ids"].append(ids)
+            bucket["scores"].append(values)
+        done += len(chunk)
+        if progress is not None:
+            progress("queries", done, total)
+
+    results = tuple(_attack_result(name, found[name]) for name in names)
+    return CopyDetectionResult(
+        attacks=results,
+        database_size=len(database),
+        sources=sources,
+        k=depth,
+        metric=metric,
+        seed=seed,
+        reranked=rerank is not None,
+        seconds=time.perf_counter() - started,
+    )
+
+
+def _reranked(
+    rerank: Reranker, query: Image.Image, ids: np.ndarray, scores: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    new = np.asarray(rerank(query, ids.copy(), scores.copy()), dtype=np.float64).ravel()
+    if new.shape != ids.shape:
+        raise LookalikeError(f"rerank returned {new.shape[0]} scores for {len(ids)} candidates")
+    order = np.argsort(-new, kind="stable")
+    return ids[order], new[order].astype(np.float32)
+
+
+def _attack_result(name: str, found: dict[str, list[np.ndarray]]) -> AttackResult:
+    source_ids = np.array(found["sources"], dtype=np.int64)
+    ids = np.stack(found["ids"]).astype(np.int64)
+    scores = np.stack(found["scores"]).astype(np.float32)
+    matches = ids == source_ids[:, None]
+    precision, recall, _ = micro_precision_recall(scores, matches, len(source_ids))
+    return AttackResult(
+        attack=name,
+        queries=len(source_ids),
+        recall_at_1=float(matches[:, 0].mean()),
+        recall_at_k=float(matches.any(axis=1).mean()),
+        micro_ap=micro_average_precision(scores, matches, len(source_ids)),
+        recall_at_p90=recall_at_precision(precision, recall, 0.9),
+        source_ids=source_ids,
+        candidate_ids=ids,
+        candidate_scores=scores,
+    )
