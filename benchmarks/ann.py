@@ -9,6 +9,17 @@ which unlike ``ru_maxrss`` is not inherited across exec) belongs to that backend
 building, holding and querying the index cost. A backend that fails, runs out of memory or exceeds
 ``--timeout`` becomes a table row with the reason.
 
+Special specs:
+- ``auto`` is lookalike's default choice, ``choose_spec(n, dim, memory_budget_bytes=...)`` for
+  this run's n and dim and ``--budget-gib`` (6 by default); its row is marked "(default)".
+- one search-time option may list values separated by ``|`` (``annoy:trees=50,search_k=500|
+  5000|50000``, ``hnsw:...,ef=64|128``, ``ivfpq:...,nprobe=16|32``): the index is built once
+  and searched with each value, one row per value (they share the build time and peak memory).
+
+After the table a summary checks the project's goals for the default row against the fastest
+Annoy row with recall@10 >= 0.95 and against the fastest exact row: QPS ratios (goals: >= 5x
+Annoy, >= 50x exact), build-time ratio (<= 1 vs Annoy) and index-memory ratio (<= 1/3 of Annoy).
+
 Data (no real vectors are needed):
 - with ``--embeddings FILE.npy`` (an [m, d] float array of real embeddings): every synthetic
   vector is a random convex combination (Dirichlet weights) of 2 or 3 random real vectors plus
@@ -23,6 +34,8 @@ indexed). Ground truth is exact top-10 with a faiss flat index, in query batches
 
     python benchmarks/ann.py --n 20000 --dim 256 --queries 200
     python benchmarks/ann.py --backends exact "hnsw:M=32,ef=128" --embeddings real.npy
+    python benchmarks/ann.py --n 200000 --embeddings real.npy --build-threads 2 --backends \
+        exact:engine=faiss "annoy:trees=50,search_k=500|20000|50000" auto
 """
 
 from __future__ import annotations
@@ -47,11 +60,15 @@ try:
 except ImportError:  # run from a checkout without installing
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from lookalike.indexes import create_index, ivfpq_params
+from lookalike.indexes import choose_spec, create_index, ivfpq_params, parse_spec
 from lookalike.indexes.base import Metric, l2_normalize
 from lookalike.indexes.ivfpq import default_m
 
 RECALL_AT = 10
+GOAL_RECALL = 0.95
+AUTO = "auto"
+# Options that only change how an index is searched, so one build can be searched with each.
+SWEEPABLE = {"annoy": "search_k", "hnsw": "ef", "ivfpq": "nprobe"}
 _CHUNK = 65_536
 _THREAD_VARIABLES = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
 
@@ -62,9 +79,10 @@ def default_backends(n: int, dim: int) -> list[str]:
     ivf = ivfpq_params(n, dim)
     ivfpq = f"ivfpq:nlist={ivf['nlist']},m={default_m(dim)},nprobe={ivf['nprobe']}"
     return [
+        AUTO,
         "exact",
         "exact:engine=faiss",
-        "annoy:trees=50,search_k=5000",
+        "annoy:trees=50,search_k=5000|20000|50000",
         f"lsh:bits={bits},tables=16",
         "hnsw:M=32,ef=128,efConstruction=200",
         ivfpq,
@@ -148,21 +166,32 @@ def memory_mib(field: str) -> float:
     return peak / (1024 * 1024) if sys.platform == "darwin" else peak / 1024
 
 
-def run_worker(spec: str, data: Path, metric: str, build_threads: int) -> dict[str, Any]:
-    """Build one index and time its queries; runs inside the per-backend subprocess."""
-    import faiss
+def expand_sweep(spec: str) -> tuple[str, str | None, list[str]]:
+    """Split ``name:a=1,b=x|y`` into (spec with the first value, swept option, its values)."""
+    if "|" not in spec:
+        return spec, None, []
+    name, _, rest = spec.partition(":")
+    items = [item.strip() for item in rest.split(",")]
+    swept = [i for i, item in enumerate(items) if "|" in item]
+    if len(swept) != 1:
+        raise ValueError(f"{spec}: only one option may list several values")
+    key, _, values = items[swept[0]].partition("=")
+    option = parse_spec(f"{name}:{key}={values.split('|')[0]}")[1]
+    option_name = next(iter(option))
+    if SWEEPABLE.get(name.strip().lower()) != option_name:
+        allowed = ", ".join(f"{b} {o}" for b, o in SWEEPABLE.items())
+        raise ValueError(f"{spec}: only search-time options can be swept ({allowed})")
+    choices = [value.strip() for value in values.split("|")]
+    labels = [
+        f"{name}:"
+        + ",".join(f"{key}={v}" if i == swept[0] else item for i, item in enumerate(items))
+        for v in choices
+    ]
+    return labels[0], option_name, labels
 
-    base = np.load(data / "base.npy")
-    queries = np.load(data / "queries.npy")
-    truth = np.load(data / "truth.npy")
-    data_rss = memory_mib("VmRSS")
-    faiss.omp_set_num_threads(build_threads)
-    started = time.perf_counter()
-    index = create_index(spec, dim=base.shape[1], metric=metric)
-    index.add(np.arange(len(base), dtype=np.int64), base)
-    index.search(queries[:1], RECALL_AT)  # lazy structures (Annoy forest, LSH buckets) build here
-    build_s = time.perf_counter() - started
-    faiss.omp_set_num_threads(1)
+
+def time_queries(index: Any, queries: np.ndarray, truth: np.ndarray) -> dict[str, float]:
+    """Recall@10 and per-query latency, one query per call, single-threaded."""
     latencies = np.empty(len(queries))
     found = np.empty((len(queries), RECALL_AT), dtype=np.int64)
     for row in range(len(queries)):
@@ -171,20 +200,43 @@ def run_worker(spec: str, data: Path, metric: str, build_threads: int) -> dict[s
         latencies[row] = time.perf_counter() - tick
         found[row] = hits.ids[0]
     recall = np.mean([len(set(f) & set(t)) for f, t in zip(found, truth, strict=True)])
-    peak = memory_mib("VmHWM")
     return {
-        "spec": spec,
         "recall": float(recall) / RECALL_AT,
         "qps": len(queries) / float(latencies.sum()),
         "p50_ms": float(np.percentile(latencies, 50) * 1e3),
         "p99_ms": float(np.percentile(latencies, 99) * 1e3),
-        "build_s": build_s,
-        "peak_mib": peak,
-        "index_mib": peak - data_rss,
     }
 
 
-def run_backend(spec: str, data: Path, args: argparse.Namespace) -> dict[str, Any]:
+def run_worker(spec: str, data: Path, metric: str, build_threads: int) -> list[dict[str, Any]]:
+    """Build one index and time its queries (once per swept value); runs inside the
+    per-backend subprocess."""
+    import faiss
+
+    first, option, labels = expand_sweep(spec)
+    base = np.load(data / "base.npy")
+    queries = np.load(data / "queries.npy")
+    truth = np.load(data / "truth.npy")
+    data_rss = memory_mib("VmRSS")
+    faiss.omp_set_num_threads(build_threads)
+    started = time.perf_counter()
+    index = create_index(first, dim=base.shape[1], metric=metric)
+    index.add(np.arange(len(base), dtype=np.int64), base)
+    index.search(queries[:1], RECALL_AT)  # lazy structures (Annoy forest, LSH buckets) build here
+    build_s = time.perf_counter() - started
+    faiss.omp_set_num_threads(1)
+    rows = []
+    for label in labels or [first]:
+        if option is not None:
+            setattr(index, option, parse_spec(label)[1][option])
+        rows.append({"spec": label, **time_queries(index, queries, truth), "build_s": build_s})
+    peak = memory_mib("VmHWM")
+    for row in rows:
+        row.update(peak_mib=peak, index_mib=peak - data_rss, shared_build=len(rows) > 1)
+    return rows
+
+
+def run_backend(spec: str, data: Path, args: argparse.Namespace) -> list[dict[str, Any]]:
     """Run one backend in a fresh interpreter; failures become a row with their reason."""
     command = [
         sys.executable,
@@ -205,16 +257,17 @@ def run_backend(spec: str, data: Path, args: argparse.Namespace) -> dict[str, An
             command, capture_output=True, text=True, timeout=args.timeout, env=env, check=False
         )
     except subprocess.TimeoutExpired:
-        return {"spec": spec, "error": f"timeout after {args.timeout:g} s"}
+        return [{"spec": spec, "error": f"timeout after {args.timeout:g} s"}]
     if done.returncode < 0:
         name = signal.Signals(-done.returncode).name
         why = " (likely out of memory)" if done.returncode == -signal.SIGKILL else ""
-        return {"spec": spec, "error": f"killed by {name}{why}"}
+        return [{"spec": spec, "error": f"killed by {name}{why}"}]
     lines = done.stdout.strip().splitlines()
     if done.returncode or not lines:
         last = (done.stderr.strip().splitlines() or ["no output"])[-1]
-        return {"spec": spec, "error": f"exit {done.returncode}: {last[:120]}"}
-    return json.loads(lines[-1])
+        return [{"spec": spec, "error": f"exit {done.returncode}: {last[:120]}"}]
+    rows: list[dict[str, Any]] = json.loads(lines[-1])
+    return rows
 
 
 def markdown(rows: list[dict[str, Any]]) -> str:
@@ -224,14 +277,71 @@ def markdown(rows: list[dict[str, Any]]) -> str:
     )
     lines = [header]
     for row in rows:
+        name = f"`{row['spec']}`" + (" (default)" if row.get("default") else "")
         if "error" in row:
-            lines.append(f"| `{row['spec']}` | failed: {row['error']} | | | | | | |")
+            lines.append(f"| {name} | failed: {row['error']} | | | | | | |")
             continue
+        shared = "*" if row.get("shared_build") else ""
         lines.append(
-            f"| `{row['spec']}` | {row['recall']:.3f} | {row['qps']:,.0f} | {row['p50_ms']:.3f}"
-            f" | {row['p99_ms']:.3f} | {row['build_s']:.2f} | {row['peak_mib']:,.0f}"
+            f"| {name} | {row['recall']:.3f} | {row['qps']:,.0f} | {row['p50_ms']:.3f}"
+            f" | {row['p99_ms']:.3f} | {row['build_s']:.2f}{shared} | {row['peak_mib']:,.0f}"
             f" | {row['index_mib']:,.0f} |"
         )
+    if any(row.get("shared_build") for row in rows if "error" not in row):
+        lines.append("\n\\* one build searched with each listed value (shared build and memory)")
+    return "\n".join(lines)
+
+
+def _ratio_line(what: str, value: float, goal: str, ok: bool) -> str:
+    return f"- {what}: {value:.2f} (goal {goal}) {'PASS' if ok else 'FAIL'}"
+
+
+def goal_summary(rows: list[dict[str, Any]]) -> str:
+    """The project's goals: the default row against the best Annoy row at recall >= 0.95
+    and against exact search."""
+    ok = [row for row in rows if "error" not in row]
+    default = next((row for row in ok if row.get("default")), None)
+    if default is None:
+        return "Goals: no successful default row (add the `auto` backend)."
+    lines = [f"Goals for the default `{default['spec']}` (recall@10 {default['recall']:.3f}):"]
+    lines.append(
+        _ratio_line(
+            "recall@10", default["recall"], f">= {GOAL_RECALL}", default["recall"] >= GOAL_RECALL
+        )
+    )
+    annoys = [row for row in ok if row["spec"].startswith("annoy")]
+    good = [row for row in annoys if row["recall"] >= GOAL_RECALL]
+    if good:
+        annoy = max(good, key=lambda row: row["qps"])
+        lines.append(f"- vs Annoy `{annoy['spec']}` (recall@10 {annoy['recall']:.3f}):")
+    elif annoys:
+        annoy = max(annoys, key=lambda row: row["recall"])
+        lines.append(
+            f"- no Annoy row reaches recall {GOAL_RECALL}; vs its best recall, `{annoy['spec']}`"
+            f" ({annoy['recall']:.3f}), which flatters Annoy:"
+        )
+    else:
+        annoy = None
+        lines.append("- no Annoy row to compare with")
+    if annoy is not None:
+        qps = default["qps"] / annoy["qps"]
+        build = default["build_s"] / annoy["build_s"]
+        memory = default["index_mib"] / annoy["index_mib"]
+        lines += [
+            "  " + _ratio_line("QPS ratio", qps, ">= 5", qps >= 5),
+            "  " + _ratio_line("build-time ratio", build, "<= 1", build <= 1),
+            "  " + _ratio_line("index-memory ratio", memory, "<= 0.33", memory <= 1 / 3),
+            f"  - peak-RSS ratio (includes the benchmark's own copy of the data):"
+            f" {default['peak_mib'] / annoy['peak_mib']:.2f}",
+        ]
+    exacts = [row for row in ok if row["spec"].startswith("exact")]
+    if exacts:
+        exact = max(exacts, key=lambda row: row["qps"])
+        qps = default["qps"] / exact["qps"]
+        lines.append(f"- vs exact `{exact['spec']}`:")
+        lines.append("  " + _ratio_line("QPS ratio", qps, ">= 50", qps >= 50))
+    else:
+        lines.append("- no exact row to compare with")
     return "\n".join(lines)
 
 
@@ -268,6 +378,9 @@ def main() -> None:
     parser.add_argument("--noise", type=float, default=0.1, help="noise / real per-dim std")
     parser.add_argument("--timeout", type=float, default=3_600, help="seconds per backend")
     parser.add_argument("--build-threads", type=int, default=1, help="threads while building")
+    parser.add_argument(
+        "--budget-gib", type=float, default=6.0, help="memory budget that resolves `auto`"
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--data", type=Path, help=argparse.SUPPRESS)
@@ -277,9 +390,9 @@ def main() -> None:
         try:
             result = run_worker(args.worker, args.data, args.metric, args.build_threads)
         except MemoryError:
-            result = {"spec": args.worker, "error": "out of memory (MemoryError)"}
+            result = [{"spec": args.worker, "error": "out of memory (MemoryError)"}]
         except Exception as error:  # report any failure as a row instead of a traceback
-            result = {"spec": args.worker, "error": f"{type(error).__name__}: {error}"}
+            result = [{"spec": args.worker, "error": f"{type(error).__name__}: {error}"}]
         print(json.dumps(result))
         return
 
@@ -292,12 +405,23 @@ def main() -> None:
             f" metric {args.metric}, ground truth in {time.perf_counter() - started:.1f} s",
             file=sys.stderr,
         )
+        budget = int(args.budget_gib * 2**30)
+        default = choose_spec(args.n, dim, memory_budget_bytes=budget)
         rows = []
         for spec in args.backends or default_backends(args.n, dim):
+            spec = default if spec.strip().lower() == AUTO else spec
             print(f"running {spec} ...", file=sys.stderr, flush=True)
-            rows.append(run_backend(spec, folder, args))
-    print(f"{args.n:,} x {dim} vectors, {args.queries:,} queries, metric {args.metric}\n")
+            for row in run_backend(spec, folder, args):
+                row["default"] = row["spec"] == default
+                rows.append(row)
+    print(
+        f"{args.n:,} x {dim} vectors, {args.queries:,} queries, metric {args.metric},"
+        f" build threads {args.build_threads}; default (`auto`) for a {args.budget_gib:g} GiB"
+        f" budget: `{default}`\n"
+    )
     print(markdown(rows))
+    print()
+    print(goal_summary(rows))
 
 
 if __name__ == "__main__":

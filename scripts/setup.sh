@@ -3,8 +3,8 @@
 # torch is pinned to the CPU build; installing it first keeps pip from pulling a CUDA build.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-python3 -m pip install --quiet --disable-pip-version-check "torch==2.13.0"
-python3 -m pip install --quiet --disable-pip-version-check -e ".${1:-}"
+python3 -m pip install --quiet --disable-pip-version-check --root-user-action=ignore "torch==2.13.0"
+python3 -m pip install --quiet --disable-pip-version-check --root-user-action=ignore -e ".${1:-}"
 # The web page's end-to-end test drives Debian's Chromium.
 if [ "${1:-}" = "[test]" ] && ! command -v chromium >/dev/null && command -v apt-get >/dev/null \
     && [ "$(id -u)" = 0 ]; then

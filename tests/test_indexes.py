@@ -20,10 +20,12 @@ from lookalike.errors import (
     IndexSpecError,
     VectorIndexError,
 )
-from lookalike.indexes import choose_spec, create_index, load_index, parse_spec
+from lookalike.indexes import choose_spec, create_index, hnsw_bytes, load_index, parse_spec
+from lookalike.indexes import hnsw as hnsw_module
+from lookalike.indexes._format import read_index_file
 from lookalike.indexes.base import Index, Metric
 from lookalike.indexes.binary import BinaryIndex
-from lookalike.indexes.exact import ExactIndex
+from lookalike.indexes.exact import ExactIndex, score_matrix
 from lookalike.indexes.hnsw import HNSWIndex
 from lookalike.indexes.ivfpq import IVFPQIndex
 
@@ -58,6 +60,8 @@ SMALL_SPECS = [
     "annoy:trees=5",
     "lsh:bits=6,tables=6",
     "hnsw:M=8,efConstruction=40,ef=64",
+    "hnsw:M=8,efConstruction=40,ef=64,sq=16",
+    "hnsw:M=8,efConstruction=40,ef=64,sq=8",  # 400 vectors: still in its float phase
     "ivfpq:nlist=4,m=97,nbits=4,nprobe=4,rerank=40",  # trains at 256 vectors
     "ivfpq:nlist=4,m=97,nbits=4,nprobe=2",  # trained, codes only, may return short rows
     "ivfpq:nlist=64,m=97,nbits=8",  # stays in its flat phase (needs 4,096)
@@ -372,6 +376,113 @@ def test_hnsw_compacts_after_many_removals(small) -> None:
     assert recall_at_10(index.search(queries, 10).ids, exact.ids) >= 0.9
 
 
+def _stored_scores(metric: str, queries: np.ndarray, found: np.ndarray, ids, vectors):
+    """Exact scores of the returned ids (rows of ``found``), for checking approximate ones."""
+    position = {int(i): p for p, i in enumerate(ids)}
+    rows = np.array([[position[int(i)] for i in row] for row in found])
+    return np.stack(
+        [
+            score_matrix(q[None], vectors[r], Metric(metric))[0]
+            for q, r in zip(queries, rows, strict=True)
+        ]
+    )
+
+
+# Measured recall@10 (cosine/dot/euclidean), M=8, efConstruction=40, ef=32, added in two
+# batches: sq=8 0.978/0.982/0.988, sq=16 0.998/1.000/0.948 (float storage: 0.998/1.000/0.948).
+@pytest.mark.parametrize("metric", FLOAT_METRICS)
+@pytest.mark.parametrize(("sq", "rtol"), [(8, 1e-2), (16, 1e-3)])
+def test_hnsw_sq_recall_against_exact(data, monkeypatch, metric: str, sq: int, rtol: float):
+    monkeypatch.setattr(hnsw_module, "_SQ8_TRAIN_MIN", 1_000)
+    ids, vectors, queries = data
+    truth = filled(ExactIndex(dim=DIM, metric=metric), ids, vectors).search(queries, K)
+    index = HNSWIndex(dim=DIM, metric=metric, M=8, efConstruction=40, ef=32, sq=sq)
+    index.add(ids[:600], vectors[:600])  # sq=8: below the training size, float storage
+    assert index.quantised is (sq == 16)
+    index.add(ids[600:], vectors[600:])  # sq=8: trains on all 5,003, then quantises
+    assert index.quantised and len(index) == N
+    assert index.spec == f"hnsw:M=8,efConstruction=40,ef=32,sq={sq}"
+    hits = index.search(queries, K)
+    recall = recall_at_10(hits.ids, truth.ids)
+    assert recall >= 0.9, f"sq={sq} {metric}: recall@10 {recall:.3f}"
+    # Scores come from the rounded vectors: close to the exact scores of the same ids.
+    exact = _stored_scores(metric, queries, hits.ids[:, :10], ids, vectors)
+    np.testing.assert_allclose(hits.scores[:, :10], exact, rtol=rtol, atol=rtol)
+
+
+def test_hnsw_sq_storage_is_compact(small, monkeypatch) -> None:
+    monkeypatch.setattr(hnsw_module, "_SQ8_TRAIN_MIN", 256)
+    ids, vectors, _ = small
+    sizes = {}
+    for sq in (0, 16, 8):
+        index = filled(HNSWIndex(dim=DIM, M=8, sq=sq), ids, vectors)
+        storage = faiss.downcast_index(index._graph.storage)
+        sizes[sq] = storage.code_size if sq else 4 * DIM
+        # The graph is the only copy of the vectors: nothing else in the object is that big.
+        assert all(
+            not isinstance(v, np.ndarray) or v.nbytes <= 8 * len(ids) for v in vars(index).values()
+        )
+    assert sizes == {0: 4 * DIM, 16: 2 * DIM, 8: DIM}
+
+
+def test_hnsw_sq8_save_load_remove_and_compact(small, monkeypatch, tmp_path: Path) -> None:
+    monkeypatch.setattr(hnsw_module, "_SQ8_TRAIN_MIN", 256)
+    ids, vectors, queries = small
+    index = HNSWIndex(dim=DIM, M=8, efConstruction=40, ef=64, sq=8)
+    index.add(ids[:100], vectors[:100])
+    index.add(ids[:10], vectors[100:110])  # upsert while still float
+    assert not index.quantised and len(index) == 100 and index.deleted == 10
+    index.add(ids[100:], vectors[100:])  # crosses 256: trained, deleted nodes dropped
+    assert index.quantised and len(index) == len(ids) and index.deleted == 0
+    assert index.search(vectors[100:101], 1).ids[0, 0] in (ids[0], ids[100])  # same vector
+
+    path = tmp_path / "sq8.lki"
+    index.save(path)
+    loaded = load_index(path)
+    assert isinstance(loaded, HNSWIndex) and loaded.quantised and loaded.spec == index.spec
+    before, after = index.search(queries, 15), loaded.search(queries, 15)
+    np.testing.assert_array_equal(after.ids, before.ids)
+    np.testing.assert_array_equal(after.scores, before.scores)
+
+    # Compaction re-encodes decoded vectors: the survivors' codes must not change.
+    decoded = {int(i): loaded._graph.reconstruct(n) for n, i in enumerate(loaded._labels)}
+    gone = ids[:150]
+    assert loaded.remove(gone) == 150
+    assert loaded.deleted == 150 and len(loaded) == len(ids) - 150  # marked only
+    assert not np.isin(loaded.search(vectors[:20], 50).ids, gone).any()
+    loaded.compact()
+    assert loaded.deleted == 0 and len(loaded._labels) == len(ids) - 150
+    for node, label in enumerate(loaded._labels):
+        np.testing.assert_array_equal(loaded._graph.reconstruct(node), decoded[int(label)])
+    hits = loaded.search(np.concatenate([queries, vectors[:20]]), 50)
+    assert not np.isin(hits.ids, gone).any()
+    exact = filled(ExactIndex(dim=DIM), ids[150:], vectors[150:]).search(queries, 10)
+    assert recall_at_10(loaded.search(queries, 10).ids, exact.ids) >= 0.9
+    loaded.add(gone[:1], vectors[:1])
+    assert loaded.search(vectors[:1], 1).ids[0, 0] == gone[0]
+
+
+def test_hnsw_sq_spec_and_mismatched_file(small, tmp_path: Path) -> None:
+    with pytest.raises(IndexSpecError, match=r"sq must be one of 0\|8\|16"):
+        create_index("hnsw:sq=4", dim=DIM)
+    ids, vectors, _ = small
+    path = tmp_path / "fp16.lki"
+    filled(create_index("hnsw:M=8,sq=16", dim=DIM), ids, vectors).save(path)
+    file = read_index_file(path)
+    with pytest.raises(CorruptIndexError, match="sq=8"):
+        HNSWIndex(dim=DIM, M=8, sq=8)._restore(file.state, file)
+    with pytest.raises(CorruptIndexError, match="expected kind"):
+        HNSWIndex(dim=DIM, M=8, sq=16)._restore(*_flat_file(small, tmp_path))
+
+
+def _flat_file(small, tmp_path: Path):
+    ids, vectors, _ = small
+    path = tmp_path / "flat.lki"
+    filled(create_index("hnsw:M=8", dim=DIM), ids, vectors).save(path)
+    file = read_index_file(path)
+    return file.state, file
+
+
 def test_dimension_and_metric_recorded(small, tmp_path: Path) -> None:
     ids, vectors, _ = small
     index = filled(create_index("hnsw:M=8", dim=DIM, metric="euclidean"), ids, vectors)
@@ -428,15 +539,29 @@ def test_choose_spec() -> None:
     budget = 8 * 2**30
     assert choose_spec(5_000, 256, memory_budget_bytes=budget) == "exact"
     assert choose_spec(500_000, 256, memory_budget_bytes=budget).startswith("hnsw:M=16")
-    assert choose_spec(2_000_000, 256, memory_budget_bytes=budget).startswith("hnsw:M=32")
+    assert choose_spec(2_000_000, 256, memory_budget_bytes=budget).startswith("hnsw:M=24")
+    # 200k EfficientNet-Lite0 vectors: float16 storage, about half a GiB.
+    lite0 = parse_spec(choose_spec(200_000, 1280, memory_budget_bytes=6 * 2**30))
+    assert lite0[0] == "hnsw" and lite0[1]["sq"] == 16
+    assert hnsw_bytes(200_000, 1280, 16, 16) < 0.7 * 2**30 < hnsw_bytes(200_000, 1280, 16, 0)
+    # Too big for float16 but not for 8-bit codes: sq=8 with a longer search list.
+    fp16, sq8 = hnsw_bytes(1_000_000, 1280, 24, 16), hnsw_bytes(1_000_000, 1280, 24, 8)
+    assert sq8 < fp16
+    tight = parse_spec(choose_spec(1_000_000, 1280, memory_budget_bytes=(fp16 + sq8) // 2))
+    assert tight[0] == "hnsw" and tight[1]["sq"] == 8
+    assert (
+        tight[1]["ef"] > parse_spec(choose_spec(1_000_000, 1280, memory_budget_bytes=fp16))[1]["ef"]
+    )
     big = choose_spec(100_000_000, 256, memory_budget_bytes=budget)
     name, options = parse_spec(big)
     assert name == "ivfpq" and 256 % options["m"] == 0 and options["nlist"] >= 16_384
     assert "rerank" not in options
     tight = parse_spec(choose_spec(100_000_000, 256, memory_budget_bytes=2 * 2**30))[1]
     assert tight["m"] < options["m"]
-    rerank = parse_spec(choose_spec(2_000_000, 97, memory_budget_bytes=2**30))[1]
-    assert rerank["m"] == 1 and rerank["rerank"] == 100
+    # HNSW with 8-bit codes is smaller than IVF-PQ with re-ranking floats unless dim is tiny.
+    assert parse_spec(choose_spec(2_000_000, 97, memory_budget_bytes=800 * 2**20))[1]["sq"] == 8
+    rerank = parse_spec(choose_spec(2_000_000, 32, memory_budget_bytes=2**29))[1]
+    assert rerank["m"] == 8 and rerank["rerank"] == 100
     for n in (20_000, 10**6, 10**8):
         spec = choose_spec(n, 97, memory_budget_bytes=2**30)
         assert create_index(spec, dim=97).spec  # every choice is a valid spec for the dim

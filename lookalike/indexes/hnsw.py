@@ -21,7 +21,7 @@ to, not exactly, the true similarities. Queries are never quantised.
 No second copy: only the graph holds the vectors. Rebuilding (compaction, the switch of an
 ``sq=8`` index to 8-bit storage) reconstructs them from the graph in chunks; decoding and
 re-encoding a quantised vector gives back the same code, so compaction loses nothing more.
-Vectors are normalised and added in chunks of ``_ADD_CHUNK`` rows, so adding n vectors does
+Vectors are normalised and added in chunks of ``ADD_CHUNK`` rows, so adding n vectors does
 not make a normalised float copy of all of them.
 
 Removal: faiss HNSW graphs cannot delete nodes. Removed (and replaced, on upsert) vectors are
@@ -54,7 +54,7 @@ from lookalike.indexes.exact import faiss_metric, faiss_ready, faiss_scores
 
 _COMPACT_FRACTION = 0.25
 _COMPACT_MIN_DELETED = 256
-_ADD_CHUNK = 16_384  # rows normalised / reconstructed per faiss call: bounds float temporaries
+ADD_CHUNK = 16_384  # rows normalised / reconstructed per faiss call: bounds float temporaries
 _SQ8_TRAIN_MIN = 16_384  # sq=8 keeps float storage until this many vectors are stored
 _SQ8_MARGIN = 0.05  # trained ranges are widened by this fraction of their width on each side
 SQ_CHOICES = (0, 8, 16)
@@ -147,8 +147,8 @@ class HNSWIndex(BaseIndex):
         self._mark_deleted(ids)
         if self.sq == 8 and not self.quantised and len(self) + len(ids) >= _SQ8_TRAIN_MIN:
             self._quantise(vectors)
-        for start in range(0, len(vectors), _ADD_CHUNK):
-            self._graph.add(faiss_ready(vectors[start : start + _ADD_CHUNK], self.metric))
+        for start in range(0, len(vectors), ADD_CHUNK):
+            self._graph.add(faiss_ready(vectors[start : start + ADD_CHUNK], self.metric))
         self._labels = np.concatenate([self._labels, ids])
         self._maybe_compact()
 
@@ -158,8 +158,8 @@ class HNSWIndex(BaseIndex):
         low = np.full(self.dim, np.inf, dtype=np.float32)
         high = np.full(self.dim, -np.inf, dtype=np.float32)
         incoming_blocks = (
-            faiss_ready(incoming[start : start + _ADD_CHUNK], self.metric)
-            for start in range(0, len(incoming), _ADD_CHUNK)
+            faiss_ready(incoming[start : start + ADD_CHUNK], self.metric)
+            for start in range(0, len(incoming), ADD_CHUNK)
         )  # lazily, one chunk at a time: no normalised copy of the whole batch
         stored_blocks = (block for _, block in self._live_blocks())
         for block in itertools.chain(stored_blocks, incoming_blocks):
@@ -170,10 +170,10 @@ class HNSWIndex(BaseIndex):
         self._rebuild(self._new_graph(quantised=True, ranges=ranges))
 
     def _live_blocks(self) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-        """(labels, vectors) of the live nodes, reconstructed ``_ADD_CHUNK`` nodes at a time."""
+        """(labels, vectors) of the live nodes, reconstructed ``ADD_CHUNK`` nodes at a time."""
         alive = self._labels >= 0
-        for start in range(0, len(self._labels), _ADD_CHUNK):
-            stop = min(start + _ADD_CHUNK, len(self._labels))
+        for start in range(0, len(self._labels), ADD_CHUNK):
+            stop = min(start + ADD_CHUNK, len(self._labels))
             keep = alive[start:stop]
             if keep.any():
                 block = self._graph.reconstruct_n(start, stop - start)[keep]
