@@ -64,17 +64,9 @@ def _cmd_index(args: argparse.Namespace) -> int:
     return 0
 
 
-def _parse_where(items: Sequence[str]) -> dict[str, str]:
-    where = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise LookalikeError(f"--where expects KEY=VALUE, got {item!r}")
-        where[key] = value
-    return where
-
-
 def _cmd_search(args: argparse.Namespace) -> int:
+    from lookalike.collection import parse_where
+
     if (args.image is None) == (args.text is None):
         raise LookalikeError("search needs one query: an IMAGE or --text TEXT")
     query = args.image if args.text is None else args.text
@@ -83,7 +75,7 @@ def _cmd_search(args: argparse.Namespace) -> int:
             if args.metric != "cosine":
                 raise LookalikeError("--text searches by cosine; leave out --metric")
             response = collection.search_text(
-                args.text, k=args.k, threshold=args.threshold, where=_parse_where(args.where)
+                args.text, k=args.k, threshold=args.threshold, where=parse_where(args.where)
             )
         else:
             response = collection.search(
@@ -91,7 +83,7 @@ def _cmd_search(args: argparse.Namespace) -> int:
                 k=args.k,
                 metric=args.metric,
                 threshold=args.threshold,
-                where=_parse_where(args.where),
+                where=parse_where(args.where),
                 query_expansion=args.qe,
             )
     if args.json:

@@ -19,6 +19,7 @@ from lookalike.errors import (
     LookalikeError,
     ModelMismatchError,
     NotAnImageError,
+    RequestError,
 )
 from lookalike.images import ImageSource
 from lookalike.indexes.base import Metric
@@ -497,6 +498,17 @@ class Collection:
             schema_version=self.catalog.schema_version,
             index_spec=self.indexes.spec,
         )
+
+
+def parse_where(items: Sequence[str]) -> dict[str, str]:
+    """Metadata filters from ``KEY=VALUE`` strings, as the CLI and the REST API take them."""
+    where = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise RequestError(f"where expects KEY=VALUE, got {item!r}")
+        where[key] = value
+    return where
 
 
 def _changed(state: FileState, stat: os.stat_result) -> bool:

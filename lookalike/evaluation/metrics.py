@@ -402,6 +402,26 @@ def retrieval_metrics(
     return summarize(per_query, np.asarray(scores).shape[1] if np.ndim(scores) == 2 else 0)
 
 
+def _one_k(
+    field: str,
+    scores: np.ndarray,
+    query_labels: np.ndarray,
+    database_labels: np.ndarray,
+    k: int,
+    higher_is_better: bool,
+    exclude: np.ndarray | None,
+) -> float:
+    metrics = retrieval_metrics(
+        scores,
+        query_labels,
+        database_labels,
+        ks=k,
+        higher_is_better=higher_is_better,
+        exclude=exclude,
+    )
+    return getattr(metrics, field)[k]
+
+
 def precision_at_k(
     scores: np.ndarray,
     query_labels: np.ndarray,
@@ -412,15 +432,9 @@ def precision_at_k(
     exclude: np.ndarray | None = None,
 ) -> float:
     """Mean precision@k: hits in the top k over min(k, number of candidates)."""
-    metrics = retrieval_metrics(
-        scores,
-        query_labels,
-        database_labels,
-        ks=k,
-        higher_is_better=higher_is_better,
-        exclude=exclude,
+    return _one_k(
+        "precision_at_k", scores, query_labels, database_labels, k, higher_is_better, exclude
     )
-    return metrics.precision_at_k[k]
 
 
 def recall_at_k(
@@ -433,15 +447,9 @@ def recall_at_k(
     exclude: np.ndarray | None = None,
 ) -> float:
     """Mean recall@k: hits in the top k over the query's number of relevant candidates."""
-    metrics = retrieval_metrics(
-        scores,
-        query_labels,
-        database_labels,
-        ks=k,
-        higher_is_better=higher_is_better,
-        exclude=exclude,
+    return _one_k(
+        "recall_at_k", scores, query_labels, database_labels, k, higher_is_better, exclude
     )
-    return metrics.recall_at_k[k]
 
 
 def f1_at_k(
@@ -454,15 +462,7 @@ def f1_at_k(
     exclude: np.ndarray | None = None,
 ) -> float:
     """Mean over queries of each query's F1@k (not the F1 of the mean precision and recall)."""
-    metrics = retrieval_metrics(
-        scores,
-        query_labels,
-        database_labels,
-        ks=k,
-        higher_is_better=higher_is_better,
-        exclude=exclude,
-    )
-    return metrics.f1_at_k[k]
+    return _one_k("f1_at_k", scores, query_labels, database_labels, k, higher_is_better, exclude)
 
 
 def map_at_k(

@@ -21,7 +21,7 @@ from fastapi.responses import FileResponse, HTMLResponse, JSONResponse
 from pydantic import BaseModel, Field
 from starlette.concurrency import run_in_threadpool
 
-from lookalike.collection import Collection, SearchResponse
+from lookalike.collection import Collection, SearchResponse, parse_where
 from lookalike.errors import (
     AuthError,
     DecompressionBombError,
@@ -105,16 +105,6 @@ def _reply(response: SearchResponse) -> SearchReply:
     )
 
 
-def _parse_where(items: list[str]) -> dict[str, str]:
-    where = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise RequestError(f"where expects KEY=VALUE, got {item!r}")
-        where[key] = value
-    return where
-
-
 def _bearer(authorization: str | None) -> str | None:
     if authorization and authorization.lower().startswith("bearer "):
         return authorization[7:].strip()
@@ -185,7 +175,7 @@ def create_app(service: SearchService) -> FastAPI:
     ) -> SearchReply:
         """The k indexed images most like the uploaded one."""
         data = await _read_upload(image, limits)
-        filters = _parse_where(where)
+        filters = parse_where(where)
 
         def run() -> SearchResponse:
             decoded = service.decode(data, name=image.filename or "upload")
