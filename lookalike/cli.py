@@ -50,6 +50,7 @@ def _cmd_index(args: argparse.Namespace) -> int:
             workers=args.workers,
             metadata_csv=args.metadata,
             progress=progress,
+            local_features=args.local_features,
         )
         bar.close()
         total = len(collection)
@@ -70,6 +71,8 @@ def _cmd_search(args: argparse.Namespace) -> int:
     if (args.image is None) == (args.text is None):
         raise LookalikeError("search needs one query: an IMAGE or --text TEXT")
     query = args.image if args.text is None else args.text
+    if args.text is not None and args.rerank:
+        raise LookalikeError("--rerank verifies image queries; it does not apply to --text")
     with _open(args, runtime=args.runtime) as collection:
         if args.text is not None:
             if args.metric != "cosine":
@@ -85,6 +88,7 @@ def _cmd_search(args: argparse.Namespace) -> int:
                 threshold=args.threshold,
                 where=parse_where(args.where),
                 query_expansion=args.qe,
+                rerank=args.rerank,
             )
     if args.json:
         payload = {
@@ -205,6 +209,13 @@ def build_parser() -> argparse.ArgumentParser:
         "(default: auto, chosen by collection size and memory)",
     )
     index.add_argument("--runtime", choices=("auto", "onnx", "torch"), default="auto")
+    index.add_argument(
+        "--local-features",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="also store SIFT features (~33 KB an image) for search --rerank; remembered "
+        "(default: as the collection was last indexed)",
+    )
     index.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
     index.set_defaults(run=_cmd_index)
 
@@ -221,6 +232,14 @@ def build_parser() -> argparse.ArgumentParser:
     search.add_argument("--where", action="append", default=[], metavar="KEY=VALUE")
     search.add_argument(
         "--qe", type=int, default=0, metavar="N", help="query expansion with the N nearest (cosine)"
+    )
+    search.add_argument(
+        "--rerank",
+        type=int,
+        default=0,
+        metavar="N",
+        help="verify the N best by SIFT matching and move copies up (needs an index made "
+        "with --local-features)",
     )
     search.add_argument("--json", action="store_true")
     search.add_argument("--runtime", choices=("auto", "onnx", "torch"), default="auto")

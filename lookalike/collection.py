@@ -7,7 +7,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -34,6 +34,9 @@ from lookalike.indexing import (
     scan_folder,
 )
 from lookalike.vector_indexes import AUTO, CatalogIndexes, PreparedIndex
+
+if TYPE_CHECKING:
+    from lookalike.local.features import SiftConfig
 
 DEFAULT_MODEL = "efficientnet-lite0"
 DEFAULT_LAYER = "head"
@@ -183,9 +186,16 @@ class Collection:
         workers: int | None = None,
         metadata_csv: str | Path | None = None,
         progress: ProgressCallback | None = None,
+        local_features: bool | None = None,
     ) -> IndexReport:
         """Bring the collection in line with ``folder``: embed new and changed images, drop
-        deleted ones, keep the rest. Unreadable files are skipped and listed in the report."""
+        deleted ones, keep the rest. Unreadable files are skipped and listed in the report.
+
+        ``local_features=True`` also stores SIFT features of every image (computed from the
+        same decode, about 33 KB an image), for ``search(..., rerank=n)``; the choice is
+        remembered, so ``None`` keeps what the collection was last told. Images indexed before
+        without them are decoded again once to add them.
+        """
         started = time.perf_counter()
         root = Path(folder).resolve()
         if not root.is_dir():
@@ -194,6 +204,7 @@ class Collection:
             raise LookalikeError(f"batch size must be at least 1, got {batch_size}")
         workers = min(os.cpu_count() or 1, 4) if workers is None else workers
         model_id = self.model_id
+        local = self._local_config(local_features)
         report = IndexReport()
 
         on_disk = {str(p): p.stat() for p in scan_folder(root)}
@@ -206,6 +217,8 @@ class Collection:
             p for p, _ in self.catalog.failures() if p.startswith(prefix) and p not in on_disk
         )
         missing = {i for i, _ in self.catalog.ids_missing_vectors(model_id)}
+        if local is not None:
+            missing.update(i for i, _ in self.catalog.ids_missing_local_features(local.kind))
         todo = []
         for path, stat in on_disk.items():
             state = known.get(path)
@@ -214,7 +227,7 @@ class Collection:
             else:
                 report.unchanged += 1
 
-        self._embed_files(todo, known, report, batch_size, workers, progress)
+        self._embed_files(todo, known, report, batch_size, workers, progress, local)
         if metadata_csv is not None:
             self.import_metadata(metadata_csv)
         report.seconds = time.perf_counter() - started
@@ -228,13 +241,14 @@ class Collection:
         batch_size: int,
         workers: int,
         progress: ProgressCallback | None,
+        local: SiftConfig | None = None,
     ) -> None:
         """Decode, embed and store files in batches, recording the ones that fail."""
         if progress:
             progress(0, len(paths))
         batch: list[Decoded] = []
         done = 0
-        for decoded in decode_all(paths, self.encoder.preprocess, workers=workers):
+        for decoded in decode_all(paths, self.encoder.preprocess, workers=workers, local=local):
             if decoded.error is not None:
                 report.failed.append((decoded.path, decoded.error))
                 self.catalog.record_failure(decoded.path, decoded.error)
@@ -242,12 +256,12 @@ class Collection:
             else:
                 batch.append(decoded)
             if len(batch) >= batch_size:
-                done += len(self._store_batch(batch, known, report))
+                done += len(self._store_batch(batch, known, report, local))
                 batch = []
             if progress:
                 progress(done + len(batch), len(paths))
         if batch:
-            self._store_batch(batch, known, report)
+            self._store_batch(batch, known, report, local)
         self.indexes.flush()
         if progress:
             progress(len(paths), len(paths))
@@ -258,19 +272,24 @@ class Collection:
         Raises ``ImageError`` naming the file when it cannot be decoded; nothing is stored then.
         """
         resolved = str(Path(path).resolve())
-        decoded = decode_file(resolved, self.encoder.preprocess)
+        local = self._local_config(None)
+        decoded = decode_file(resolved, self.encoder.preprocess, local)
         if decoded.error is not None:
             raise NotAnImageError(resolved, decoded.error)
         known = self.catalog.file_states(resolved)
         self.indexes.load_existing(self.encoder.identity.key, self.encoder.dim)
-        (image_id,) = self._store_batch([decoded], known, IndexReport())
+        (image_id,) = self._store_batch([decoded], known, IndexReport(), local)
         self.indexes.flush()
         if metadata:
             self.catalog.update_metadata(image_id, metadata)
         return image_id
 
     def _store_batch(
-        self, batch: list[Decoded], known: dict[str, FileState], report: IndexReport
+        self,
+        batch: list[Decoded],
+        known: dict[str, FileState],
+        report: IndexReport,
+        local: SiftConfig | None = None,
     ) -> list[int]:
         pixels = np.stack([d.pixels for d in batch])
         vectors = self.encoder.embed_pixels(pixels)
@@ -284,10 +303,32 @@ class Collection:
             changes=1,
             added=(np.asarray(ids, dtype=np.int64), vectors),
         )
+        if local is not None:
+            items = [(i, local.kind, d.local_features) for i, d in zip(ids, batch, strict=True)]
+            self.catalog.store_local_features(
+                [item for item in items if item[2] is not None],
+                content_hashes={i: d.record.content_hash for i, d in zip(ids, batch, strict=True)},
+            )
         updated = sum(1 for d in batch if d.path in known)
         report.updated += updated
         report.added += len(batch) - updated
         return ids
+
+    def _local_config(self, enabled: bool | None) -> SiftConfig | None:
+        """The local-features configuration to index with, or None; an explicit choice is
+        remembered in the catalog (the setting holds the kind of features stored)."""
+        from lookalike.local.features import DATABASE_CONFIG, opencv
+        from lookalike.local.rerank import LOCAL_FEATURES_SETTING
+
+        if enabled is None:
+            enabled = bool(self.catalog.get_setting(LOCAL_FEATURES_SETTING))
+        else:
+            kind = DATABASE_CONFIG.kind if enabled else ""
+            self.catalog.set_setting(LOCAL_FEATURES_SETTING, kind)
+        if not enabled:
+            return None
+        opencv()  # without OpenCV, say so once instead of failing every file
+        return DATABASE_CONFIG
 
     def import_metadata(self, csv_path: str | Path, *, key: str | None = None) -> int:
         """Attach CSV columns to images whose relative path or file name is in the key column.
@@ -334,16 +375,38 @@ class Collection:
         threshold: float | None = None,
         where: dict[str, Any] | None = None,
         query_expansion: int = 0,
+        rerank: int = 0,
     ) -> SearchResponse:
-        """The ``k`` indexed images most like ``query`` (any image, indexed or not)."""
-        return self.search_vector(
+        """The ``k`` indexed images most like ``query`` (any image, indexed or not).
+
+        ``rerank=n`` verifies the ``n`` best global candidates by SIFT matching and RANSAC
+        against their stored local features (see ``index(local_features=True)``) and moves
+        verified copies up (:func:`lookalike.local.matching.rerank`); cosine only.
+        """
+        if rerank < 0:
+            raise LookalikeError(f"rerank must be 0 or more, got {rerank}")
+        if not rerank:
+            return self.search_vector(
+                self.embed(query),
+                k=k,
+                metric=metric,
+                threshold=threshold,
+                where=where,
+                query_expansion=query_expansion,
+            )
+        from lookalike.local.rerank import rerank_response
+
+        if hasattr(query, "read"):
+            query = query.read()  # a file object reads once; the encoder and SIFT both decode
+        response = self.search_vector(
             self.embed(query),
-            k=k,
+            k=max(k, rerank),
             metric=metric,
-            threshold=threshold,
+            threshold=None,  # applied to the re-ranked scores
             where=where,
             query_expansion=query_expansion,
         )
+        return rerank_response(self, query, response, rerank, k=k, threshold=threshold)
 
     def search_text(
         self,

@@ -14,6 +14,7 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -21,6 +22,9 @@ from lookalike.catalog import ImageRecord
 from lookalike.encoders.preprocess import PreprocessConfig, resize_for_model
 from lookalike.errors import ImageError, LookalikeError
 from lookalike.images import image_size, load_image
+
+if TYPE_CHECKING:
+    from lookalike.local.features import SiftConfig
 
 IMAGE_SUFFIXES = frozenset(
     {".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".gif", ".bmp", ".tif", ".tiff", ".webp",
@@ -52,12 +56,14 @@ class IndexReport:
 
 @dataclass(frozen=True)
 class Decoded:
-    """A file read, hashed and resized in a worker, or the reason it could not be."""
+    """A file read, hashed and resized in a worker, or the reason it could not be.
+    ``local_features`` holds its serialised SIFT features when they were asked for."""
 
     path: str
     record: ImageRecord | None = None
     pixels: np.ndarray | None = None
     error: str | None = None
+    local_features: bytes | None = None
 
 
 def scan_folder(root: Path) -> Iterator[Path]:
@@ -69,15 +75,23 @@ def scan_folder(root: Path) -> Iterator[Path]:
                 yield Path(folder, name)
 
 
-def decode_file(path: str, config: PreprocessConfig) -> Decoded:
-    """Read a file once: hash its bytes, take its size, decode and resize it for the model."""
+def decode_file(path: str, config: PreprocessConfig, local: SiftConfig | None = None) -> Decoded:
+    """Read a file once: hash its bytes, take its size, decode and resize it for the model,
+    and extract its local features from the same decoded image when ``local`` is given."""
     try:
         stat = os.stat(path)
         with open(path, "rb") as handle:
             data = handle.read()
         width, height = image_size(path)
-        image = load_image(io.BytesIO(data), draft_size=config.resolution)
+        # SIFT wants more pixels than the encoder: let libjpeg shrink less when it runs.
+        draft = config.resolution if local is None else max(config.resolution, local.max_side)
+        image = load_image(io.BytesIO(data), draft_size=draft)
         pixels = resize_for_model(image, config)
+        features = None
+        if local is not None:
+            from lookalike.local.features import extract
+
+            features = extract(image, local).to_bytes()
     except ImageError as error:
         return Decoded(path, error=error.reason)
     except OSError as error:
@@ -90,15 +104,22 @@ def decode_file(path: str, config: PreprocessConfig) -> Decoded:
         width=width,
         height=height,
     )
-    return Decoded(path, record=record, pixels=pixels)
+    return Decoded(path, record=record, pixels=pixels, local_features=features)
 
 
-def _decode_chunk(paths: list[str], config: PreprocessConfig) -> list[Decoded]:
-    return [decode_file(p, config) for p in paths]
+def _decode_chunk(
+    paths: list[str], config: PreprocessConfig, local: SiftConfig | None
+) -> list[Decoded]:
+    return [decode_file(p, config, local) for p in paths]
 
 
 def decode_all(
-    paths: list[str], config: PreprocessConfig, *, workers: int, chunk: int = 8
+    paths: list[str],
+    config: PreprocessConfig,
+    *,
+    workers: int,
+    chunk: int = 8,
+    local: SiftConfig | None = None,
 ) -> Iterator[Decoded]:
     """Decoded files in input order, from ``workers`` threads (0 decodes inline).
 
@@ -109,12 +130,12 @@ def decode_all(
     """
     if workers <= 0:
         for path in paths:
-            yield decode_file(path, config)
+            yield decode_file(path, config, local)
         return
     with ThreadPoolExecutor(workers, thread_name_prefix="lookalike-decode") as pool:
         pending: deque[Future[list[Decoded]]] = deque()
         for start in range(0, len(paths), chunk):
-            pending.append(pool.submit(_decode_chunk, paths[start : start + chunk], config))
+            pending.append(pool.submit(_decode_chunk, paths[start : start + chunk], config, local))
             if len(pending) >= 4 * workers:
                 yield from pending.popleft().result()
         while pending:

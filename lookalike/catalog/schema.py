@@ -47,6 +47,21 @@ MIGRATIONS: tuple[str, ...] = (
         at     REAL NOT NULL
     );
     """,
+    # 2: local features (SIFT keypoints and descriptors) of images, for re-ranking by
+    # geometric verification. One row per image; ``kind`` names how they were extracted. The
+    # trigger drops them when an image's content changes, so they are never stale.
+    """
+    CREATE TABLE local_features (
+        image_id INTEGER PRIMARY KEY REFERENCES images (id) ON DELETE CASCADE,
+        kind     TEXT NOT NULL,
+        data     BLOB NOT NULL
+    );
+    CREATE TRIGGER local_features_stale AFTER UPDATE OF content_hash ON images
+    WHEN old.content_hash IS NOT new.content_hash
+    BEGIN
+        DELETE FROM local_features WHERE image_id = new.id;
+    END;
+    """,
 )
 
 SCHEMA_VERSION = len(MIGRATIONS)

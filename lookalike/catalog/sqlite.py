@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import sqlite3
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -315,6 +315,79 @@ class SqliteCatalog:
     def paths(self) -> dict[str, int]:
         """Path -> id of every image."""
         return dict(self._db.execute("SELECT path, id FROM images"))
+
+    # -- local features --------------------------------------------------------------------
+
+    def store_local_features(
+        self,
+        items: Sequence[tuple[int, str, bytes]],
+        *,
+        content_hashes: Mapping[int, str] | None = None,
+    ) -> int:
+        """Store (image id, kind, serialised features), replacing what an image had, in one
+        transaction; returns how many rows were written.
+
+        ``content_hashes`` (id -> the hash of the content the features were computed from)
+        skips images whose content changed meanwhile, so a slow writer cannot store features
+        of an old version. Features are dropped by the schema when an image's content hash
+        changes and with the image itself. Unknown ids raise ``CatalogError``.
+        """
+        rows = [(int(i), str(kind), bytes(data)) for i, kind, data in items]
+        if not rows:
+            return 0
+        written = 0
+        with self._transaction() as db:
+            current: dict[int, str] = {}
+            for chunk in _chunks([r[0] for r in rows], 500):
+                marks = ",".join("?" * len(chunk))
+                current.update(
+                    db.execute(
+                        f"SELECT id, content_hash FROM images WHERE id IN ({marks})", chunk
+                    ).fetchall()
+                )
+            unknown = sorted({r[0] for r in rows if r[0] not in current})
+            if unknown:
+                raise CatalogError(f"no images with ids {unknown[:5]} to store local features of")
+            for image_id, kind, data in rows:
+                expected = None if content_hashes is None else content_hashes.get(image_id)
+                if expected is not None and expected != current[image_id]:
+                    continue
+                db.execute(
+                    "INSERT OR REPLACE INTO local_features (image_id, kind, data) VALUES (?, ?, ?)",
+                    (image_id, kind, data),
+                )
+                written += 1
+        return written
+
+    def local_features(self, ids: Iterable[int], kind: str) -> dict[int, bytes]:
+        """Id -> serialised local features of this kind, for the given ids that have them."""
+        found: dict[int, bytes] = {}
+        for chunk in _chunks([int(i) for i in ids], 500):
+            marks = ",".join("?" * len(chunk))
+            rows = self._db.execute(
+                "SELECT image_id, data FROM local_features "
+                f"WHERE kind = ? AND image_id IN ({marks})",
+                [kind, *chunk],
+            )
+            found.update((int(i), bytes(data)) for i, data in rows)
+        return found
+
+    def ids_missing_local_features(self, kind: str) -> list[tuple[int, str]]:
+        """(id, path) of images without local features of this kind."""
+        rows = self._db.execute(
+            "SELECT i.id, i.path FROM images i WHERE NOT EXISTS (SELECT 1 FROM local_features f"
+            " WHERE f.image_id = i.id AND f.kind = ?) ORDER BY i.id",
+            (kind,),
+        )
+        return [(int(i), p) for i, p in rows]
+
+    def local_features_summary(self) -> dict[str, tuple[int, int]]:
+        """Kind -> (images, total bytes) of the stored local features."""
+        rows = self._db.execute(
+            "SELECT kind, COUNT(*), COALESCE(SUM(LENGTH(data)), 0) FROM local_features "
+            "GROUP BY kind ORDER BY kind"
+        )
+        return {kind: (int(n), int(size)) for kind, n, size in rows}
 
     # -- failures and change tracking ------------------------------------------------------
 
