@@ -165,6 +165,7 @@ async def grpc_load(
     target: str, payloads: list[bytes], size: int, concurrency: int, seconds: float
 ) -> dict:
     import grpc
+
     from lookalike.server.protos import similar_image_pb2, similar_image_pb2_grpc
 
     async with grpc.aio.insecure_channel(target) as channel:
