@@ -535,17 +535,23 @@ def test_bad_specs(spec: str, dim: int, metric: str, message: str) -> None:
         create_index(spec, dim=dim, metric=metric)
 
 
+SIZES = (20_000, 200_000, 500_000, 1_000_000, 2_000_000)
+
+
 def test_choose_spec() -> None:
     budget = 8 * 2**30
     assert choose_spec(5_000, 256, memory_budget_bytes=budget) == "exact"
-    assert choose_spec(500_000, 256, memory_budget_bytes=budget).startswith("hnsw:M=16")
-    assert choose_spec(2_000_000, 256, memory_budget_bytes=budget).startswith("hnsw:M=24")
+    assert choose_spec(20_000, 256, memory_budget_bytes=budget).startswith("hnsw:M=16")
+    # Bigger graphs: a longer search list (and a better-built graph from 500k on).
+    params = [parse_spec(choose_spec(n, 256, memory_budget_bytes=budget))[1] for n in SIZES]
+    assert [p["ef"] for p in params] == [160, 160, 256, 384, 560]
+    assert [p["efConstruction"] for p in params] == [40, 40, 80, 80, 80]
     # 200k EfficientNet-Lite0 vectors: float16 storage, about half a GiB.
     lite0 = parse_spec(choose_spec(200_000, 1280, memory_budget_bytes=6 * 2**30))
     assert lite0[0] == "hnsw" and lite0[1]["sq"] == 16
     assert hnsw_bytes(200_000, 1280, 16, 16) < 0.7 * 2**30 < hnsw_bytes(200_000, 1280, 16, 0)
     # Too big for float16 but not for 8-bit codes: sq=8 with a longer search list.
-    fp16, sq8 = hnsw_bytes(1_000_000, 1280, 24, 16), hnsw_bytes(1_000_000, 1280, 24, 8)
+    fp16, sq8 = hnsw_bytes(1_000_000, 1280, 16, 16), hnsw_bytes(1_000_000, 1280, 16, 8)
     assert sq8 < fp16
     tight = parse_spec(choose_spec(1_000_000, 1280, memory_budget_bytes=(fp16 + sq8) // 2))
     assert tight[0] == "hnsw" and tight[1]["sq"] == 8
@@ -559,8 +565,8 @@ def test_choose_spec() -> None:
     tight = parse_spec(choose_spec(100_000_000, 256, memory_budget_bytes=2 * 2**30))[1]
     assert tight["m"] < options["m"]
     # HNSW with 8-bit codes is smaller than IVF-PQ with re-ranking floats unless dim is tiny.
-    assert parse_spec(choose_spec(2_000_000, 97, memory_budget_bytes=800 * 2**20))[1]["sq"] == 8
-    rerank = parse_spec(choose_spec(2_000_000, 32, memory_budget_bytes=2**29))[1]
+    assert parse_spec(choose_spec(2_000_000, 97, memory_budget_bytes=700 * 2**20))[1]["sq"] == 8
+    rerank = parse_spec(choose_spec(2_000_000, 32, memory_budget_bytes=400 * 2**20))[1]
     assert rerank["m"] == 8 and rerank["rerank"] == 100
     for n in (20_000, 10**6, 10**8):
         spec = choose_spec(n, 97, memory_budget_bytes=2**30)

@@ -132,11 +132,17 @@ def ivfpq_bytes(n: int, dim: int, m: int, nlist: int, rerank: bool) -> int:
     return int((n * per_vector + nlist * dim * 4 + 256 * dim * 4) * 1.1)
 
 
+# Search list of the default HNSW: ef = 160 at 200k vectors and 384 at 1M (both measured to
+# give recall@10 ~0.96 on 1280-d Lite0-like vectors), a power law between and beyond.
+_EF_AT_200K, _EF_AT_1M, _EF_MAX = 160, 384, 1024
+_EF_EXPONENT = math.log(_EF_AT_1M / _EF_AT_200K) / math.log(5)
+
+
 def hnsw_params(n: int) -> dict[str, int]:
     """Graph degree, insertion and search candidate lists for an n-vector default HNSW."""
-    if n < 1_000_000:
-        return {"M": 16, "efConstruction": 40, "ef": 160}
-    return {"M": 24, "efConstruction": 40, "ef": 192}
+    ef = _EF_AT_200K * (max(n, 200_000) / 200_000) ** _EF_EXPONENT
+    ef = min(_EF_MAX, 16 * round(ef / 16))
+    return {"M": 16, "efConstruction": 40 if n < 500_000 else 80, "ef": ef}
 
 
 def choose_spec(n: int, dim: int, *, memory_budget_bytes: int) -> str:
@@ -144,29 +150,30 @@ def choose_spec(n: int, dim: int, *, memory_budget_bytes: int) -> str:
 
     Rule:
     - ``n < 20_000``: ``exact`` (a scan of that many vectors takes milliseconds, recall 1).
-    - else HNSW (:func:`hnsw_params`): ``M=16, efConstruction=40, ef=160`` below 1M vectors,
-      ``M=24, efConstruction=40, ef=192`` from 1M on (larger graphs need more links and a
-      longer search list for the same recall). ``efConstruction`` is kept low so that building
-      takes about half as long as Annoy with 50 trees; a longer search list (``ef``) makes up
-      for the coarser graph and keeps recall@10 above 0.95. Storage:
-      float16 (``sq=16``, half the memory of float32 for no measurable recall loss) if it fits
-      the budget, else 8-bit codes (``sq=8``, a quarter) with a 1.5x longer ``ef`` to make up
-      for the coarser rounding. Sizes are estimated by :func:`hnsw_bytes` (stored vectors +
-      links + ids, +10%).
+    - else HNSW (:func:`hnsw_params`) with ``M=16``; ``efConstruction=40`` below 500k vectors,
+      80 from there on; ``ef=160`` up to 200k vectors, then growing as ``n ** 0.54`` (384 at
+      1M, at most 1024): in bigger graphs of near-duplicate-rich embeddings the walk needs a
+      longer candidate list for the same recall, while a better-built graph (efConstruction
+      120 instead of 80, or M=24) barely helped at 1M and cost up to 1.6x the build time.
+      ``efConstruction`` is kept low so that building takes about half as long as Annoy with
+      50 trees; ``ef`` keeps recall@10 near 0.96. Storage: float16 (``sq=16``, half the memory
+      of float32 for no measurable recall loss) if it fits the budget, else 8-bit codes
+      (``sq=8``, a quarter) with a 1.5x longer ``ef`` to make up for the coarser rounding.
+      Sizes are estimated by :func:`hnsw_bytes` (stored vectors + links + ids, +10%).
     - else IVF-PQ with ``nlist`` the power of two nearest ``4 * sqrt(n)``, ``nprobe =
       max(16, nlist / 64)``, ``m`` the largest divisor of dim up to ``dim / 4`` whose codes fit
       the budget, and ``rerank=100`` when the float vectors fit beside the codes too. When even
       ``m=1`` does not fit, the smallest index is returned anyway (the budget is advisory).
 
-    Measured at 200k x 1280 (EfficientNet-Lite0-like vectors, 2 build threads), see
-    ``benchmarks/results/ann_200k.md``.
+    Measured at 200k and 1M x 1280 (EfficientNet-Lite0-like vectors, 2 build threads), see
+    ``benchmarks/results/ann_200k.md`` and ``ann_1m.md``.
     """
     if n < 0 or dim < 1 or memory_budget_bytes < 0:
         raise IndexSpecError(f"choose_spec: bad sizes n={n}, dim={dim}")
     if n < EXACT_MAX_N:
         return "exact"
     hnsw = hnsw_params(n)
-    for sq, ef in ((16, hnsw["ef"]), (8, hnsw["ef"] * 3 // 2)):
+    for sq, ef in ((16, hnsw["ef"]), (8, min(_EF_MAX, hnsw["ef"] * 3 // 2))):
         if hnsw_bytes(n, dim, hnsw["M"], sq) <= memory_budget_bytes:
             return f"hnsw:M={hnsw['M']},efConstruction={hnsw['efConstruction']},ef={ef},sq={sq}"
     params = ivfpq_params(n, dim)
