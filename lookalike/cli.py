@@ -13,6 +13,7 @@ from pathlib import Path
 from lookalike.errors import LookalikeError
 
 COLLECTION_ENV = "LOOKALIKE_COLLECTION"
+DB_ENV = "LOOKALIKE_DB"
 
 
 def _collection_path(value: str | None) -> Path:
@@ -30,7 +31,11 @@ def _collection_path(value: str | None) -> Path:
 def _open(args: argparse.Namespace, **options):
     from lookalike.collection import Collection
 
-    return Collection(_collection_path(args.collection), **options)
+    return Collection(_collection_path(args.collection), db=_db(args), **options)
+
+
+def _db(args: argparse.Namespace) -> str | None:
+    return args.db or os.environ.get(DB_ENV) or None
 
 
 def _cmd_index(args: argparse.Namespace) -> int:
@@ -43,6 +48,7 @@ def _cmd_index(args: argparse.Namespace) -> int:
         bar.update(done - bar.n)  # tqdm itself limits how often it redraws
 
     options = {"model": args.model, "layer": args.layer, "runtime": args.runtime}
+    options |= {"pooling": args.pooling, "scales": args.scales, "whitening": args.whiten}
     with _open(args, index_spec=args.index, **options) as collection:
         report = collection.index(
             args.folder,
@@ -51,6 +57,7 @@ def _cmd_index(args: argparse.Namespace) -> int:
             metadata_csv=args.metadata,
             progress=progress,
             local_features=args.local_features,
+            ray=_ray_options(args),
         )
         bar.close()
         total = len(collection)
@@ -63,6 +70,14 @@ def _cmd_index(args: argparse.Namespace) -> int:
     for path, reason in report.failed:
         print(f"  skipped {path}: {reason}")
     return 0
+
+
+def _ray_options(args: argparse.Namespace):
+    if args.ray is None:
+        return None
+    from lookalike.distributed import RayOptions
+
+    return RayOptions(address=args.ray or None, workers=args.ray_workers)
 
 
 def _cmd_search(args: argparse.Namespace) -> int:
@@ -89,6 +104,7 @@ def _cmd_search(args: argparse.Namespace) -> int:
                 where=parse_where(args.where),
                 query_expansion=args.qe,
                 rerank=args.rerank,
+                multi_crop=args.multi_crop,
             )
     if args.json:
         payload = {
@@ -140,8 +156,11 @@ def _cmd_remove(args: argparse.Namespace) -> int:
 def _cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
+    from lookalike.collection import CATALOG_FILE, CATALOG_LINK
+
     path = _collection_path(args.collection)
-    if not (path / "catalog.sqlite").exists():
+    db = _db(args)
+    if db is None and not any((path / name).exists() for name in (CATALOG_FILE, CATALOG_LINK)):
         raise LookalikeError(f"no collection at {path}; run 'lookalike index FOLDER' first")
     token = args.token or os.environ.get("LOOKALIKE_TOKEN")
     if args.workers > 1:
@@ -149,6 +168,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
             raise LookalikeError("--grpc-port needs --workers 1 (gRPC runs in the same process)")
         # Each worker process opens the collection itself, configured through the environment.
         os.environ["LOOKALIKE_COLLECTION"] = str(path.resolve())
+        if db is not None:
+            os.environ[DB_ENV] = db
         # Workers share the cores: without this each would start one inference thread per core.
         threads = max(1, (os.cpu_count() or 1) // args.workers)
         os.environ.setdefault("LOOKALIKE_THREADS", str(threads))
@@ -168,7 +189,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     from lookalike.server.rest import create_app
     from lookalike.server.service import SearchService
 
-    service = SearchService(Collection(path), token=token)
+    service = SearchService(Collection(path, db=db), token=token)
     grpc_server = None
     if args.grpc_port is not None:
         service.warm_up()
@@ -194,6 +215,12 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"collection folder or name (default: ${COLLECTION_ENV}, else 'default' "
         "under $LOOKALIKE_HOME or ~/.local/share/lookalike)",
     )
+    parser.add_argument(
+        "--db",
+        help=f"catalog location: postgresql://USER@HOST/DATABASE for a catalog that several "
+        f"servers share, or a SQLite file (default: ${DB_ENV}, else the one the collection "
+        "folder names, else its own catalog.sqlite)",
+    )
     commands = parser.add_subparsers(dest="command", required=True)
 
     index = commands.add_parser("index", help="index (or re-index) a folder of images")
@@ -210,11 +237,36 @@ def build_parser() -> argparse.ArgumentParser:
     )
     index.add_argument("--runtime", choices=("auto", "onnx", "torch"), default="auto")
     index.add_argument(
+        "--pooling", choices=("avg", "gem"), help="EfficientNet pooling (remembered; default avg)"
+    )
+    index.add_argument(
+        "--scales", help="EfficientNet multi-scale extraction, e.g. 1,0.707 (remembered)"
+    )
+    index.add_argument(
+        "--whiten",
+        type=int,
+        metavar="DIMS",
+        help="PCA-whiten cosine search to DIMS dimensions, learned on the collection "
+        "(remembered; 0 turns it off)",
+    )
+    index.add_argument(
         "--local-features",
         action=argparse.BooleanOptionalAction,
         default=None,
         help="also store SIFT features (~33 KB an image) for search --rerank; remembered "
         "(default: as the collection was last indexed)",
+    )
+    index.add_argument(
+        "--ray",
+        nargs="?",
+        const="",
+        metavar="ADDRESS",
+        help="decode and embed on a Ray cluster: no ADDRESS finds a running one or starts a "
+        "local one, 'auto' needs a running one, or HOST:PORT / ray://HOST:PORT (needs "
+        "lookalike[ray]; files must be readable at the same paths on every node)",
+    )
+    index.add_argument(
+        "--ray-workers", type=int, default=None, help="Ray encoder workers (default: one per CPU)"
     )
     index.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
     index.set_defaults(run=_cmd_index)
@@ -238,8 +290,13 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=0,
         metavar="N",
-        help="verify the N best by SIFT matching and move copies up (needs an index made "
-        "with --local-features)",
+        help="verify the N best by local features (SIFT, or patch tokens with a ViT model) and "
+        "move copies up (needs an index made with --local-features)",
+    )
+    search.add_argument(
+        "--multi-crop",
+        action="store_true",
+        help="also search with the query's centre and corner crops; best score per image",
     )
     search.add_argument("--json", action="store_true")
     search.add_argument("--runtime", choices=("auto", "onnx", "torch"), default="auto")
@@ -262,6 +319,24 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate = commands.add_parser("eval", help="measure retrieval quality on a dataset")
     add_eval_arguments(evaluate)
     evaluate.set_defaults(run=run_eval)
+
+    from lookalike.hashing.cli import add_hash_arguments, run_hash
+
+    hashing = commands.add_parser("hash", help="learned binary codes: train, search, list")
+    add_hash_arguments(hashing)
+    hashing.set_defaults(run=run_hash)
+
+    from lookalike.finetune.cli import add_finetune_arguments, run_finetune
+
+    finetune = commands.add_parser("finetune", help="train an encoder on labelled images")
+    add_finetune_arguments(finetune)
+    finetune.set_defaults(run=run_finetune)
+
+    from lookalike.dedup.cli import add_dedup_arguments, run_dedup
+
+    dedup = commands.add_parser("dedup", help="find groups of duplicate images")
+    add_dedup_arguments(dedup)
+    dedup.set_defaults(run=run_dedup)
 
     remove = commands.add_parser("remove", help="remove images by id or path")
     remove.add_argument("targets", nargs="+")

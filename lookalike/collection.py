@@ -10,8 +10,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+from PIL import Image
 
-from lookalike.catalog import FileState, ImageRecord, SqliteCatalog
+from lookalike.catalog import Catalog, FileState, ImageRecord, SqliteCatalog, open_catalog
 from lookalike.encoders.base import Encoder, create_encoder
 from lookalike.errors import (
     EmptyCollectionError,
@@ -33,14 +34,23 @@ from lookalike.indexing import (
     read_metadata_csv,
     scan_folder,
 )
-from lookalike.vector_indexes import AUTO, CatalogIndexes, PreparedIndex
+from lookalike.vector_indexes import (
+    AUTO,
+    WHITENING_SETTING,
+    CatalogIndexes,
+    PreparedIndex,
+    parse_whitening,
+)
 
 if TYPE_CHECKING:
+    from lookalike.distributed import RayOptions
     from lookalike.local.features import SiftConfig
 
 DEFAULT_MODEL = "efficientnet-lite0"
 DEFAULT_LAYER = "head"
 CATALOG_FILE = "catalog.sqlite"
+# Names the catalog a collection folder uses when it is not the folder's own SQLite file.
+CATALOG_LINK = "catalog.url"
 
 
 def default_collection_dir(name: str = "default") -> Path:
@@ -109,33 +119,49 @@ class Collection:
     The encoder is chosen when the collection is first indexed and remembered; passing another
     ``model`` or ``layer`` later switches the collection to it (the next ``index`` run embeds
     every image again with it). Vectors of different models are stored apart and never mixed.
+
+    ``db`` puts the catalog elsewhere: a ``postgresql://`` URL (a database that several
+    servers share), a SQLite file, or an opened :class:`~lookalike.catalog.Catalog`, which the
+    collection then owns. The folder keeps the index files and remembers the catalog (without
+    its password) in ``catalog.url``, so later opens without ``db`` find it again.
     """
 
     def __init__(
         self,
         path: str | Path,
         *,
+        db: str | Path | Catalog | None = None,
         model: str | None = None,
         layer: str | None = None,
         index_spec: str | None = None,
+        whitening: int | None = None,
+        pooling: str | None = None,
+        scales: str | None = None,
         runtime: str = "auto",
         device: str = "auto",
         threads: int | None = None,
     ) -> None:
         self.path = Path(path)
-        self.catalog = SqliteCatalog(self.path / CATALOG_FILE)
+        self.catalog = _open_catalog(self.path, db)
         self.model_name = model or self.catalog.get_setting("model") or DEFAULT_MODEL
         self.layer = layer or self.catalog.get_setting("layer") or DEFAULT_LAYER
+        # Pooling and scales are passed to the encoder only when chosen (now or before), so
+        # encoders without those options (Hugging Face ones) are built as they always were.
+        self.pooling = pooling or self.catalog.get_setting("pooling") or None
+        self.scales = scales or self.catalog.get_setting("scales") or None
         if index_spec is not None and index_spec != AUTO:
             from lookalike.indexes import parse_spec
 
             parse_spec(index_spec)  # a bad spec fails now, not at the first search
         if index_spec is not None:
             self.catalog.set_setting("index_spec", index_spec)
+        if whitening is not None:
+            self.catalog.set_setting(WHITENING_SETTING, str(parse_whitening(whitening)))
         self.indexes = CatalogIndexes(
             self.catalog,
             self.path / "indexes",
             spec=self.catalog.get_setting("index_spec") or AUTO,
+            whitening=parse_whitening(self.catalog.get_setting(WHITENING_SETTING)),
         )
         self._encoder_options: dict[str, Any] = {
             "runtime": runtime,
@@ -163,7 +189,17 @@ class Collection:
         if self._encoder is None:
             # Raw vectors are stored; cosine search normalises, so both views stay available.
             self._encoder = create_encoder(
-                self.model_name, layer=self.layer, normalize=False, **self._encoder_options
+                self.model_name,
+                layer=self.layer,
+                normalize=False,
+                **self._encoder_options,
+                **{
+                    name: value
+                    for name, value in (("pooling", self.pooling), ("scales", self.scales))
+                    if value is not None
+                },
+                # A fine-tuned encoder ("<base>+<name>") is looked for with the collection first.
+                **({"search_dirs": [self.path / "encoders"]} if "+" in self.model_name else {}),
             )
         return self._encoder
 
@@ -174,6 +210,9 @@ class Collection:
             self._model_id = self.catalog.register_model(self.encoder.identity)
             self.catalog.set_setting("model", self.model_name)
             self.catalog.set_setting("layer", self.layer)
+            for name, value in (("pooling", self.pooling), ("scales", self.scales)):
+                if value is not None:
+                    self.catalog.set_setting(name, value)
         return self._model_id
 
     # -- indexing -------------------------------------------------------------------------
@@ -187,6 +226,7 @@ class Collection:
         metadata_csv: str | Path | None = None,
         progress: ProgressCallback | None = None,
         local_features: bool | None = None,
+        ray: RayOptions | None = None,
     ) -> IndexReport:
         """Bring the collection in line with ``folder``: embed new and changed images, drop
         deleted ones, keep the rest. Unreadable files are skipped and listed in the report.
@@ -195,6 +235,9 @@ class Collection:
         same decode, about 33 KB an image), for ``search(..., rerank=n)``; the choice is
         remembered, so ``None`` keeps what the collection was last told. Images indexed before
         without them are decoded again once to add them.
+
+        ``ray`` decodes and embeds on a Ray cluster instead of in this process (see
+        :mod:`lookalike.distributed`); the catalog is written here either way.
         """
         started = time.perf_counter()
         root = Path(folder).resolve()
@@ -219,6 +262,10 @@ class Collection:
         missing = {i for i, _ in self.catalog.ids_missing_vectors(model_id)}
         if local is not None:
             missing.update(i for i, _ in self.catalog.ids_missing_local_features(local.kind))
+        elif self._stores_patches():
+            from lookalike.local.patches import patch_kind
+
+            missing.update(i for i, _ in self.catalog.ids_missing_local_features(patch_kind()))
         todo = []
         for path, stat in on_disk.items():
             state = known.get(path)
@@ -227,7 +274,21 @@ class Collection:
             else:
                 report.unchanged += 1
 
-        self._embed_files(todo, known, report, batch_size, workers, progress, local)
+        if ray is None:
+            self._embed_files(todo, known, report, batch_size, workers, progress, local)
+        else:
+            from lookalike.distributed import embed_files_on_ray
+
+            embed_files_on_ray(
+                self,
+                todo,
+                known,
+                report,
+                ray,
+                batch_size=batch_size,
+                progress=progress,
+                local=local,
+            )
         if metadata_csv is not None:
             self.import_metadata(metadata_csv)
         report.seconds = time.perf_counter() - started
@@ -290,9 +351,11 @@ class Collection:
         known: dict[str, FileState],
         report: IndexReport,
         local: SiftConfig | None = None,
+        vectors: np.ndarray | None = None,
     ) -> list[int]:
-        pixels = np.stack([d.pixels for d in batch])
-        vectors = self.encoder.embed_pixels(pixels)
+        """Embed (unless ``vectors`` of the batch are given) and store one batch."""
+        if vectors is None:
+            vectors = self.encoder.embed_pixels(np.stack([d.pixels for d in batch]))
         records = [d.record for d in batch]
         before = self.catalog.generation
         ids = self.catalog.store(records, vectors, self.model_id)
@@ -309,6 +372,11 @@ class Collection:
                 [item for item in items if item[2] is not None],
                 content_hashes={i: d.record.content_hash for i, d in zip(ids, batch, strict=True)},
             )
+        elif self._stores_patches():
+            from lookalike.local.patches import store_patch_tokens
+
+            hashes = {i: d.record.content_hash for i, d in zip(ids, batch, strict=True)}
+            store_patch_tokens(self, ids, np.stack([d.pixels for d in batch]), hashes)
         updated = sum(1 for d in batch if d.path in known)
         report.updated += updated
         report.added += len(batch) - updated
@@ -318,17 +386,27 @@ class Collection:
         """The local-features configuration to index with, or None; an explicit choice is
         remembered in the catalog (the setting holds the kind of features stored)."""
         from lookalike.local.features import DATABASE_CONFIG, opencv
+        from lookalike.local.patches import patch_kind, uses_patches
         from lookalike.local.rerank import LOCAL_FEATURES_SETTING
 
         if enabled is None:
             enabled = bool(self.catalog.get_setting(LOCAL_FEATURES_SETTING))
         else:
-            kind = DATABASE_CONFIG.kind if enabled else ""
-            self.catalog.set_setting(LOCAL_FEATURES_SETTING, kind)
-        if not enabled:
+            # ViT-family encoders store their own patch tokens instead of SIFT features.
+            kind = patch_kind() if uses_patches(self.encoder) else DATABASE_CONFIG.kind
+            self.catalog.set_setting(LOCAL_FEATURES_SETTING, kind if enabled else "")
+        if not enabled or self._stores_patches():
             return None
         opencv()  # without OpenCV, say so once instead of failing every file
         return DATABASE_CONFIG
+
+    def _stores_patches(self) -> bool:
+        """Whether this collection's local features are its encoder's patch tokens."""
+        from lookalike.local.patches import PATCH_KIND_PREFIX
+        from lookalike.local.rerank import LOCAL_FEATURES_SETTING
+
+        kind = self.catalog.get_setting(LOCAL_FEATURES_SETTING) or ""
+        return kind.startswith(PATCH_KIND_PREFIX)
 
     def import_metadata(self, csv_path: str | Path, *, key: str | None = None) -> int:
         """Attach CSV columns to images whose relative path or file name is in the key column.
@@ -376,16 +454,19 @@ class Collection:
         where: dict[str, Any] | None = None,
         query_expansion: int = 0,
         rerank: int = 0,
+        multi_crop: bool = False,
     ) -> SearchResponse:
         """The ``k`` indexed images most like ``query`` (any image, indexed or not).
 
         ``rerank=n`` verifies the ``n`` best global candidates by SIFT matching and RANSAC
         against their stored local features (see ``index(local_features=True)``) and moves
         verified copies up (:func:`lookalike.local.matching.rerank`); cosine only.
+        ``multi_crop`` also searches with the query's centre and corner crops and keeps each
+        image's best score (:mod:`lookalike.multicrop`; six embeddings per query).
         """
         if rerank < 0:
             raise LookalikeError(f"rerank must be 0 or more, got {rerank}")
-        if not rerank:
+        if not rerank and not multi_crop:
             return self.search_vector(
                 self.embed(query),
                 k=k,
@@ -394,19 +475,56 @@ class Collection:
                 where=where,
                 query_expansion=query_expansion,
             )
-        from lookalike.local.rerank import rerank_response
-
         if hasattr(query, "read"):
             query = query.read()  # a file object reads once; the encoder and SIFT both decode
-        response = self.search_vector(
-            self.embed(query),
-            k=max(k, rerank),
-            metric=metric,
-            threshold=None,  # applied to the re-ranked scores
-            where=where,
-            query_expansion=query_expansion,
-        )
-        return rerank_response(self, query, response, rerank, k=k, threshold=threshold)
+        options = {"metric": metric, "where": where, "query_expansion": query_expansion}
+        depth = max(k, rerank)
+        if multi_crop:
+            response = self._search_crops(query, depth, options)
+        else:
+            response = self.search_vector(self.embed(query), k=depth, threshold=None, **options)
+        if rerank:
+            return self.rerank(query, response, rerank, k=k, threshold=threshold)
+        return _cut(response, k, threshold)
+
+    def _search_crops(self, query: ImageSource, k: int, options: dict[str, Any]) -> SearchResponse:
+        """Search with every view of ``query`` (:func:`lookalike.multicrop.query_crops`);
+        each image keeps its best score over the views; no threshold applied yet."""
+        from lookalike.images import load_image
+        from lookalike.multicrop import query_crops
+
+        image = query if isinstance(query, Image.Image) else load_image(query)
+        vectors = self.encoder.embed(query_crops(image))
+        responses = [self.search_vector(v, k=k, threshold=None, **options) for v in vectors]
+        metric = responses[0].metric
+        best: dict[int, SearchResult] = {}
+        for result in (r for response in responses for r in response.results):
+            kept = best.get(result.id)
+            if kept is None or (result.score > kept.score) == metric.higher_is_better:
+                best[result.id] = result
+        ranked = sorted(best.values(), key=lambda r: r.score, reverse=metric.higher_is_better)
+        return SearchResponse(ranked[:k], metric)
+
+    def rerank(
+        self,
+        query: ImageSource,
+        response: SearchResponse,
+        n: int,
+        *,
+        k: int | None = None,
+        threshold: float | None = None,
+    ) -> SearchResponse:
+        """``response`` (a cosine search for ``query`` without threshold, at least ``n`` deep)
+        with its ``n`` best results verified by local features and re-sorted, then cut to
+        ``k`` and filtered by ``threshold``. Patch tokens are matched when the collection
+        stores them (ViT encoders), SIFT features otherwise."""
+        if self._stores_patches():
+            from lookalike.local.patches import rerank_patch_response
+
+            return rerank_patch_response(self, query, response, n, k=k, threshold=threshold)
+        from lookalike.local.rerank import rerank_response
+
+        return rerank_response(self, query, response, n, k=k, threshold=threshold)
 
     def search_text(
         self,
@@ -563,6 +681,25 @@ class Collection:
         )
 
 
+def _open_catalog(folder: Path, db: str | Path | Catalog | None) -> Catalog:
+    """The catalog of the collection in ``folder``: ``db``, else the one the folder links
+    to, else the folder's own SQLite file."""
+    link = folder / CATALOG_LINK
+    if db is None:
+        if not link.is_file():
+            return SqliteCatalog(folder / CATALOG_FILE)
+        db = link.read_text(encoding="utf-8").strip()
+    catalog = open_catalog(db) if isinstance(db, str | Path) else db
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        if not link.is_file() or link.read_text(encoding="utf-8").strip() != catalog.location:
+            link.write_text(catalog.location + "\n", encoding="utf-8")
+    except OSError as error:
+        catalog.close()
+        raise LookalikeError(f"{folder}: cannot hold the collection ({error})") from error
+    return catalog
+
+
 def parse_where(items: Sequence[str]) -> dict[str, str]:
     """Metadata filters from ``KEY=VALUE`` strings, as the CLI and the REST API take them."""
     where = {}
@@ -572,6 +709,19 @@ def parse_where(items: Sequence[str]) -> dict[str, str]:
             raise RequestError(f"where expects KEY=VALUE, got {item!r}")
         where[key] = value
     return where
+
+
+def _cut(response: SearchResponse, k: int, threshold: float | None) -> SearchResponse:
+    """The first ``k`` results that pass ``threshold``, with the best score before it."""
+    metric = response.metric
+    results = response.results[:k]
+    best = results[0].score if results else None
+    if threshold is not None:
+        passes = (
+            (lambda s: s >= threshold) if metric.higher_is_better else (lambda s: s <= threshold)
+        )
+        results = [r for r in results if passes(r.score)]
+    return SearchResponse(results, metric, threshold, best)
 
 
 def _changed(state: FileState, stat: os.stat_result) -> bool:

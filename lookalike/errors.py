@@ -36,6 +36,23 @@ class ModelMismatchError(CatalogError):
     """Vectors of one model/layer were about to be mixed with vectors of another."""
 
 
+class HashingError(LookalikeError):
+    """A hash head could not be trained, saved, loaded or applied (bad option, file or input)."""
+
+
+class HashModelMismatchError(HashingError, ModelMismatchError):
+    """A hash head was given vectors of another encoder than the one it was trained on."""
+
+
+class DedupError(LookalikeError):
+    """A dedup run was given a bad method, threshold or folder, or a move it cannot make."""
+
+
+class FinetuneError(EncoderError):
+    """A fine-tuning run got a bad option or dataset, or a fine-tuned encoder cannot be found,
+    is corrupt, or no longer fits its base encoder."""
+
+
 class VectorIndexError(LookalikeError):
     """An index was given bad input (wrong dimension, bad spec) or a corrupt file."""
 
@@ -66,3 +83,8 @@ class NotFoundError(LookalikeError):
 
 class AuthError(LookalikeError):
     """A write request lacks the configured bearer token (HTTP 401)."""
+
+
+class DistributedError(LookalikeError):
+    """Distributed work could not run: Ray is not installed, the cluster cannot be reached, or
+    every worker was lost."""

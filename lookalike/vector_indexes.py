@@ -9,22 +9,55 @@ wrote to the catalog in between.
 
 from __future__ import annotations
 
+import base64
 import os
 import re
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from lookalike.catalog import SqliteCatalog
+from lookalike.catalog import Catalog
 from lookalike.errors import CorruptIndexError, VectorIndexError
 from lookalike.indexes import Index, choose_spec, create_index, load_index, read_index_header
 from lookalike.indexes.base import Metric, SearchHits, l2_normalize
 
 AUTO = "auto"
+CATALOG_ID_SETTING = "catalog_id"
 
 # Below this many vectors the collection's mean is too noisy to centre on.
 CENTER_MIN_VECTORS = 256
+# PCA-whitening needs this many vectors per output dimension to estimate the covariance.
+WHITEN_VECTORS_PER_DIM = 2
+# The catalog setting holding a collection's whitening ("" or absent: none, "N": N dims).
+WHITENING_SETTING = "whitening"
+# A transform learned on n vectors is learned again once the collection holds half or twice
+# as many (checked when the index is next loaded).
+RELEARN_FACTOR = 2
+
+
+def learn_whitening(vectors: np.ndarray, dims: int) -> np.ndarray:
+    """PCA-whitening of centred unit vectors: the [dim, dims] projection onto their ``dims``
+    main directions, each scaled to unit variance (learned without labels)."""
+    covariance = (vectors.T @ vectors) / max(len(vectors), 1)
+    eigenvalues, eigenvectors = np.linalg.eigh(covariance.astype(np.float64))
+    top = np.argsort(eigenvalues)[::-1][:dims]
+    scale = 1.0 / np.sqrt(np.maximum(eigenvalues[top], 1e-12))
+    return (eigenvectors[:, top] * scale).astype(np.float32)
+
+
+def parse_whitening(value: str | int | None) -> int:
+    """Whitening dimensions from a setting or option: 0 (or empty, None) means none."""
+    if value in (None, "", "none", "0", 0):
+        return 0
+    try:
+        dims = int(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        raise VectorIndexError(f"whitening takes a number of dimensions, got {value!r}") from None
+    if dims < 1:
+        raise VectorIndexError(f"whitening dimensions must be positive, got {dims}")
+    return dims
 
 
 class PreparedIndex:
@@ -36,9 +69,17 @@ class PreparedIndex:
     0.528). Euclidean distance is unchanged by centring and dot products are left raw.
     """
 
-    def __init__(self, index: Index, center: np.ndarray | None = None) -> None:
+    def __init__(
+        self,
+        index: Index,
+        center: np.ndarray | None = None,
+        whitening: np.ndarray | None = None,
+        learned_on: int = 0,
+    ) -> None:
         self.index = index
         self.center = None if center is None else np.asarray(center, dtype=np.float32)
+        self.whitening = None if whitening is None else np.asarray(whitening, dtype=np.float32)
+        self.learned_on = learned_on  # how many vectors the transform was learned from
 
     @property
     def metric(self) -> Metric:
@@ -47,12 +88,19 @@ class PreparedIndex:
     def __len__(self) -> int:
         return len(self.index)
 
+    @property
+    def input_dim(self) -> int:
+        """The dimension of raw vectors (the index's own, unless whitening reduces it)."""
+        return self.index.dim if self.whitening is None else self.whitening.shape[0]
+
     def transform(self, vectors: np.ndarray) -> np.ndarray:
         """Raw vectors as the index holds them."""
-        vectors = np.asarray(vectors, dtype=np.float32).reshape(-1, self.index.dim)
+        vectors = np.asarray(vectors, dtype=np.float32).reshape(-1, self.input_dim)
         if self.center is None:
             return vectors
         centred = l2_normalize(vectors) - self.center
+        if self.whitening is not None:
+            centred = centred @ self.whitening
         return l2_normalize(centred)
 
     def search(self, queries: np.ndarray, k: int) -> SearchHits:
@@ -68,7 +116,62 @@ class PreparedIndex:
 
     def save(self, path: Path, metadata: dict) -> None:
         center = None if self.center is None else self.center.tolist()
-        self.index.save(path, metadata={**metadata, "center": center})
+        whitening = None
+        if self.whitening is not None:
+            whitening = base64.b64encode(self.whitening.astype("<f4").tobytes()).decode("ascii")
+        self.index.save(
+            path,
+            metadata={
+                **metadata,
+                "center": center,
+                "whitening": whitening,
+                "input_dim": self.input_dim,
+                "learned_on": self.learned_on,
+            },
+        )
+
+    @classmethod
+    def from_file(cls, path: Path, metadata: dict) -> PreparedIndex:
+        """Load an index file and the transform its metadata holds."""
+        index = load_index(path)
+        center = metadata.get("center")
+        whitening = metadata.get("whitening")
+        matrix = None
+        if whitening is not None:
+            try:
+                flat = np.frombuffer(base64.b64decode(whitening), dtype="<f4")
+                matrix = flat.reshape(int(metadata["input_dim"]), index.dim)
+            except (ValueError, KeyError, TypeError) as error:
+                raise CorruptIndexError(f"{path}: bad whitening matrix: {error}") from error
+        return cls(
+            index,
+            None if center is None else np.array(center),
+            matrix,
+            int(metadata.get("learned_on", 0)),
+        )
+
+    def needs_relearning(self, count: int, dims: int) -> bool:
+        """Whether a collection of ``count`` vectors wants a transform learned afresh: the
+        configured whitening differs, or the collection is much smaller or larger than the
+        one the transform was learned from."""
+        whitened = 0 if self.whitening is None else self.whitening.shape[1]
+        if whitened != expected_whitening(count, dims, self.metric):
+            return True
+        if self.metric is not Metric.COSINE or count < CENTER_MIN_VECTORS:
+            return False
+        if self.learned_on < CENTER_MIN_VECTORS:
+            return True
+        return not self.learned_on / RELEARN_FACTOR < count < self.learned_on * RELEARN_FACTOR
+
+
+def expected_whitening(count: int, dims: int, metric: Metric) -> int:
+    """The whitening dimensions a collection of ``count`` vectors gets when ``dims`` are
+    configured: none for other metrics than cosine, or while there are too few vectors."""
+    if not dims or metric is not Metric.COSINE:
+        return 0
+    if count < max(CENTER_MIN_VECTORS, WHITEN_VECTORS_PER_DIM * dims):
+        return 0
+    return dims
 
 
 def default_memory_budget() -> int:
@@ -91,15 +194,17 @@ class CatalogIndexes:
 
     def __init__(
         self,
-        catalog: SqliteCatalog,
+        catalog: Catalog,
         folder: Path,
         *,
         spec: str = AUTO,
         memory_budget_bytes: int | None = None,
+        whitening: int = 0,
     ) -> None:
         self.catalog = catalog
         self.folder = folder
         self.spec = spec
+        self.whitening = whitening  # PCA-whitening dimensions for cosine indexes (0: none)
         self.memory_budget_bytes = memory_budget_bytes or default_memory_budget()
         self.rebuilds = 0  # observable, so tests can tell a rebuild from an incremental update
         self._loaded: dict[tuple[str, Metric], _Loaded] = {}
@@ -108,6 +213,10 @@ class CatalogIndexes:
         """The file of one model's index for one metric."""
         safe = re.sub(r"[^A-Za-z0-9._-]+", "_", model_key)
         return self.folder / f"{safe}.{metric.value}.lkx"
+
+    def whitening_dims(self, dim: int) -> int:
+        """The whitening dimensions for vectors of ``dim`` (never more than ``dim``)."""
+        return min(self.whitening, dim)
 
     def spec_for(self, n: int, dim: int) -> str:
         """The configured spec, or the automatic choice for n vectors."""
@@ -120,7 +229,11 @@ class CatalogIndexes:
         generation = self.catalog.generation
         key = (model_key, metric)
         loaded = self._loaded.get(key)
-        if loaded is not None and loaded.generation == generation:
+        if (
+            loaded is not None
+            and loaded.generation == generation
+            and not loaded.index.needs_relearning(len(loaded.index), self.whitening_dims(dim))
+        ):
             return loaded.index
         index = self._load_fresh(model_key, dim, metric, generation)
         if index is None:
@@ -137,15 +250,24 @@ class CatalogIndexes:
         try:
             header = read_index_header(path)
             meta = header.get("metadata", {})
-            expected = {"generation": generation, "model": model_key, "configured_spec": self.spec}
-            if any(meta.get(k) != v for k, v in expected.items()) or header["dim"] != dim:
+            expected = {
+                "generation": generation,
+                "model": model_key,
+                "configured_spec": self.spec,
+                "catalog": self._catalog_id(),
+            }
+            if any(meta.get(k) != v for k, v in expected.items()):
+                return None
+            if meta.get("input_dim", header["dim"]) != dim:
                 return None
             if self.spec == AUTO and _backend(meta.get("spec", "")) != _backend(
-                self.spec_for(header["count"], dim)
+                self.spec_for(header["count"], header["dim"])
             ):
                 return None  # the collection grew past the point where another kind fits
-            center = meta.get("center")
-            return PreparedIndex(load_index(path), None if center is None else np.array(center))
+            index = PreparedIndex.from_file(path, meta)
+            if index.needs_relearning(header["count"], self.whitening_dims(dim)):
+                return None
+            return index
         except (CorruptIndexError, VectorIndexError):
             return None  # rebuilt from the catalog instead of being trusted
 
@@ -153,11 +275,18 @@ class CatalogIndexes:
         self, model_id: int, model_key: str, dim: int, metric: Metric, generation: int
     ) -> PreparedIndex:
         ids, vectors = self.catalog.vectors(model_id)
-        spec = self.spec_for(len(ids), dim)
-        center = None
+        center = whitening = None
         if metric is Metric.COSINE and len(ids) >= CENTER_MIN_VECTORS:
-            center = l2_normalize(vectors).mean(axis=0)
-        index = PreparedIndex(create_index(spec, dim=dim, metric=metric), center)
+            unit = l2_normalize(vectors)
+            center = unit.mean(axis=0)
+            dims = expected_whitening(len(ids), self.whitening_dims(dim), metric)
+            if dims:
+                whitening = learn_whitening(unit - center, dims)
+        out_dim = dim if whitening is None else whitening.shape[1]
+        spec = self.spec_for(len(ids), out_dim)
+        index = PreparedIndex(
+            create_index(spec, dim=out_dim, metric=metric), center, whitening, len(ids)
+        )
         if len(ids):
             index.add(ids, vectors)
         self._save(index, model_key, metric, generation, spec)
@@ -173,8 +302,18 @@ class CatalogIndexes:
             "model": model_key,
             "configured_spec": self.spec,
             "spec": spec,
+            "catalog": self._catalog_id(),
         }
         index.save(self.path(model_key, metric), metadata)
+
+    def _catalog_id(self) -> str:
+        """The catalog's random id: index files carry it, so a folder switched to another
+        catalog (whose generation may happen to be the same) never uses the old one's files."""
+        value = self.catalog.get_setting(CATALOG_ID_SETTING)
+        if value is None:
+            self.catalog.set_setting(CATALOG_ID_SETTING, uuid.uuid4().hex)
+            value = self.catalog.get_setting(CATALOG_ID_SETTING) or ""
+        return value
 
     def apply(
         self,

@@ -20,6 +20,7 @@ def isolated_cache(tmp_path_factory: pytest.TempPathFactory) -> None:
     os.environ["LOOKALIKE_CACHE"] = str(tmp_path_factory.mktemp("cache"))
     os.environ["LOOKALIKE_HOME"] = str(tmp_path_factory.mktemp("home"))
     os.environ.pop("LOOKALIKE_COLLECTION", None)
+    os.environ.pop("LOOKALIKE_DB", None)
 
 
 def photo(name: str) -> Image.Image:
@@ -69,3 +70,28 @@ def require_dataset() -> Path:
 def unit(vectors: np.ndarray) -> np.ndarray:
     """Row-wise L2 normalisation for assertions."""
     return vectors / np.linalg.norm(vectors, axis=-1, keepdims=True)
+
+
+@pytest.fixture(scope="session")
+def postgres():
+    """A real PostgreSQL server for the session (pgvector when its build has it), started
+    here; tests that need it skip, saying why, where no server can run."""
+    from lookalike.catalog.local_postgres import LocalPostgres
+    from lookalike.errors import CatalogError
+
+    try:
+        pytest.importorskip("psycopg", reason="psycopg is not installed")
+        server = LocalPostgres().start()
+    except CatalogError as error:
+        pytest.skip(f"no PostgreSQL server can run here: {error}")
+    yield server
+    server.stop()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def catalog_db(request: pytest.FixtureRequest):
+    """Makes fresh catalog locations for ``Collection(path, db=...)``, once per backend:
+    None (the collection's own SQLite file) or the URL of a new PostgreSQL database."""
+    if request.param == "sqlite":
+        return lambda: None
+    return request.getfixturevalue("postgres").create_database

@@ -1,4 +1,5 @@
-"""A collection end to end on real photos: index, search, incremental updates, bad files."""
+"""A collection end to end on real photos: index, search, incremental updates, bad files;
+each test runs on a SQLite and on a PostgreSQL catalog."""
 
 from __future__ import annotations
 
@@ -22,8 +23,8 @@ def folder(photo_dir: Path, tmp_path: Path) -> Path:
 
 
 @pytest.fixture
-def collection(tmp_path: Path, encoder):
-    with Collection(tmp_path / "collection") as opened:
+def collection(tmp_path: Path, encoder, catalog_db):
+    with Collection(tmp_path / "collection", db=catalog_db()) as opened:
         opened._encoder = encoder  # share the session's encoder; building one takes seconds
         yield opened
 
@@ -149,8 +150,10 @@ def test_remove_by_path_and_id(collection: Collection, folder: Path) -> None:
     assert "rocket" not in stems and "astronaut" not in stems
 
 
-def test_switching_model_never_mixes_vectors(tmp_path: Path, folder: Path, encoder) -> None:
-    with Collection(tmp_path / "c") as collection:
+def test_switching_model_never_mixes_vectors(
+    tmp_path: Path, folder: Path, encoder, catalog_db
+) -> None:
+    with Collection(tmp_path / "c", db=catalog_db()) as collection:
         collection._encoder = encoder
         collection.index(folder, workers=0)
     with Collection(tmp_path / "c", layer="stage6") as mid:

@@ -1,4 +1,5 @@
-"""A collection's vector indexes stay consistent with its catalog, whatever happens to the files."""
+"""A collection's vector indexes stay consistent with its catalog, whatever happens to the files,
+on a SQLite and on a PostgreSQL catalog."""
 
 from __future__ import annotations
 
@@ -32,8 +33,10 @@ def index_file(collection: Collection) -> Path:
     )
 
 
-def test_small_collections_use_exact_search(tmp_path: Path, folder: Path, encoder) -> None:
-    with open_collection(tmp_path / "c", encoder) as collection:
+def test_small_collections_use_exact_search(
+    tmp_path: Path, folder: Path, encoder, catalog_db
+) -> None:
+    with open_collection(tmp_path / "c", encoder, db=catalog_db()) as collection:
         collection.index(folder, workers=0)
         assert isinstance(collection.vector_index().index, ExactIndex)
         assert collection.info().index_spec == "auto"
@@ -44,11 +47,11 @@ def test_small_collections_use_exact_search(tmp_path: Path, folder: Path, encode
 
 @pytest.mark.parametrize("spec", ["hnsw:M=8,ef=64", "annoy:trees=10", "lsh:bits=4,tables=4"])
 def test_a_named_spec_finds_what_exact_finds(
-    tmp_path: Path, folder: Path, encoder, spec: str
+    tmp_path: Path, folder: Path, encoder, spec: str, catalog_db
 ) -> None:
     with (
-        open_collection(tmp_path / "exact", encoder, index_spec="exact") as exact,
-        open_collection(tmp_path / "ann", encoder, index_spec=spec) as ann,
+        open_collection(tmp_path / "exact", encoder, index_spec="exact", db=catalog_db()) as exact,
+        open_collection(tmp_path / "ann", encoder, index_spec=spec, db=catalog_db()) as ann,
     ):
         exact.index(folder, workers=0)
         ann.index(folder, workers=0)
@@ -62,8 +65,11 @@ def test_a_named_spec_finds_what_exact_finds(
         assert reopened.info().index_spec == spec  # remembered by the collection
 
 
-def test_changes_update_the_index_without_a_rebuild(tmp_path: Path, folder: Path, encoder) -> None:
-    with open_collection(tmp_path / "c", encoder, index_spec="hnsw:M=8") as collection:
+def test_changes_update_the_index_without_a_rebuild(
+    tmp_path: Path, folder: Path, encoder, catalog_db
+) -> None:
+    db = catalog_db()
+    with open_collection(tmp_path / "c", encoder, index_spec="hnsw:M=8", db=db) as collection:
         collection.index(folder, workers=0)
         collection.search(photo("coffee"), k=1)
         rebuilds = collection.indexes.rebuilds
@@ -79,9 +85,11 @@ def test_changes_update_the_index_without_a_rebuild(tmp_path: Path, folder: Path
         assert header["count"] == 6
 
 
-def test_a_change_by_another_process_is_seen(tmp_path: Path, folder: Path, encoder) -> None:
+def test_a_change_by_another_process_is_seen(
+    tmp_path: Path, folder: Path, encoder, catalog_db
+) -> None:
     with (
-        open_collection(tmp_path / "c", encoder) as first,
+        open_collection(tmp_path / "c", encoder, db=catalog_db()) as first,
         open_collection(tmp_path / "c", encoder) as second,
     ):
         first.index(folder, workers=0)
@@ -91,8 +99,10 @@ def test_a_change_by_another_process_is_seen(tmp_path: Path, folder: Path, encod
         assert "rocket.jpg" not in names and len(names) == 5
 
 
-def test_a_stale_index_file_is_rebuilt_not_used(tmp_path: Path, folder: Path, encoder) -> None:
-    with open_collection(tmp_path / "c", encoder) as collection:
+def test_a_stale_index_file_is_rebuilt_not_used(
+    tmp_path: Path, folder: Path, encoder, catalog_db
+) -> None:
+    with open_collection(tmp_path / "c", encoder, db=catalog_db()) as collection:
         collection.index(folder, workers=0)
         path = index_file(collection)
         old = path.read_bytes()
@@ -104,8 +114,8 @@ def test_a_stale_index_file_is_rebuilt_not_used(tmp_path: Path, folder: Path, en
         assert reopened.indexes.rebuilds == 1
 
 
-def test_a_corrupt_index_file_is_rebuilt(tmp_path: Path, folder: Path, encoder) -> None:
-    with open_collection(tmp_path / "c", encoder) as collection:
+def test_a_corrupt_index_file_is_rebuilt(tmp_path: Path, folder: Path, encoder, catalog_db) -> None:
+    with open_collection(tmp_path / "c", encoder, db=catalog_db()) as collection:
         collection.index(folder, workers=0)
         path = index_file(collection)
     data = bytearray(path.read_bytes())

@@ -85,7 +85,7 @@ def indexed(folder: Path, collection_dir: Path, encoder) -> Collection:
     collection._encoder = encoder  # share the session's encoder; building one takes seconds
     csv_path = collection_dir.parent / "meta.csv"
     csv_path.write_text("file,title,year\nastronaut.jpg,Astronaut,1984\n")
-    collection.index(folder, workers=0, metadata_csv=csv_path)
+    collection.index(folder, workers=0, metadata_csv=csv_path, local_features=True)
     return collection
 
 
@@ -344,6 +344,19 @@ def test_search_euclidean_threshold_and_where(served: Served, photo_dir: Path) -
     assert len(default_k.matches) == 6  # k = 0 means 10, and the collection holds 6
 
 
+def test_search_reranks_an_edited_copy_and_expands_the_query(served: Served) -> None:
+    width, height = photo("coffee").size
+    edited = photo("coffee").crop((0, 0, width * 3 // 4, height * 3 // 4)).rotate(20, expand=True)
+    plain = served.v1.Search(v1.SearchRequest(image=jpeg(edited), k=3), timeout=60)
+    verified = served.v1.Search(v1.SearchRequest(image=jpeg(edited), k=3, rerank=3), timeout=60)
+    assert plain.matches[0].path == verified.matches[0].path == "coffee.jpg"
+    assert verified.matches[0].score > plain.matches[0].score + 0.02  # verified by inliers
+    expanded = served.v1.Search(
+        v1.SearchRequest(image=jpeg(edited), k=3, query_expansion=2), timeout=60
+    )
+    assert expanded.matches[0].path == "coffee.jpg" and len(expanded.matches) == 3
+
+
 def test_stats(served: Served) -> None:
     stats = served.v1.Stats(v1.StatsRequest(), timeout=60)
     assert stats.images >= 6 and stats.model == "efficientnet-lite0" and stats.dim > 0
@@ -409,6 +422,9 @@ def test_corrupt_and_empty_images_are_invalid(served: Served, photo_dir: Path) -
         ({"metric": "manhattan"}, "'manhattan'; expected one of: cosine, euclidean, dot"),
         ({"metric": "hamming"}, "cosine, euclidean, dot"),
         ({"threshold": float("nan")}, "threshold"),
+        ({"rerank": 51}, "rerank must be between 0 and 50"),
+        ({"rerank": -2}, "rerank must be between 0 and 50"),
+        ({"query_expansion": 101}, "query_expansion must be between 0 and 100"),
     ],
 )
 def test_bad_search_parameters_are_invalid(

@@ -72,7 +72,7 @@ def served(photo_dir: Path, tmp_path_factory: pytest.TempPathFactory, encoder) -
     collection._encoder = encoder
     csv_path = folder.parent / "meta.csv"
     csv_path.write_text("file,title\nastronaut.jpg,Astronaut\n")
-    collection.index(folder, workers=0, metadata_csv=csv_path)
+    collection.index(folder, workers=0, metadata_csv=csv_path, local_features=True)
     limits = ServiceLimits(max_upload_bytes=2_000_000, max_pixels=5_000_000, max_k=50)
     with LiveServer(create_app(SearchService(collection, token=TOKEN, limits=limits))) as server:
         yield server.url
@@ -120,6 +120,23 @@ def test_a_variant_finds_its_original_and_threshold_says_no_close_match(
     assert none["no_close_match"] and none["results"] == [] and none["best_score"] < 0.95
 
 
+def rotated_crop(image: Image.Image) -> Image.Image:
+    """A copy that global features score well below 1: cropped, then turned 20 degrees."""
+    width, height = image.size
+    return image.crop((0, 0, width * 3 // 4, height * 3 // 4)).rotate(20, expand=True)
+
+
+def test_rerank_verifies_an_edited_copy_by_local_features(client: httpx.Client) -> None:
+    query = jpeg(rotated_crop(photo("coffee")))
+    plain = search(client, query, k=3).json()["results"]
+    verified = search(client, query, k=3, rerank=3).json()["results"]
+    assert plain[0]["filename"] == verified[0]["filename"] == "coffee.jpg"
+    assert verified[0]["score"] > plain[0]["score"] + 0.02  # the inliers lift the copy
+    assert [r["score"] for r in verified[1:]] == pytest.approx([r["score"] for r in plain[1:]])
+    expanded = search(client, query, k=3, query_expansion=2, rerank=3).json()["results"]
+    assert expanded[0]["filename"] == "coffee.jpg" and len(expanded) == 3
+
+
 def test_similar_by_id(client: httpx.Client) -> None:
     first = search(client, jpeg(photo("rocket")), k=1).json()["results"][0]
     body = client.get(f"/images/{first['id']}/similar", params={"k": 4}).json()
@@ -137,6 +154,9 @@ def test_similar_by_id(client: httpx.Client) -> None:
         ({"metric": "manhattan"}, 422),
         ({"threshold": "nan"}, 422),
         ({"where": "no-equals-sign"}, 400),
+        ({"rerank": "51"}, 400),
+        ({"rerank": "-1"}, 422),
+        ({"query_expansion": "101"}, 422),
     ],
 )
 def test_bad_fields_are_clear_client_errors(

@@ -7,39 +7,15 @@ import sqlite3
 import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from lookalike.catalog.base import FileState, ImageRecord
 from lookalike.catalog.schema import MIGRATIONS, SCHEMA_VERSION
 from lookalike.encoders.base import EncoderIdentity
 from lookalike.errors import CatalogError, ModelMismatchError
-
-
-@dataclass(frozen=True)
-class ImageRecord:
-    """One image file as the catalog stores it."""
-
-    path: str
-    content_hash: str
-    size: int
-    mtime: float
-    width: int
-    height: int
-    metadata: dict[str, Any] = field(default_factory=dict)
-    id: int | None = None
-
-
-@dataclass(frozen=True)
-class FileState:
-    """What the catalog knows of a file, enough to tell whether it changed on disk."""
-
-    id: int
-    size: int
-    mtime: float
-    content_hash: str
 
 
 class SqliteCatalog:
@@ -69,6 +45,11 @@ class SqliteCatalog:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+    @property
+    def location(self) -> str:
+        """Where the catalog lives: the SQLite file's path."""
+        return str(self.path)
 
     @property
     def schema_version(self) -> int:
@@ -195,9 +176,13 @@ class SqliteCatalog:
                     ),
                 ).fetchone()
                 image_id = int(row[0])
-                # A changed file invalidates the vectors every other model made of it.
+                # A changed file invalidates the vectors every other model made of it. Naming
+                # the models lets the (model_id, image_id) key find the rows; ``image_id = ?``
+                # alone would scan the whole table, once per stored image.
                 db.execute(
-                    "DELETE FROM vectors WHERE image_id = ? AND model_id != ?", (image_id, model_id)
+                    "DELETE FROM vectors WHERE model_id IN (SELECT id FROM models WHERE id != ?)"
+                    " AND image_id = ?",
+                    (model_id, image_id),
                 )
                 db.execute(
                     "INSERT OR REPLACE INTO vectors (image_id, model_id, vector) VALUES (?, ?, ?)",

@@ -24,11 +24,22 @@ class EncoderIdentity:
     dim: int
     weights_sha256: str
     preprocess: PreprocessConfig
+    pooling: str = "avg"
+    scales: tuple[float, ...] = (1.0,)
 
     @property
     def key(self) -> str:
-        """A short stable string naming this identity, used by the catalog."""
-        return f"{self.model}/{self.layer}/{self.dim}/{self.weights_sha256[:12]}"
+        """A short stable string naming this identity, used by the catalog.
+
+        Pooling and scales appear only when they differ from plain single-scale average
+        pooling, so keys of vectors stored before those options existed stay the same.
+        """
+        key = f"{self.model}/{self.layer}/{self.dim}/{self.weights_sha256[:12]}"
+        if self.pooling != "avg":
+            key += f"/{self.pooling}"
+        if tuple(self.scales) != (1.0,):
+            key += "/ms" + "+".join(f"{s:g}" for s in self.scales)
+        return key
 
 
 @runtime_checkable
@@ -130,7 +141,15 @@ def list_encoders() -> list[str]:
 
 
 def create_encoder(name: str, **options: Any) -> Encoder:
-    """Build a registered encoder, e.g. ``create_encoder("efficientnet-lite0", layer="head")``."""
+    """Build a registered encoder, e.g. ``create_encoder("efficientnet-lite0", layer="head")``.
+
+    ``<base>+<name>`` names a fine-tuned encoder saved by ``lookalike finetune`` (found in the
+    ``search_dirs`` option's folders, then in ``$LOOKALIKE_HOME/encoders``).
+    """
+    if "+" in name:
+        from lookalike.finetune.encoder import create_finetuned_encoder
+
+        return create_finetuned_encoder(name, **options)
     for prefix, target in _PREFIXES.items():
         if name.startswith(prefix):
             module_name, _, function = target.partition(":")

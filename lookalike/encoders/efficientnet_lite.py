@@ -8,9 +8,10 @@ load unchanged.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -179,6 +180,26 @@ class EfficientNetLite(nn.Module):
         outputs.append(F.relu6(self._bn1(self._conv_head(x))))
         return outputs
 
+    def stage_start(self, stage: int) -> int:
+        """Position in ``_blocks`` of the first block of 1-based ``stage``."""
+        if not 1 <= stage <= len(self.stage_ends):
+            raise EncoderError(f"stage must be 1..{len(self.stage_ends)}, got {stage}")
+        return 0 if stage == 1 else self.stage_ends[stage - 2] + 1
+
+    def forward_until(self, x: torch.Tensor, stage: int) -> torch.Tensor:
+        """The activations entering 1-based ``stage`` (the stem's output for stage 1): what a
+        network trained only from ``stage`` on can compute once and cache."""
+        x = F.relu6(self._bn0(self._conv_stem(x)))
+        for block in self._blocks[: self.stage_start(stage)]:
+            x = block(x)
+        return x
+
+    def forward_from(self, x: torch.Tensor, stage: int) -> torch.Tensor:
+        """The head feature map, from the activations entering ``stage`` onward."""
+        for block in self._blocks[self.stage_start(stage) :]:
+            x = block(x)
+        return F.relu6(self._bn1(self._conv_head(x)))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """ImageNet logits."""
         pooled = self.features(x)[-1].mean(dim=(2, 3))
@@ -218,17 +239,73 @@ def load_pretrained(variant: LiteVariant) -> EfficientNetLite:
 # classic global-average-pooled embedding); "stageN" are mid-level maps, less tied to ImageNet
 # classes; "logits" is the classifier output, used to check the preprocessing is right.
 LAYERS = ("head", "stage7", "stage6", "stage5", "stage4", "logits")
+# The pooling an encoder uses unless told otherwise; see benchmarks/results/features.md.
+DEFAULT_POOLING = "avg"
+
+
+POOLINGS = ("avg", "gem")
+# GeM's exponent: 3 is the value Radenovic et al. found best for retrieval without training it.
+GEM_P = 3.0
+
+
+def pool_map(maps: torch.Tensor, pooling: str) -> torch.Tensor:
+    """[n, c, h, w] feature maps -> [n, c] by average or GeM pooling."""
+    if pooling == "gem":
+        # Mid-level maps are signed (linear bottlenecks); GeM pools their positive part.
+        return maps.clamp(min=1e-6).pow(GEM_P).mean(dim=(2, 3)).pow(1.0 / GEM_P)
+    return maps.mean(dim=(2, 3))
+
+
+def parse_scales(scales: str | Sequence[float] | None) -> tuple[float, ...]:
+    """Scales as a sorted tuple, from ``"1,0.707"`` or a sequence; ``None`` means ``(1.0,)``."""
+    if scales is None:
+        return (1.0,)
+    try:
+        items = scales.split(",") if isinstance(scales, str) else list(scales)
+        parsed = tuple(sorted({round(float(s), 4) for s in items}, reverse=True))
+    except (TypeError, ValueError) as error:
+        raise EncoderError(f"scales must be numbers, e.g. 1,0.707; got {scales!r}") from error
+    if not parsed or any(not 0.25 <= s <= 2.0 for s in parsed):
+        raise EncoderError(f"every scale must be between 0.25 and 2, got {scales!r}")
+    return parsed
+
+
+def scaled_resolution(base: int, scales: tuple[float, ...]) -> int:
+    """The input resolution multi-scale extraction needs: the base one at the largest scale."""
+    return round(base * max(scales))
 
 
 class PooledFeatures(nn.Module):
-    """uint8 NHWC pixels in, one pooled vector per image out: the whole graph that gets exported."""
+    """uint8 NHWC pixels in, one pooled vector per image out: the whole graph that gets exported.
 
-    def __init__(self, network: EfficientNetLite, layer: str, config: PreprocessConfig) -> None:
+    ``pooling`` is ``avg`` (global average) or ``gem`` (generalised mean, p = 3, which weighs
+    strong activations more). With several ``scales``, the network sees the image at each
+    ``scale`` x the model's resolution (the input arrives at the largest one and is resized
+    inside the graph), and the L2-normalised pooled vectors are averaged.
+    """
+
+    def __init__(
+        self,
+        network: EfficientNetLite,
+        layer: str,
+        config: PreprocessConfig,
+        *,
+        pooling: str = "avg",
+        scales: tuple[float, ...] = (1.0,),
+        base_resolution: int | None = None,
+    ) -> None:
         super().__init__()
         if layer not in LAYERS:
             raise EncoderError(f"unknown layer {layer!r}; choose one of {', '.join(LAYERS)}")
+        if pooling not in POOLINGS:
+            raise EncoderError(f"unknown pooling {pooling!r}; choose one of {', '.join(POOLINGS)}")
+        if layer == "logits" and (pooling != "avg" or scales != (1.0,)):
+            raise EncoderError("layer 'logits' is the classifier output: no pooling or scales")
         self.network = network
         self.layer = layer
+        self.pooling = pooling
+        base = base_resolution or config.resolution
+        self.sizes = [round(base * s) for s in scales]
         self.until_stage = int(layer[5:]) if layer.startswith("stage") else None
         scale = 255.0 * torch.tensor(config.std)
         self.register_buffer("mean", (255.0 * torch.tensor(config.mean)).view(1, 3, 1, 1))
@@ -239,8 +316,19 @@ class PooledFeatures(nn.Module):
         x = ((x - self.mean) * self.inv_std).contiguous(memory_format=torch.channels_last)
         if self.layer == "logits":
             return self.network(x)
-        maps = self.network.features(x, until_stage=self.until_stage)
-        return maps[-1].mean(dim=(2, 3))
+        if len(self.sizes) == 1:
+            return self._pooled(x)
+        total = None
+        for size in self.sizes:
+            view = x
+            if size != x.shape[-1]:
+                view = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
+            pooled = F.normalize(self._pooled(view), dim=1)
+            total = pooled if total is None else total + pooled
+        return total / len(self.sizes)
+
+    def _pooled(self, x: torch.Tensor) -> torch.Tensor:
+        return pool_map(self.network.features(x, until_stage=self.until_stage)[-1], self.pooling)
 
     def output_dim(self) -> int:
         if self.layer == "logits":
@@ -258,15 +346,31 @@ class EfficientNetLiteEncoder(EncoderBase):
         variant: LiteVariant,
         *,
         layer: str = "head",
+        pooling: str | None = None,
+        scales: str | Sequence[float] | None = None,
         normalize: bool = True,
         runtime: Runtime = "auto",
         device: str = "auto",
         threads: int | None = None,
     ) -> None:
-        config = lite_preprocess(variant)
-        module = PooledFeatures(load_pretrained(variant), layer, config)
+        pooling = pooling or DEFAULT_POOLING
+        parsed_scales = parse_scales(scales)
+        base = lite_preprocess(variant)
+        config = dataclasses.replace(
+            base, resolution=scaled_resolution(base.resolution, parsed_scales)
+        )
+        module = PooledFeatures(
+            load_pretrained(variant),
+            layer,
+            config,
+            pooling=pooling,
+            scales=parsed_scales,
+            base_resolution=base.resolution,
+        )
         sha = file_sha256(weights_path(variant))
-        self.identity = EncoderIdentity(variant.name, layer, module.output_dim(), sha, config)
+        self.identity = EncoderIdentity(
+            variant.name, layer, module.output_dim(), sha, config, pooling, parsed_scales
+        )
         self.normalize = normalize
         resolved = resolve_device(device)
         if runtime == "auto":
@@ -276,7 +380,8 @@ class EfficientNetLiteEncoder(EncoderBase):
         self.runtime = runtime
         if runtime == "onnx":
             example = np.zeros((1, config.resolution, config.resolution, 3), dtype=np.uint8)
-            key = f"{variant.name}-{layer}-{sha[:12]}-v{_EXPORT_VERSION}-torch{torch.__version__}"
+            variant_key = self.identity.key.replace("/", "-")
+            key = f"{variant_key}-v{_EXPORT_VERSION}-torch{torch.__version__}"
             self._run = OnnxRunner(module, example=example, cache_key=key, threads=threads)
         elif runtime == "torch":
             self._run = TorchRunner(module, resolved)
@@ -288,7 +393,7 @@ class EfficientNetLiteEncoder(EncoderBase):
 
 
 # Bump when PooledFeatures changes, so stale exported files are not reused.
-_EXPORT_VERSION = 2
+_EXPORT_VERSION = 3
 
 
 def _factory(variant_name: str) -> Callable[..., EfficientNetLiteEncoder]:

@@ -117,9 +117,8 @@ def rerank_response(
         raise LookalikeError(
             f"re-ranking needs cosine scores; this search used {response.metric.value}"
         )
-    results = list(response.results)
-    head, tail = results[:n], results[n:]
-    if head:
+
+    def sift_scores(head: list) -> np.ndarray:
         stored = collection.catalog.local_features(
             [r.id for r in head], collection_kind(collection)
         )
@@ -132,7 +131,26 @@ def rerank_response(
                 features.append(None)  # the global score still ranks it
         views = query_features(query, query_config, mirror=mirror)
         candidates = [(r.id, r.score, f) for r, f in zip(head, features, strict=True)]
-        scores = rerank_candidates(views, candidates, rule)
+        return rerank_candidates(views, candidates, rule)
+
+    return rescore_response(response, n, sift_scores, k=k, threshold=threshold)
+
+
+def rescore_response(
+    response: SearchResponse,
+    n: int,
+    scores_of: Callable[[list], np.ndarray],
+    *,
+    k: int | None = None,
+    threshold: float | None = None,
+) -> SearchResponse:
+    """``response`` with its first ``n`` results given the scores ``scores_of(results)``
+    returns (never lower than their own), re-sorted, cut to ``k`` and filtered by
+    ``threshold``."""
+    results = list(response.results)
+    head, tail = results[:n], results[n:]
+    if head:
+        scores = scores_of(head)
         order = np.argsort(-scores, kind="stable")
         head = [dataclasses.replace(head[i], score=float(scores[i])) for i in order]
     # Unverified results keep their scores, which are sorted, so head + tail stays sorted.

@@ -292,7 +292,13 @@ class LookalikeServicer(v1_grpc.LookalikeServicer):
         except ImageError as error:
             raise _named(error, "image") from None
         response = self.service.search(
-            image, k=k, metric=metric, threshold=threshold, where=dict(request.where)
+            image,
+            k=k,
+            metric=metric,
+            threshold=threshold,
+            where=dict(request.where),
+            query_expansion=request.query_expansion,
+            rerank=request.rerank,
         )
         return _search_reply(response)
 

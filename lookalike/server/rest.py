@@ -172,6 +172,9 @@ def create_app(service: SearchService) -> FastAPI:
         threshold: Annotated[float | None, Form(allow_inf_nan=False)] = None,
         where: Annotated[list[str], Form(description="metadata filters, KEY=VALUE")] = [],  # noqa: B006
         query_expansion: Annotated[int, Form(ge=0, le=100)] = 0,
+        rerank: Annotated[
+            int, Form(ge=0, description="verify the best N by local features (0 to max k)")
+        ] = 0,
     ) -> SearchReply:
         """The k indexed images most like the uploaded one."""
         data = await _read_upload(image, limits)
@@ -186,6 +189,7 @@ def create_app(service: SearchService) -> FastAPI:
                 threshold=threshold,
                 where=filters,
                 query_expansion=query_expansion,
+                rerank=rerank,
             )
 
         # Decoding and inference are CPU work: off the event loop, so it keeps accepting.
@@ -254,11 +258,14 @@ def create_app(service: SearchService) -> FastAPI:
 
 def create_app_from_env() -> FastAPI:
     """App factory for ``uvicorn --factory`` and multi-worker serving: the collection folder
-    comes from $LOOKALIKE_COLLECTION and the token from $LOOKALIKE_TOKEN."""
+    comes from $LOOKALIKE_COLLECTION, its catalog from $LOOKALIKE_DB when set, and the token
+    from $LOOKALIKE_TOKEN."""
     path = os.environ.get("LOOKALIKE_COLLECTION")
     if not path:
         raise LookalikeError("set LOOKALIKE_COLLECTION to the collection folder to serve")
     threads = os.environ.get("LOOKALIKE_THREADS")
-    collection = Collection(path, threads=int(threads) if threads else None)
+    collection = Collection(
+        path, db=os.environ.get("LOOKALIKE_DB") or None, threads=int(threads) if threads else None
+    )
     service = SearchService(collection, token=os.environ.get("LOOKALIKE_TOKEN"))
     return create_app(service)

@@ -29,6 +29,10 @@ from lookalike.indexes.base import Metric
 UPLOADS = "uploads"
 
 
+# The most neighbours one query may be expanded with.
+MAX_QUERY_EXPANSION = 100
+
+
 @dataclass(frozen=True)
 class ServiceLimits:
     """Bounds on what one request may ask, so no request can exhaust the server."""
@@ -100,20 +104,32 @@ class SearchService:
         threshold: float | None = None,
         where: dict[str, Any] | None = None,
         query_expansion: int = 0,
+        rerank: int = 0,
     ) -> SearchResponse:
-        """The k images most like an already decoded query image."""
+        """The k images most like an already decoded query image; ``rerank=n`` verifies the
+        n best candidates by local-feature matching (0 to ``max_k``)."""
         self.check_k(k)
+        if not 0 <= rerank <= self.limits.max_k:
+            raise RequestError(f"rerank must be between 0 and {self.limits.max_k}, got {rerank}")
+        if not 0 <= query_expansion <= MAX_QUERY_EXPANSION:
+            raise RequestError(
+                f"query_expansion must be between 0 and {MAX_QUERY_EXPANSION}, "
+                f"got {query_expansion}"
+            )
         metric = Metric.parse(metric)
         vector = self.collection.encoder.embed([image])[0]
         with self._lock:
-            return self.collection.search_vector(
+            response = self.collection.search_vector(
                 vector,
-                k=k,
+                k=max(k, rerank),
                 metric=metric,
-                threshold=threshold,
+                threshold=None if rerank else threshold,
                 where=where,
                 query_expansion=query_expansion,
             )
+            if not rerank:
+                return response
+            return self.collection.rerank(image, response, rerank, k=k, threshold=threshold)
 
     def search_by_id(
         self,

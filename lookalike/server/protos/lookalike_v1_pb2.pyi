@@ -9,7 +9,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class SearchRequest(_message.Message):
-    __slots__ = ("image", "k", "metric", "threshold", "where")
+    __slots__ = ("image", "k", "metric", "threshold", "where", "rerank", "query_expansion")
     class WhereEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -22,12 +22,16 @@ class SearchRequest(_message.Message):
     METRIC_FIELD_NUMBER: _ClassVar[int]
     THRESHOLD_FIELD_NUMBER: _ClassVar[int]
     WHERE_FIELD_NUMBER: _ClassVar[int]
+    RERANK_FIELD_NUMBER: _ClassVar[int]
+    QUERY_EXPANSION_FIELD_NUMBER: _ClassVar[int]
     image: bytes
     k: int
     metric: str
     threshold: float
     where: _containers.ScalarMap[str, str]
-    def __init__(self, image: _Optional[bytes] = ..., k: _Optional[int] = ..., metric: _Optional[str] = ..., threshold: _Optional[float] = ..., where: _Optional[_Mapping[str, str]] = ...) -> None: ...
+    rerank: int
+    query_expansion: int
+    def __init__(self, image: _Optional[bytes] = ..., k: _Optional[int] = ..., metric: _Optional[str] = ..., threshold: _Optional[float] = ..., where: _Optional[_Mapping[str, str]] = ..., rerank: _Optional[int] = ..., query_expansion: _Optional[int] = ...) -> None: ...
 
 class Match(_message.Message):
     __slots__ = ("id", "path", "score", "metadata", "width", "height")

@@ -1,0 +1,120 @@
+"""What every catalog offers, whichever database holds it, and how a location picks one.
+
+A catalog is either one SQLite file (no server, one machine) or a PostgreSQL database that
+several lookalike processes on several machines share. Both keep the same tables, reached
+through the same versioned migrations, and answer the same calls the same way.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol, runtime_checkable
+
+import numpy as np
+
+from lookalike.encoders.base import EncoderIdentity
+
+POSTGRES_SCHEMES = ("postgresql://", "postgres://")
+
+
+@dataclass(frozen=True)
+class ImageRecord:
+    """One image file as the catalog stores it."""
+
+    path: str
+    content_hash: str
+    size: int
+    mtime: float
+    width: int
+    height: int
+    metadata: dict[str, Any] = field(default_factory=dict)
+    id: int | None = None
+
+
+@dataclass(frozen=True)
+class FileState:
+    """What the catalog knows of a file, enough to tell whether it changed on disk."""
+
+    id: int
+    size: int
+    mtime: float
+    content_hash: str
+
+
+@runtime_checkable
+class Catalog(Protocol):
+    """Images, their metadata, the models that embedded them and their vectors.
+
+    ``generation`` is bumped by every change to images or vectors, by any process sharing the
+    catalog; ``last_written_generation`` is the value this object's own latest change set,
+    so a caller can tell whether anyone else wrote in between.
+    """
+
+    last_written_generation: int | None
+
+    def close(self) -> None: ...
+    def __enter__(self) -> Catalog: ...
+    def __exit__(self, *exc: object) -> None: ...
+    @property
+    def location(self) -> str: ...
+    @property
+    def schema_version(self) -> int: ...
+    @property
+    def generation(self) -> int: ...
+    def get_setting(self, key: str, default: str | None = None) -> str | None: ...
+    def set_setting(self, key: str, value: str) -> None: ...
+    def register_model(self, identity: EncoderIdentity) -> int: ...
+    def models(self) -> list[dict[str, Any]]: ...
+    def model_dim(self, model_id: int) -> int: ...
+    def file_states(self, prefix: str = "") -> dict[str, FileState]: ...
+    def store(
+        self, records: Sequence[ImageRecord], vectors: np.ndarray, model_id: int
+    ) -> list[int]: ...
+    def touch(self, image_id: int, size: int, mtime: float) -> None: ...
+    def remove(self, ids: Iterable[int]) -> int: ...
+    def ids_for_paths(self, paths: Iterable[str]) -> dict[str, int]: ...
+    def images(self, ids: Sequence[int]) -> dict[int, ImageRecord]: ...
+    def ids_missing_vectors(self, model_id: int) -> list[tuple[int, str]]: ...
+    def vectors(self, model_id: int) -> tuple[np.ndarray, np.ndarray]: ...
+    def vector(self, image_id: int, model_id: int) -> np.ndarray | None: ...
+    def vectors_for(self, ids: Sequence[int], model_id: int) -> np.ndarray: ...
+    def count(self) -> int: ...
+    def update_metadata(self, image_id: int, metadata: dict[str, Any]) -> None: ...
+    def paths(self) -> dict[str, int]: ...
+    def store_local_features(
+        self,
+        items: Sequence[tuple[int, str, bytes]],
+        *,
+        content_hashes: Mapping[int, str] | None = None,
+    ) -> int: ...
+    def local_features(self, ids: Iterable[int], kind: str) -> dict[int, bytes]: ...
+    def ids_missing_local_features(self, kind: str) -> list[tuple[int, str]]: ...
+    def local_features_summary(self) -> dict[str, tuple[int, int]]: ...
+    def record_failure(self, path: str, reason: str) -> None: ...
+    def failures(self) -> list[tuple[str, str]]: ...
+    def clear_failures(self, paths: Iterable[str]) -> None: ...
+
+
+def is_postgres_url(location: str | Path) -> bool:
+    """Whether a catalog location names a PostgreSQL database rather than a SQLite file."""
+    return isinstance(location, str) and location.lower().startswith(POSTGRES_SCHEMES)
+
+
+def open_catalog(location: str | Path) -> Catalog:
+    """The catalog at ``location``: a ``postgresql://`` (or ``postgres://``) URL opens a
+    PostgreSQL database, anything else is the path of a SQLite file."""
+    if is_postgres_url(location):
+        from lookalike.catalog.postgres import PostgresCatalog
+
+        return PostgresCatalog(str(location))
+    from lookalike.catalog.sqlite import SqliteCatalog
+
+    return SqliteCatalog(location)
+
+
+def chunks(items: list, size: int) -> Iterator[list]:
+    """``items`` in consecutive slices of at most ``size``."""
+    for start in range(0, len(items), size):
+        yield items[start : start + size]

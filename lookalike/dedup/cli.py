@@ -1,0 +1,230 @@
+"""``lookalike dedup``: groups of duplicate images, as a table, JSON or CSV, and moving the
+duplicates aside.
+
+Wired into the main command as::
+
+    dedup = commands.add_parser("dedup", help="find groups of duplicate images")
+    add_dedup_arguments(dedup)
+    dedup.set_defaults(run=run_dedup)
+
+This module prints (it is command-line code); the library functions it calls do not.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from lookalike.dedup.finder import (
+    DEFAULT_METHOD,
+    DEFAULT_MIN_INLIERS,
+    DEFAULT_THRESHOLDS,
+    DedupReport,
+    Method,
+)
+from lookalike.dedup.moving import Move
+
+_CSV_FIELDS = ("group", "role", "path", "width", "height", "size", "mtime", "score", "inliers")
+
+
+def add_dedup_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add the arguments of ``lookalike dedup`` to ``parser`` (a subcommand parser)."""
+    thresholds = ", ".join(f"{m.value} {v}" for m, v in DEFAULT_THRESHOLDS.items() if v is not None)
+    parser.add_argument(
+        "target",
+        nargs="?",
+        help="a folder of images (indexed into the collection first, incrementally, then "
+        "deduplicated alone), or a collection folder or name (default: the whole active "
+        "collection)",
+    )
+    parser.add_argument(
+        "--method",
+        choices=[m.value for m in Method],
+        default=DEFAULT_METHOD.value,
+        help=f"exact: same bytes; perceptual: pHash bits; embedding: cosine of the stored "
+        f"vectors; verified: embedding candidates confirmed by SIFT + RANSAC "
+        f"(default: {DEFAULT_METHOD.value})",
+    )
+    parser.add_argument(
+        "--threshold",
+        type=float,
+        help=f"perceptual: most differing bits; embedding, verified: least cosine "
+        f"(defaults: {thresholds})",
+    )
+    parser.add_argument(
+        "--min-inliers",
+        type=int,
+        help=f"verified: RANSAC inliers that confirm a pair (default {DEFAULT_MIN_INLIERS})",
+    )
+    parser.add_argument("--format", choices=("table", "json", "csv"), default="table")
+    parser.add_argument(
+        "--move-to",
+        metavar="DIR",
+        help="move every duplicate (never a keeper) under DIR, keeping its relative path; "
+        "a dry run unless --apply; never deletes, never overwrites",
+    )
+    parser.add_argument("--apply", action="store_true", help="carry out --move-to")
+    parser.add_argument("--workers", type=int, default=None, help="decoding threads")
+    parser.add_argument("--runtime", choices=("auto", "onnx", "torch"), default="auto")
+    parser.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
+
+
+def run_dedup(args: argparse.Namespace) -> int:
+    """Run ``lookalike dedup`` with parsed arguments; prints the groups."""
+    from lookalike.cli import _collection_path
+    from lookalike.collection import Collection
+    from lookalike.dedup.finder import find_duplicates
+    from lookalike.dedup.moving import apply_moves, plan_moves
+    from lookalike.errors import DedupError
+
+    if args.apply and not args.move_to:
+        raise DedupError("--apply carries out --move-to; give --move-to DIR too")
+    folder, collection_path = _target(args, _collection_path)
+    with Collection(collection_path, runtime=args.runtime) as collection:
+        if folder is not None:
+            _index(collection, folder, args)
+        report = find_duplicates(
+            collection,
+            method=args.method,
+            threshold=args.threshold,
+            under=folder,
+            min_inliers=args.min_inliers,
+            workers=args.workers,
+        )
+        moves: list[Move] | None = None
+        if args.move_to:
+            moves = plan_moves(report.groups, args.move_to, root=folder)
+            if args.apply:
+                moves = apply_moves(collection, moves)
+    printer = {"table": _print_table, "json": _print_json, "csv": _print_csv}[args.format]
+    printer(report, moves, applied=args.apply)
+    return 0
+
+
+def _target(args: argparse.Namespace, collection_path: Any) -> tuple[Path | None, Path]:
+    """(folder to index and deduplicate or None, collection folder) from the arguments."""
+    target = args.target
+    if target is None:
+        return None, collection_path(args.collection)
+    path = Path(target)
+    if path.is_dir() and not (path / "catalog.sqlite").exists():
+        return path.resolve(), collection_path(args.collection)
+    if args.collection:
+        from lookalike.errors import DedupError
+
+        raise DedupError(f"{target} is a collection; leave out --collection or give a folder")
+    return None, collection_path(target)
+
+
+def _index(collection: Any, folder: Path, args: argparse.Namespace) -> None:
+    from tqdm import tqdm
+
+    bar = tqdm(unit="img", dynamic_ncols=True, disable=args.quiet, file=sys.stderr)
+
+    def progress(done: int, total: int) -> None:
+        bar.total = total
+        bar.update(done - bar.n)
+
+    report = collection.index(folder, workers=args.workers, progress=progress)
+    bar.close()
+    if not args.quiet:
+        print(
+            f"indexed {folder}: {report.added} added, {report.updated} updated, "
+            f"{report.removed} removed, {report.unchanged} unchanged, "
+            f"{len(report.failed)} failed",
+            file=sys.stderr,
+        )
+
+
+def _describe(report: DedupReport) -> str:
+    if report.method is Method.EXACT:
+        return "exact: same content hash"
+    if report.method is Method.PERCEPTUAL:
+        return f"perceptual: pHash within {report.threshold:g} bits"
+    if report.method is Method.VERIFIED:
+        return f"verified: cosine >= {report.threshold:g} and >= {report.min_inliers} SIFT inliers"
+    return f"embedding: cosine >= {report.threshold:g}"
+
+
+def _score(report: DedupReport, score: float | None, inliers: int | None) -> str:
+    if score is None:
+        return "identical"
+    text = f"{score:.0f} bits" if report.method is Method.PERCEPTUAL else f"cosine {score:.3f}"
+    return text if inliers is None else f"{text}, {inliers} inliers"
+
+
+def _print_table(report: DedupReport, moves: list[Move] | None, *, applied: bool) -> None:
+    print(
+        f"{len(report.groups)} group(s), {report.duplicates} duplicate(s) among "
+        f"{report.images} image(s) ({_describe(report)}) in {report.seconds:.1f}s"
+    )
+    for number, group in enumerate(report.groups, 1):
+        keeper = group.keeper
+        stamp = time.strftime("%Y-%m-%d %H:%M", time.localtime(keeper.mtime))
+        print(f"\ngroup {number}")
+        print(f"  keep       {keeper.width}x{keeper.height}  {stamp}  {keeper.path}")
+        for duplicate in group.duplicates:
+            size = f"{duplicate.width}x{duplicate.height}"
+            print(
+                f"  duplicate  {size}  {_score(report, duplicate.score, duplicate.inliers)}  "
+                f"{duplicate.path}"
+            )
+    if report.failed:
+        print(f"\n{len(report.failed)} file(s) could not be read and were left out:")
+        for path, reason in report.failed:
+            print(f"  {path}: {reason}")
+    if moves is not None:
+        moved = sum(1 for m in moves if m.status == "moved")
+        if applied:
+            print(f"\nmoved {moved} of {len(moves)} duplicate(s):")
+        else:
+            print(f"\ndry run: {len(moves)} duplicate(s) would move (add --apply to move):")
+        for move in moves:
+            print(f"  {move.source} -> {move.target}  [{move.status}]")
+
+
+def _print_json(report: DedupReport, moves: list[Move] | None, *, applied: bool) -> None:
+    payload: dict[str, Any] = {
+        "method": report.method.value,
+        "threshold": report.threshold,
+        "min_inliers": report.min_inliers,
+        "images": report.images,
+        "duplicates": report.duplicates,
+        "seconds": round(report.seconds, 3),
+        "groups": [
+            {"keeper": asdict(g.keeper), "duplicates": [asdict(d) for d in g.duplicates]}
+            for g in report.groups
+        ],
+        "failed": [{"path": p, "reason": r} for p, r in report.failed],
+    }
+    if moves is not None:
+        payload["moves"] = {"applied": applied, "items": [asdict(m) for m in moves]}
+    print(json.dumps(payload, indent=2))
+
+
+def _print_csv(report: DedupReport, moves: list[Move] | None, *, applied: bool) -> None:
+    fields = list(_CSV_FIELDS)
+    target_of = {}
+    if moves is not None:
+        fields += ["target", "status"]
+        target_of = {m.source: m for m in moves}
+    writer = csv.DictWriter(sys.stdout, fieldnames=fields, lineterminator="\n")
+    writer.writeheader()
+    for number, group in enumerate(report.groups, 1):
+        for role, image in [("keeper", group.keeper)] + [
+            ("duplicate", d) for d in group.duplicates
+        ]:
+            row = {k: v for k, v in asdict(image).items() if k in fields}
+            row.update(group=number, role=role)
+            move = target_of.get(image.path)
+            if move is not None:
+                row.update(target=move.target, status=move.status)
+            writer.writerow(row)
+    for path, reason in report.failed:
+        print(f"lookalike: could not read {path}: {reason}", file=sys.stderr)
