@@ -23,6 +23,7 @@ folder). Prints a Markdown report; progress goes to stderr.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import itertools
 import os
 import platform
@@ -64,6 +65,17 @@ def _brightness(image, rng):
     factor = 1.0 + rng.uniform(0.15, 0.3) * rng.choice([-1.0, 1.0])
     return _pil().ImageEnhance.Brightness(image).enhance(factor)
 
+
+# Pairs of clothing-small photos that are near-duplicates themselves: the same garment shot
+# twice from almost the same place (inspected by eye; found as the strongest "wrong" pairs of
+# every method). They and their copies count as true pairs.
+DATASET_DUPLICATES = (
+    ("6075b4a5-5b1a-4ce0-aea0-9dbfbca7c35c", "637a56e4-7fa6-4f75-8859-0f8902461554"),
+    ("b59e4d4a-a283-4868-8a81-2f24d8b9c8d8", "e6a8b33f-279c-4072-8dba-229d94205e55"),
+    ("02341619-2fa3-42d4-bb5e-689518228e67", "78b7da73-ca6c-4e99-b88d-a9f358e7f0f2"),
+    ("5e944547-5d37-4b1a-a544-64a250377e4d", "79307c6e-cc11-422f-8b55-d01148cc94b3"),
+    ("2e688422-7be9-415a-94e6-488065873b40", "6e199a44-ee88-4a58-ace4-b6d926d82e6d"),
+)
 
 # Name -> (transform, JPEG quality of the saved copy). "jpeg" is the recompression itself.
 TRANSFORMS: dict[str, tuple[Callable, int | None]] = {
@@ -140,7 +152,7 @@ def score(
     """Pairwise precision and recall, and the wrong pairs split by kind."""
     correct = predicted & truth
     wrong = predicted - truth
-    between_originals = sum(1 for a, b in wrong if origin[a] == a and origin[b] == b)
+    between_originals = sum(1 for a, b in wrong if "/copies/" not in a + b)
     return {
         "pairs": len(predicted),
         "correct": len(correct),
@@ -184,8 +196,10 @@ def main() -> None:
     parser.add_argument("--prepare-only", action="store_true")
     args = parser.parse_args()
 
+    # One BLAS thread: SIFT matching multiplies many small matrices, which threads only slow
+    # down on a shared machine; decoding and SIFT extraction use ``--threads`` threads.
     for name in _THREAD_VARIABLES:
-        os.environ.setdefault(name, str(args.threads))
+        os.environ.setdefault(name, "1")
     cache = Path(os.environ.get("LOOKALIKE_CACHE") or Path(tempfile.gettempdir()) / "lookalike")
     work = cache / f"dedup-accuracy-{args.sample}-{args.seed}"
 
@@ -197,6 +211,9 @@ def main() -> None:
         sys.exit(f"no images under {args.dataset}")
     source_of = make_copies(originals, args.sample, args.seed, work / "copies")
     origin = {str(p): str(p) for p in originals} | source_of
+    by_stem = {p.stem: str(p) for p in originals}
+    same = {by_stem[b]: by_stem[a] for a, b in DATASET_DUPLICATES if a in by_stem and b in by_stem}
+    origin = {path: same.get(source, source) for path, source in origin.items()}
     with Collection(work / "collection", threads=args.threads) as collection:
         for folder in (args.dataset.resolve(), (work / "copies").resolve()):
             report = collection.index(folder, progress=_progress(f"indexing {folder.name}"))
@@ -231,6 +248,11 @@ def run(args, collection, origin: dict[str, str], python: str) -> None:
 
     from lookalike.dedup import find_duplicates
 
+    with contextlib.suppress(ImportError):
+        import cv2
+
+        cv2.setNumThreads(1)
+
     paths = sorted(collection.catalog.paths())
     missing = [p for p in paths if p not in origin]
     if missing:
@@ -247,11 +269,11 @@ def run(args, collection, origin: dict[str, str], python: str) -> None:
         settings += [("embedding", {"threshold": t}) for t in (0.85, 0.92, 0.94, 0.96)]
         settings += [
             ("verified", {"threshold": t, "min_inliers": n})
-            for t, n in ((0.75, 12), (0.75, 20), (0.8, 10), (0.85, 15))
+            for t, n in ((0.8, 25), (0.85, 15), (0.85, 35), (0.88, 20))
         ]
     for method, options in settings:
         print(f"running {method} {options} ...", file=sys.stderr, flush=True)
-        report = find_duplicates(collection, method=method, **options)
+        report = find_duplicates(collection, method=method, workers=args.threads, **options)
         groups = [[m.path for m in g.members] for g in report.groups]
         setting = "-" if report.threshold is None else f"{report.threshold:g}"
         if report.min_inliers is not None:
@@ -301,7 +323,7 @@ def run(args, collection, origin: dict[str, str], python: str) -> None:
         examples = [
             f"{Path(a).parent.name}/{Path(a).name} ~ {Path(b).parent.name}/{Path(b).name}"
             for a, b in result["wrong_examples"]
-            if origin[a] == a and origin[b] == b
+            if "/copies/" not in a + b
         ]
         print(
             f"- {name} ({setting}): {result['wrong_between_originals']}"

@@ -309,30 +309,38 @@ class Variant:
     multicrop: bool = False
 
 
-def scores_for(variant: Variant, db_raw, queries_raw):
-    """[queries, database] ranking scores and reported scores (QE ranks by the expanded
-    query but reports the plain similarity, as the collection does), views merged by max."""
-
+def prepare(variant: Variant, db_raw):
+    """The collection side: the transform learned on the database, and its vectors."""
     space = Space.fit(db_raw, variant.space)
     database = space(db_raw)
-    if variant.dba:
-        database = augment(database, DBA_N)
+    return space, augment(database, DBA_N) if variant.dba else database
+
+
+def scores_for(variant: Variant, db_raw, queries_raw, timing: list | None = None):
+    """[queries, database] ranking scores and reported scores (QE ranks by the expanded
+    query but reports the plain similarity, as the collection does), views merged by max.
+    ``timing`` receives the seconds of the query side (transform, search, QE, merging)."""
+    space, database = prepare(variant, db_raw)
+    started = time.perf_counter()
     views = queries_raw if queries_raw.ndim == 3 else queries_raw[:, None, :]
     flat = space(views.reshape(-1, views.shape[-1]))
     plain = (flat @ database.T).reshape(len(views), views.shape[1], -1).max(axis=1)
-    if not variant.qe:
-        return plain, plain
-    ranked = (expand(flat, database, QE_N) @ database.T).reshape(len(views), views.shape[1], -1)
-    return ranked.max(axis=1), plain
+    ranked = plain
+    if variant.qe:
+        expanded = expand(flat, database, QE_N) @ database.T
+        ranked = expanded.reshape(len(views), views.shape[1], -1).max(axis=1)
+    if timing is not None:
+        timing.append(time.perf_counter() - started)
+    return ranked, plain
 
 
-def class_map(variant, feats, train_labels, test_labels) -> float:
+def class_map(variant, feats, train_labels, test_labels, timing: list | None = None) -> float:
     from lookalike.evaluation.metrics import mean_average_precision
 
     queries = (
         feats.test_crops[variant.feature] if variant.multicrop else feats.test[variant.feature]
     )
-    ranking, _ = scores_for(variant, feats.database[variant.feature], queries)
+    ranking, _ = scores_for(variant, feats.database[variant.feature], queries, timing)
     return mean_average_precision(ranking, test_labels, train_labels)
 
 
@@ -465,9 +473,9 @@ def report(args, dataset, database, test, copies, features, cache) -> None:
     lines = []
     for variant in variants:
         feats = features[variant.model]
-        started = time.perf_counter()
-        mAP = class_map(variant, feats, train_labels, test_labels)
-        search_ms = 1000 * (time.perf_counter() - started) / len(test_labels)
+        timing: list[float] = []
+        mAP = class_map(variant, feats, train_labels, test_labels, timing)
+        search_ms = 1000 * timing[0] / len(test_labels)
         mean_r1, min_r1, micro_ap, queries = copy_detection(variant, feats, copies)
         feature = variant.feature
         views = 6 if variant.multicrop else 1

@@ -48,6 +48,7 @@ if TYPE_CHECKING:
 
 DEFAULT_MODEL = "efficientnet-lite0"
 DEFAULT_LAYER = "head"
+DEFAULT_POOLING = "gem"
 CATALOG_FILE = "catalog.sqlite"
 # Names the catalog a collection folder uses when it is not the folder's own SQLite file.
 CATALOG_LINK = "catalog.url"
@@ -147,7 +148,7 @@ class Collection:
         self.layer = layer or self.catalog.get_setting("layer") or DEFAULT_LAYER
         # Pooling and scales are passed to the encoder only when chosen (now or before), so
         # encoders without those options (Hugging Face ones) are built as they always were.
-        self.pooling = pooling or self.catalog.get_setting("pooling") or None
+        self.pooling = pooling or self.catalog.get_setting("pooling") or self._default_pooling()
         self.scales = scales or self.catalog.get_setting("scales") or None
         if index_spec is not None and index_spec != AUTO:
             from lookalike.indexes import parse_spec
@@ -210,10 +211,21 @@ class Collection:
             self._model_id = self.catalog.register_model(self.encoder.identity)
             self.catalog.set_setting("model", self.model_name)
             self.catalog.set_setting("layer", self.layer)
-            for name, value in (("pooling", self.pooling), ("scales", self.scales)):
-                if value is not None:
-                    self.catalog.set_setting(name, value)
+            pooling = getattr(self.encoder.identity, "pooling", None)
+            if self.pooling is not None and pooling:
+                self.catalog.set_setting("pooling", pooling)
+            if self.scales is not None:
+                self.catalog.set_setting("scales", self.scales)
         return self._model_id
+
+    def _default_pooling(self) -> str | None:
+        """GeM for a new EfficientNet collection (it measured better on class-level and
+        copy-detection retrieval at the same cost, see benchmarks/results/features.md);
+        average pooling for one indexed before pooling was an option, so its stored vectors
+        stay valid; the encoder's own choice for other models."""
+        if self.model_name.startswith("hf:"):
+            return None
+        return "avg" if self.catalog.get_setting("model") else DEFAULT_POOLING
 
     # -- indexing -------------------------------------------------------------------------
 

@@ -341,7 +341,7 @@ def test_cli_json_indexes_the_folder_and_reports_groups(
     args = ["-c", str(tmp_path / "c"), "dedup", str(library), "--format", "json", "-q"]
     assert main([*args, "--workers", "1"]) == 0
     payload = json.loads(capsys.readouterr().out)
-    assert payload["method"] == "embedding"
+    assert payload["method"] == "verified"
     assert payload["images"] == len(NAMES) * 6 + 1
     assert [Path(f["path"]).name for f in payload["failed"]] == ["broken.jpg"]
     assert len(payload["groups"]) == len(NAMES)

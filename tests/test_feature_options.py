@@ -197,3 +197,17 @@ def test_cli_pooling_whitening_and_multi_crop(
     assert main(["--collection", home, "search", coffee, "-k", "2", "--multi-crop"]) == 0
     first = capsys.readouterr().out.splitlines()[0]
     assert first.split()[2].endswith("coffee.jpg") and float(first.split()[1]) > 0.99
+
+
+def test_new_collections_pool_by_gem_and_older_ones_keep_average_pooling(tmp_path: Path) -> None:
+    with Collection(tmp_path / "new") as new:
+        assert new.encoder.identity.pooling == "gem"
+        new.model_id  # noqa: B018 - registering the model remembers the pooling
+    with Collection(tmp_path / "new") as reopened:
+        assert reopened.pooling == "gem"
+    older = Collection(tmp_path / "older")
+    older.catalog.set_setting("model", "efficientnet-lite0")  # indexed before pooling existed
+    older.close()
+    with Collection(tmp_path / "older") as kept:
+        assert kept.encoder.identity.pooling == "avg"
+        assert kept.encoder.identity.key.count("/") == 3

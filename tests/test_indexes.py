@@ -51,6 +51,10 @@ RECALL_CASES = [
         "ivfpq:nlist=32,m=97,nbits=4,nprobe=4,rerank=50",
         {"cosine": 0.96, "dot": 0.95, "euclidean": 0.96},
     ),
+    (
+        "ivfpq:nlist=32,m=97,nbits=4,nprobe=4,rerank=50,sq=16,quantizer=hnsw",
+        {"cosine": 0.96, "dot": 0.95, "euclidean": 0.96},
+    ),
 ]
 
 # Small, fast configurations for the behaviour tests (every backend, both IVF-PQ phases).
@@ -64,6 +68,7 @@ SMALL_SPECS = [
     "hnsw:M=8,efConstruction=40,ef=64,sq=8",  # 400 vectors: still in its float phase
     "ivfpq:nlist=4,m=97,nbits=4,nprobe=4,rerank=40",  # trains at 256 vectors
     "ivfpq:nlist=4,m=97,nbits=4,nprobe=2",  # trained, codes only, may return short rows
+    "ivfpq:nlist=4,m=97,nbits=4,nprobe=4,rerank=40,sq=16,quantizer=hnsw",
     "ivfpq:nlist=64,m=97,nbits=8",  # stays in its flat phase (needs 4,096)
     "binary",
     "binary:engine=faiss",

@@ -47,8 +47,6 @@ MIGRATIONS: tuple[str, ...] = (
         vector   {vector_type} NOT NULL,
         PRIMARY KEY (model_id, image_id)
     );
-    -- Deleting an image finds its vectors through this, not by scanning every model's.
-    CREATE INDEX vectors_image ON vectors (image_id);
     CREATE TABLE failures (
         path   TEXT COLLATE "C" PRIMARY KEY,
         reason TEXT NOT NULL,
@@ -73,5 +71,10 @@ MIGRATIONS: tuple[str, ...] = (
     CREATE TRIGGER local_features_stale AFTER UPDATE OF content_hash ON images
     FOR EACH ROW WHEN (OLD.content_hash IS DISTINCT FROM NEW.content_hash)
     EXECUTE FUNCTION lookalike_drop_stale_local_features();
+    """,
+    # 3: deleting an image finds its vectors through this index, not by scanning every
+    # model's vectors.
+    """
+    CREATE INDEX vectors_image ON vectors (image_id);
     """,
 )

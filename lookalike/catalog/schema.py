@@ -62,6 +62,12 @@ MIGRATIONS: tuple[str, ...] = (
         DELETE FROM local_features WHERE image_id = new.id;
     END;
     """,
+    # 3: deleting an image (a cascade from images) finds its vectors through this index;
+    # without it every deletion scanned the whole vectors table (3.3 s to remove 100 of 20,000
+    # images).
+    """
+    CREATE INDEX vectors_image ON vectors (image_id);
+    """,
 )
 
 SCHEMA_VERSION = len(MIGRATIONS)

@@ -64,15 +64,18 @@ class Method(str, enum.Enum):
 
 
 # Calibrated on clothing-small with transformed copies (benchmarks/dedup_accuracy.py,
-# results in benchmarks/results/dedup.md).
-DEFAULT_METHOD = Method.EMBEDDING
+# results in benchmarks/results/dedup.md). Embeddings alone cannot separate a cropped or
+# rotated copy (cosine down to ~0.75) from another garment shot on the same background (up
+# to ~0.94); SIFT inliers can, above the ~35 that a shared carpet or bedspread gives at most
+# to different garments once the cosine is 0.85 or more.
+DEFAULT_METHOD = Method.VERIFIED
 DEFAULT_THRESHOLDS: dict[Method, float | None] = {
     Method.EXACT: None,
     Method.PERCEPTUAL: 10,
     Method.EMBEDDING: 0.90,
     Method.VERIFIED: 0.85,
 }
-DEFAULT_MIN_INLIERS = 15
+DEFAULT_MIN_INLIERS = 25
 # Nearest neighbours asked of the index per image; more are asked for images whose k
 # nearest all pass the threshold.
 NEIGHBOURS = 16

@@ -39,7 +39,7 @@ HASHING_FOLDER = "hashing"
 HEAD_SUFFIX = ".npz"
 CODES_SUFFIX = ".codes.lkx"
 # Below this many codes numpy's exact popcount scan takes a few ms (ties in catalog order);
-# above, faiss's SIMD scan: exact as well, ~20x faster at 1M codes (results/hashing.md).
+# above, faiss's SIMD scan: exact as well, ~11x faster at 1M codes (results/hashing.md).
 FAISS_FROM = 20_000
 _ENCODE_CHUNK = 65_536
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")

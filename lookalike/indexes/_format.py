@@ -39,7 +39,7 @@ _PREFIX = struct.Struct("<8sII")
 _ALIGN = 64
 _MAX_HEADER_BYTES = 16 * 1024 * 1024
 # Only plain little-endian numeric dtypes: nothing that could need pickle to rebuild.
-_DTYPES = frozenset({"<f4", "<f8", "<i4", "<i8", "<u4", "<u8", "|u1", "|b1"})
+_DTYPES = frozenset({"<f2", "<f4", "<f8", "<i4", "<i8", "<u4", "<u8", "|u1", "|b1"})
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,12 @@
   that carry no information. Without ``m``, the divisor of ``dim`` closest to ``dim / 4`` is
   used, closest by ratio (about 4 dimensions per code byte at 8 bits; a prime dim gets m=dim).
 - ``rerank=N`` fetches ``max(N, k)`` candidates and re-scores them exactly with float vectors
-  kept beside the codes (costs ``4 * dim`` bytes per vector more); ``rerank=0`` keeps only codes.
+  kept beside the codes (costs ``4 * dim`` bytes per vector more, ``2 * dim`` with ``sq=16``,
+  which keeps them as float16: on L2-normalised embeddings the rounding leaves recall
+  unchanged and halves the memory); ``rerank=0`` keeps only codes.
+- ``quantizer=hnsw`` finds the ``nprobe`` nearest clusters with an HNSW graph over the
+  centroids instead of scanning all ``nlist`` of them: with thousands of 1280-d centroids the
+  scan alone costs more than visiting the lists. k-means still assigns exactly while training.
 - Removal (and the removal half of an upsert) uses faiss ``remove_ids``, which scans the
   inverted lists: O(n) per call (multi-threaded), so batch changes. A hash-table direct map
   would make it O(ids) but costs ~50 bytes per vector, more than the codes themselves.
@@ -30,6 +35,7 @@ from lookalike.indexes._common import (
     Option,
     RowStore,
     as_new_ids,
+    check_choice,
     check_int,
     import_faiss,
     search_rows,
@@ -40,6 +46,9 @@ from lookalike.indexes.exact import faiss_metric, faiss_ready, faiss_scores, sco
 
 _POINTS_PER_CENTROID = 16
 _RERANK_CHUNK = 64
+_STORED_DTYPES = {0: np.float32, 16: np.float16}
+_QUANTIZER_M = 32  # graph degree of the HNSW over the centroids
+_QUANTIZER_EF = 128  # its search list: finds the nprobe nearest centroids almost exactly
 
 
 def train_size(nlist: int, nbits: int) -> int:
@@ -67,6 +76,8 @@ class IVFPQIndex(BaseIndex):
         "nbits": Option(int, 8, "bits per sub-quantiser code"),
         "nprobe": Option(int, 16, "clusters visited per query"),
         "rerank": Option(int, 0, "re-score this many candidates exactly (0: off)"),
+        "sq": Option(int, 0, "precision of the re-rank vectors: 0 float32, 16 float16"),
+        "quantizer": Option(("flat", "hnsw"), "flat", "how the nearest clusters are found"),
     }
 
     def __init__(
@@ -79,6 +90,8 @@ class IVFPQIndex(BaseIndex):
         nbits: int = 8,
         nprobe: int = 16,
         rerank: int = 0,
+        sq: int = 0,
+        quantizer: str = "flat",
     ) -> None:
         self._setup(dim, metric)
         self.nlist = check_int(self.backend, "nlist", nlist, low=1, high=2**20)
@@ -92,9 +105,16 @@ class IVFPQIndex(BaseIndex):
         self.nbits = check_int(self.backend, "nbits", nbits, low=1, high=16)
         self.nprobe = check_int(self.backend, "nprobe", nprobe, low=1, high=2**20)
         self.rerank = check_int(self.backend, "rerank", rerank, low=0, high=100_000)
+        self.sq = check_int(self.backend, "sq", sq, low=0, high=16)
+        if self.sq not in _STORED_DTYPES:
+            raise IndexSpecError(f"ivfpq: sq must be 0 or 16, got {sq}")
+        self.quantizer = check_choice(self.backend, "quantizer", quantizer, ("flat", "hnsw"))
         # Float vectors: everything before training, and afterwards only when re-ranking.
-        self._store = RowStore(vectors=np.empty((0, self.dim), dtype=np.float32))
+        self._store = self._empty_store()
         self._ivf: Any = None
+
+    def _empty_store(self) -> RowStore:
+        return RowStore(vectors=np.empty((0, self.dim), dtype=_STORED_DTYPES[self.sq]))
 
     def _options(self) -> dict[str, Any]:
         return {
@@ -103,6 +123,8 @@ class IVFPQIndex(BaseIndex):
             "nbits": self.nbits,
             "nprobe": self.nprobe,
             "rerank": self.rerank,
+            "sq": self.sq,
+            "quantizer": self.quantizer,
         }
 
     @property
@@ -117,21 +139,22 @@ class IVFPQIndex(BaseIndex):
         ids = as_new_ids(ids, len(vectors))
         if not len(ids):
             return
+        stored = vectors.astype(_STORED_DTYPES[self.sq], copy=False)
         if self._ivf is None:
-            self._store.upsert(ids, vectors=vectors)
+            self._store.upsert(ids, vectors=stored)
             if len(self._store) >= train_size(self.nlist, self.nbits):
                 self.train()
             return
         self._ivf.remove_ids(ids)
         self._ivf.add_with_ids(faiss_ready(vectors, self.metric), ids)
         if self.rerank:
-            self._store.upsert(ids, vectors=vectors)
+            self._store.upsert(ids, vectors=stored)
 
     def train(self, vectors: np.ndarray | None = None) -> None:
         """Train on ``vectors`` (or on the stored ones) and move stored vectors into IVF-PQ."""
         if self._ivf is not None:
             raise VectorIndexError("ivfpq: the index is already trained")
-        sample = self._store["vectors"] if vectors is None else as_vectors(vectors, self.dim)
+        sample = self._stored_floats() if vectors is None else as_vectors(vectors, self.dim)
         needed = train_size(self.nlist, self.nbits)
         if len(sample) < needed:
             raise VectorIndexError(
@@ -140,21 +163,35 @@ class IVFPQIndex(BaseIndex):
             )
         faiss = import_faiss()
         metric = faiss_metric(self.metric)
-        quantizer = faiss.IndexFlat(self.dim, metric)
+        if self.quantizer == "hnsw":
+            quantizer = faiss.IndexHNSWFlat(self.dim, _QUANTIZER_M, metric)
+            quantizer.hnsw.efSearch = _QUANTIZER_EF
+        else:
+            quantizer = faiss.IndexFlat(self.dim, metric)
         ivf = faiss.IndexIVFPQ(quantizer, self.dim, self.nlist, self.m, self.nbits, metric)
+        # k-means assigns with an exact scan whatever finds clusters at search time.
+        clustering = faiss.IndexFlat(self.dim, metric)
+        ivf.clustering_index = clustering
         # train_size() already enforces the sample size; this silences faiss's stderr warning.
         ivf.cp.min_points_per_centroid = 1
         ivf.pq.cp.min_points_per_centroid = 1
-        # k-means on a random 64 points per centroid: more costs hours at millions of vectors
-        # for little gain in code quality.
-        ivf.cp.max_points_per_centroid = 64
+        # Coarse k-means on a random 32 points per centroid for 10 iterations, the codebooks on
+        # 64 per centroid: more costs hours at millions of vectors (4,096 centroids of 1280-d
+        # vectors) for little gain in recall once candidates are re-ranked.
+        ivf.cp.max_points_per_centroid = 32
+        ivf.cp.niter = 10
         ivf.pq.cp.max_points_per_centroid = 64
         ivf.train(faiss_ready(sample, self.metric))
+        ivf.clustering_index = None
+        del clustering
         if len(self._store):
-            ivf.add_with_ids(faiss_ready(self._store["vectors"], self.metric), self._store.ids)
+            ivf.add_with_ids(faiss_ready(self._stored_floats(), self.metric), self._store.ids)
         self._ivf = ivf
         if not self.rerank:
-            self._store = RowStore(vectors=np.empty((0, self.dim), dtype=np.float32))
+            self._store = self._empty_store()
+
+    def _stored_floats(self) -> np.ndarray:
+        return self._store["vectors"].astype(np.float32, copy=False)
 
     def remove(self, ids: np.ndarray) -> int:
         ids = np.asarray(ids, dtype=np.int64).reshape(-1)
@@ -169,12 +206,17 @@ class IVFPQIndex(BaseIndex):
     def _run(self, queries: np.ndarray, width: int) -> tuple[np.ndarray, np.ndarray]:
         higher = self.metric.higher_is_better
         if self._ivf is None:
-            scores = score_matrix(queries, self._store["vectors"], self.metric)
+            scores = score_matrix(queries, self._stored_floats(), self.metric)
             positions, values = top_k(scores, width, higher_is_better=higher)
             return self._store.ids[positions], values
         faiss = import_faiss()
         params = faiss.SearchParametersIVF()
         params.nprobe = min(self.nprobe, self.nlist)
+        if self.quantizer == "hnsw":
+            # Kept referenced until the search returns: faiss only holds a raw pointer.
+            quantizer_params = faiss.SearchParametersHNSW()
+            quantizer_params.efSearch = max(_QUANTIZER_EF, params.nprobe)
+            params.quantizer_params = quantizer_params
         fetch = max(width, self.rerank) if self.rerank else width
         distances, ids = self._ivf.search(faiss_ready(queries, self.metric), fetch, params=params)
         if not self.rerank:
@@ -193,7 +235,7 @@ class IVFPQIndex(BaseIndex):
         for start in range(0, len(queries), _RERANK_CHUNK):  # bounds the gathered vectors
             stop = start + _RERANK_CHUNK
             positions = self._store.positions(candidates[start:stop])
-            gathered = vectors[np.maximum(positions, 0)]
+            gathered = vectors[np.maximum(positions, 0)].astype(np.float32, copy=False)
             query = queries[start:stop]
             if self.metric is Metric.EUCLIDEAN:
                 scores = np.linalg.norm(gathered - query[:, None, :], axis=2)
@@ -227,6 +269,9 @@ class IVFPQIndex(BaseIndex):
             raise CorruptIndexError("the stored index is not an IVF-PQ index of this dimension")
         if (ivf.nlist, ivf.pq.M, ivf.pq.nbits) != (self.nlist, self.m, self.nbits):
             raise CorruptIndexError("the stored IVF-PQ parameters do not match the header")
+        kind = faiss.IndexHNSWFlat if self.quantizer == "hnsw" else faiss.IndexFlat
+        if not isinstance(faiss.downcast_index(ivf.quantizer), kind):
+            raise CorruptIndexError("the stored IVF-PQ quantizer does not match the header")
         if ivf.metric_type != faiss_metric(self.metric):
             raise CorruptIndexError("the stored IVF-PQ index uses another metric")
         if self.rerank and len(self._store) != ivf.ntotal:
