@@ -248,7 +248,7 @@ def _groups_from_pairs(
             other_ids = np.array([int(ordered[o].id or 0) for o in others], dtype=np.int64)
             mask, scores, inliers = match(keeper_id, other_ids)
             for other, count in zip(
-                other_ids.tolist(), _or_none(inliers, len(others)), strict=False
+                other_ids.tolist(), _or_none(inliers, len(others)), strict=True
             ):
                 extras[other] = count
             return mask, scores
@@ -294,6 +294,7 @@ def _exact(collection, scope, threshold, min_inliers, workers, failed) -> list[D
 
 def _perceptual(collection, scope, threshold, min_inliers, workers, failed):
     from lookalike.dedup.perceptual import CACHE_FILE, PerceptualHashCache, hash_files
+    from lookalike.indexes.binary import popcount
 
     files = sorted((path, state.content_hash) for path, state in scope.states.items())
     cache = PerceptualHashCache(Path(collection.path) / CACHE_FILE)
@@ -321,8 +322,7 @@ def _perceptual(collection, scope, threshold, min_inliers, workers, failed):
         rows = np.array([row_of[int(o)] for o in others], dtype=np.int64)
         here = row_of[keeper]
         bits = np.minimum(
-            np.bitwise_count(words[rows] ^ words[here]),
-            np.bitwise_count(words[rows] ^ mirror_words[here]),
+            popcount(words[rows] ^ words[here]), popcount(words[rows] ^ mirror_words[here])
         ).astype(np.float64)
         return bits <= threshold, bits, None
 
@@ -409,7 +409,7 @@ def _verified(collection, scope, threshold, min_inliers, workers, failed):
             [
                 verifier.inliers(keeper, other) if similar else 0
                 for other, similar in zip(
-                    others.tolist(), (cosine >= threshold).tolist(), strict=False
+                    others.tolist(), (cosine >= threshold).tolist(), strict=True
                 )
             ],
             dtype=np.int64,

@@ -92,7 +92,7 @@ def neighbour_pairs(
             for row, mask, hit_ids, hit_scores in zip(rows, keep, ids, scores, strict=True):
                 own = int(query_ids[row])
                 for other, value in zip(
-                    hit_ids[mask].tolist(), hit_scores[mask].tolist(), strict=False
+                    hit_ids[mask].tolist(), hit_scores[mask].tolist(), strict=True
                 ):
                     if other != own:
                         key = (own, other) if own < other else (other, own)

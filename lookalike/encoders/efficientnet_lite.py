@@ -239,7 +239,8 @@ def load_pretrained(variant: LiteVariant) -> EfficientNetLite:
 # classic global-average-pooled embedding); "stageN" are mid-level maps, less tied to ImageNet
 # classes; "logits" is the classifier output, used to check the preprocessing is right.
 LAYERS = ("head", "stage7", "stage6", "stage5", "stage4", "logits")
-# The pooling an encoder uses unless told otherwise; see benchmarks/results/features.md.
+# The pooling an encoder uses unless told otherwise (collections choose GeM for new indexes,
+# see lookalike.collection.DEFAULT_POOLING and benchmarks/results/features.md).
 DEFAULT_POOLING = "avg"
 
 
