@@ -163,12 +163,8 @@ def report(
         "",
         "## mAP (test queries)",
         "",
-        "| method | " + " | ".join(f"{b} bits" for b in widths) + " |",
-        "| --- | " + " | ".join("---:" for _ in widths) + " |",
+        *_method_table(results, methods, widths, "test", ".4f"),
     ]
-    for method in methods:
-        cells = " | ".join(f"{results[method, b]['test']:.4f}" for b in widths)
-        lines.append(f"| {method} | {cells} |")
     lines.append(f"| float cosine (1280 floats, reference) | {baseline:.4f} " + "| " * (
         len(widths) - 1) + "|")  # fmt: skip
     best = max(("hashnet", "dch"), key=lambda m: results.get((m, top), {}).get("test", -1))
@@ -186,22 +182,12 @@ def report(
         "",
         "## mAP (validation queries, for the choice of defaults)",
         "",
-        "| method | " + " | ".join(f"{b} bits" for b in widths) + " |",
-        "| --- | " + " | ".join("---:" for _ in widths) + " |",
-    ]
-    for method in methods:
-        cells = " | ".join(f"{results[method, b]['validation']:.4f}" for b in widths)
-        lines.append(f"| {method} | {cells} |")
-    lines += [
+        *_method_table(results, methods, widths, "validation", ".4f"),
         "",
         "## Training time (seconds, on the train split, torch on 1 thread)",
         "",
-        "| method | " + " | ".join(f"{b} bits" for b in widths) + " |",
-        "| --- | " + " | ".join("---:" for _ in widths) + " |",
+        *_method_table(results, methods, widths, "seconds", ".1f"),
     ]
-    for method in methods:
-        cells = " | ".join(f"{results[method, b]['seconds']:.1f}" for b in widths)
-        lines.append(f"| {method} | {cells} |")
     slowest = max(r["seconds"] for r in results.values())
     lines += [
         "",
@@ -231,6 +217,20 @@ def report(
         "",
     ]
     return "\n".join(lines)
+
+
+def _method_table(
+    results: dict, methods: list[str], widths: list[int], key: str, spec: str
+) -> list[str]:
+    """Markdown table rows: a row a method, a column a code width, cells ``result[key]``."""
+    lines = [
+        "| method | " + " | ".join(f"{b} bits" for b in widths) + " |",
+        "| --- | " + " | ".join("---:" for _ in widths) + " |",
+    ]
+    for method in methods:
+        cells = " | ".join(f"{results[method, b][key]:{spec}}" for b in widths)
+        lines.append(f"| {method} | {cells} |")
+    return lines
 
 
 def main() -> int:

@@ -6,9 +6,10 @@ import argparse
 import json
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict
 from pathlib import Path
+from typing import Any
 
 from lookalike.errors import LookalikeError
 
@@ -38,28 +39,61 @@ def _db(args: argparse.Namespace) -> str | None:
     return args.db or os.environ.get(DB_ENV) or None
 
 
-def _cmd_index(args: argparse.Namespace) -> int:
-    from tqdm import tqdm
+class ProgressBars:
+    """Progress bars on stderr for the library's progress callbacks, one a stage, each shown
+    from its stage's first report; none at all when ``quiet``. Every ``lookalike`` subcommand
+    shows its progress through one of these."""
 
-    bar = tqdm(unit="img", dynamic_ncols=True, disable=args.quiet, file=sys.stderr)
+    def __init__(self, *, quiet: bool = False) -> None:
+        self.quiet = quiet
+        self._bars: dict[str | None, Any] = {}
 
-    def progress(done: int, total: int) -> None:
+    def update(self, stage: str | None, done: int, total: int, *, unit: str = "img") -> None:
+        """Show ``done`` of ``total`` on the bar of ``stage`` (a ``(stage, done, total)``
+        progress callback)."""
+        if self.quiet:
+            return
+        bar = self._bars.get(stage)
+        if bar is None:
+            from tqdm import tqdm
+
+            bar = self._bars[stage] = tqdm(
+                total=total, desc=stage, unit=unit, dynamic_ncols=True, file=sys.stderr
+            )
         bar.total = total
         bar.update(done - bar.n)  # tqdm itself limits how often it redraws
 
+    def stage(self, stage: str | None = None, *, unit: str = "img") -> Callable[[int, int], None]:
+        """A ``(done, total)`` progress callback for the bar of one stage."""
+        return lambda done, total: self.update(stage, done, total, unit=unit)
+
+    def close(self) -> None:
+        """End every bar shown so far; a later report starts a new one."""
+        for bar in self._bars.values():
+            bar.close()
+        self._bars.clear()
+
+    def __enter__(self) -> ProgressBars:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _cmd_index(args: argparse.Namespace) -> int:
     options = {"model": args.model, "layer": args.layer, "runtime": args.runtime}
     options |= {"pooling": args.pooling, "scales": args.scales, "whitening": args.whiten}
     with _open(args, index_spec=args.index, **options) as collection:
-        report = collection.index(
-            args.folder,
-            batch_size=args.batch_size,
-            workers=args.workers,
-            metadata_csv=args.metadata,
-            progress=progress,
-            local_features=args.local_features,
-            ray=_ray_options(args),
-        )
-        bar.close()
+        with ProgressBars(quiet=args.quiet) as bars:
+            report = collection.index(
+                args.folder,
+                batch_size=args.batch_size,
+                workers=args.workers,
+                metadata_csv=args.metadata,
+                progress=bars.stage(),
+                local_features=args.local_features,
+                ray=_ray_options(args),
+            )
         total = len(collection)
     print(
         f"indexed {args.folder}: {report.added} added, {report.updated} updated, "

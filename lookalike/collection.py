@@ -188,21 +188,24 @@ class Collection:
     def encoder(self) -> Encoder:
         """The collection's encoder, built on first use (it loads a model)."""
         if self._encoder is None:
-            # Raw vectors are stored; cosine search normalises, so both views stay available.
-            self._encoder = create_encoder(
-                self.model_name,
-                layer=self.layer,
-                normalize=False,
-                **self._encoder_options,
-                **{
-                    name: value
-                    for name, value in (("pooling", self.pooling), ("scales", self.scales))
-                    if value is not None
-                },
-                # A fine-tuned encoder ("<base>+<name>") is looked for with the collection first.
-                **({"search_dirs": [self.path / "encoders"]} if "+" in self.model_name else {}),
-            )
+            self._encoder = create_encoder(self.model_name, **self.encoder_options())
         return self._encoder
+
+    def encoder_options(self) -> dict[str, Any]:
+        """The ``create_encoder`` options of this collection's encoder (besides the model
+        name), so that other processes, such as distributed workers, build the same one."""
+        # Raw vectors are stored; cosine search normalises, so both views stay available.
+        options: dict[str, Any] = {"layer": self.layer, "normalize": False}
+        options.update(self._encoder_options)
+        options.update(
+            (name, value)
+            for name, value in (("pooling", self.pooling), ("scales", self.scales))
+            if value is not None
+        )
+        if "+" in self.model_name:
+            # A fine-tuned encoder ("<base>+<name>") is looked for with the collection first.
+            options["search_dirs"] = [self.path / "encoders"]
+        return options
 
     @property
     def model_id(self) -> int:

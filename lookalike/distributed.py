@@ -101,11 +101,11 @@ class EmbedWorker:
     """Runs on a Ray worker: one encoder, loaded once, embedding chunks of files by path."""
 
     def __init__(
-        self, model: str, layer: str, encoder_options: dict[str, Any], local: SiftConfig | None
+        self, model: str, encoder_options: dict[str, Any], local: SiftConfig | None
     ) -> None:
         from lookalike.encoders.base import create_encoder
 
-        self.encoder = create_encoder(model, layer=layer, normalize=False, **encoder_options)
+        self.encoder = create_encoder(model, **encoder_options)
         self.local = local
 
     def identity_key(self) -> str:
@@ -167,7 +167,7 @@ def _start_workers(
         cpus = int(ray.cluster_resources().get("CPU", 1))
         count = max(1, cpus // options.threads)
     count = min(count, chunks)
-    encoder_options = {**collection._encoder_options, "threads": options.threads}
+    encoder_options = {**collection.encoder_options(), "threads": options.threads}
     actor = ray.remote(EmbedWorker)
     run = uuid.uuid4().hex[:8]
     # Named so that operators (and tests) can find a run's workers with ray.util.
@@ -177,7 +177,7 @@ def _start_workers(
             num_cpus=options.threads,
             max_restarts=options.max_restarts,
             max_task_retries=options.max_task_retries,
-        ).remote(collection.model_name, collection.layer, encoder_options, local)
+        ).remote(collection.model_name, encoder_options, local)
         for i in range(count)
     ]
 

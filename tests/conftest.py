@@ -60,6 +60,15 @@ def encoder():
     return create_encoder("efficientnet-lite0", normalize=False)
 
 
+@pytest.fixture(scope="session")
+def collection_encoder():
+    """The encoder a new collection builds for itself (Lite0, GeM pooling, raw vectors), for
+    tests where a collection shares a catalog with one that chose its own encoder."""
+    from lookalike.encoders import create_encoder
+
+    return create_encoder("efficientnet-lite0", normalize=False, pooling="gem")
+
+
 def require_dataset() -> Path:
     """The clothing-small dataset, or a skip when this machine does not have it."""
     if not (DATASET / "labels.csv").exists():

@@ -306,7 +306,7 @@ def test_cli_trains_searches_and_keeps_codes_in_step_with_the_catalog(
 
 
 def test_cli_explains_a_missing_head_and_refuses_a_foreign_one(
-    labelled_photos: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], encoder
+    labelled_photos: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], collection_encoder
 ) -> None:
     collection = tmp_path / "c"
     query = labelled_photos / "train" / "coffee" / "coffee-original.jpg"
@@ -317,7 +317,8 @@ def test_cli_explains_a_missing_head_and_refuses_a_foreign_one(
     # A head of another model copied into this model's folder is refused, not applied.
     train, labels = _toy(10, seed=10)
     foreign, _ = train_head("lsh", train, labels, 16, KEY)
-    folder = collection / "hashing" / re.sub(r"[^A-Za-z0-9._-]+", "_", encoder.identity.key)
+    key = collection_encoder.identity.key  # the model the CLI's new collection uses
+    folder = collection / "hashing" / re.sub(r"[^A-Za-z0-9._-]+", "_", key)
     foreign.save(folder / "foreign.npz")
     code = main(["-c", str(collection), "hash", "search", str(query), "--name", "foreign"])
     assert code == 1

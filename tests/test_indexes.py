@@ -20,7 +20,16 @@ from lookalike.errors import (
     IndexSpecError,
     VectorIndexError,
 )
-from lookalike.indexes import choose_spec, create_index, hnsw_bytes, load_index, parse_spec
+from lookalike.indexes import (
+    choose_spec,
+    create_index,
+    hnsw_bytes,
+    hnsw_params,
+    ivfpq_bytes,
+    load_index,
+    parse_spec,
+    reranked_ivfpq_spec,
+)
 from lookalike.indexes import hnsw as hnsw_module
 from lookalike.indexes._format import read_index_file
 from lookalike.indexes.base import Index, Metric
@@ -540,39 +549,43 @@ def test_bad_specs(spec: str, dim: int, metric: str, message: str) -> None:
         create_index(spec, dim=dim, metric=metric)
 
 
-SIZES = (20_000, 200_000, 500_000, 1_000_000, 2_000_000)
+SIZES = (20_000, 200_000, 400_000)
 
 
 def test_choose_spec() -> None:
     budget = 8 * 2**30
     assert choose_spec(5_000, 256, memory_budget_bytes=budget) == "exact"
     assert choose_spec(20_000, 256, memory_budget_bytes=budget).startswith("hnsw:M=16")
-    # Bigger graphs: a longer search list (and a better-built graph from 500k on).
+    # Bigger graphs: a longer search list.
     params = [parse_spec(choose_spec(n, 256, memory_budget_bytes=budget))[1] for n in SIZES]
-    assert [p["ef"] for p in params] == [160, 160, 256, 384, 560]
-    assert [p["efConstruction"] for p in params] == [40, 40, 80, 80, 80]
+    assert [p["ef"] for p in params] == [160, 160, 240]
+    assert [p["efConstruction"] for p in params] == [40, 40, 40]
     # 200k EfficientNet-Lite0 vectors: float16 storage, about half a GiB.
     lite0 = parse_spec(choose_spec(200_000, 1280, memory_budget_bytes=6 * 2**30))
     assert lite0[0] == "hnsw" and lite0[1]["sq"] == 16
     assert hnsw_bytes(200_000, 1280, 16, 16) < 0.7 * 2**30 < hnsw_bytes(200_000, 1280, 16, 0)
-    # Too big for float16 but not for 8-bit codes: sq=8 with a longer search list.
+    # From 500k on: IVF-PQ with short codes, re-ranked with float16 vectors, when it fits.
+    million = choose_spec(1_000_000, 1280, memory_budget_bytes=6 * 2**30)
+    assert million == "ivfpq:nlist=4096,m=64,nprobe=16,rerank=100,sq=16,quantizer=hnsw"
+    assert million == reranked_ivfpq_spec(1_000_000, 1280)
+    reranked = ivfpq_bytes(1_000_000, 1280, 64, 4096, True, sq=16)
+    assert 2.5 * 2**30 < reranked < 3 * 2**30
+    # Too big for that and float16 HNSW but not for 8-bit codes: sq=8, a longer search list.
     fp16, sq8 = hnsw_bytes(1_000_000, 1280, 16, 16), hnsw_bytes(1_000_000, 1280, 16, 8)
-    assert sq8 < fp16
-    tight = parse_spec(choose_spec(1_000_000, 1280, memory_budget_bytes=(fp16 + sq8) // 2))
+    assert sq8 < reranked < fp16
+    tight = parse_spec(choose_spec(1_000_000, 1280, memory_budget_bytes=(reranked + sq8) // 2))
     assert tight[0] == "hnsw" and tight[1]["sq"] == 8
-    assert (
-        tight[1]["ef"] > parse_spec(choose_spec(1_000_000, 1280, memory_budget_bytes=fp16))[1]["ef"]
-    )
+    assert tight[1]["ef"] > hnsw_params(1_000_000)["ef"]
     big = choose_spec(100_000_000, 256, memory_budget_bytes=budget)
     name, options = parse_spec(big)
     assert name == "ivfpq" and 256 % options["m"] == 0 and options["nlist"] >= 16_384
     assert "rerank" not in options
     tight = parse_spec(choose_spec(100_000_000, 256, memory_budget_bytes=2 * 2**30))[1]
     assert tight["m"] < options["m"]
-    # HNSW with 8-bit codes is smaller than IVF-PQ with re-ranking floats unless dim is tiny.
-    assert parse_spec(choose_spec(2_000_000, 97, memory_budget_bytes=700 * 2**20))[1]["sq"] == 8
-    rerank = parse_spec(choose_spec(2_000_000, 32, memory_budget_bytes=400 * 2**20))[1]
-    assert rerank["m"] == 8 and rerank["rerank"] == 100
+    # Below 500k, a graph with 8-bit codes when float16 storage does not fit.
+    assert parse_spec(choose_spec(400_000, 97, memory_budget_bytes=140 * 2**20))[1]["sq"] == 8
+    small = parse_spec(choose_spec(2_000_000, 32, memory_budget_bytes=400 * 2**20))[1]
+    assert small["rerank"] == 100 and small["sq"] == 16 and 32 % small["m"] == 0
     for n in (20_000, 10**6, 10**8):
         spec = choose_spec(n, 97, memory_budget_bytes=2**30)
         assert create_index(spec, dim=97).spec  # every choice is a valid spec for the dim

@@ -15,6 +15,7 @@ from typing import Any, Protocol, runtime_checkable
 import numpy as np
 
 from lookalike.encoders.base import EncoderIdentity
+from lookalike.errors import CatalogError, ModelMismatchError
 
 POSTGRES_SCHEMES = ("postgresql://", "postgres://")
 
@@ -88,7 +89,17 @@ class Catalog(Protocol):
         items: Sequence[tuple[int, str, bytes]],
         *,
         content_hashes: Mapping[int, str] | None = None,
-    ) -> int: ...
+    ) -> int:
+        """Store (image id, kind, serialised features), replacing what an image had, in one
+        transaction; returns how many rows were written.
+
+        ``content_hashes`` (id -> the hash of the content the features were computed from)
+        skips images whose content changed meanwhile, so a slow writer cannot store features
+        of an old version. Features are dropped by the schema when an image's content hash
+        changes and with the image itself. Unknown ids raise ``CatalogError``.
+        """
+        ...
+
     def local_features(self, ids: Iterable[int], kind: str) -> dict[int, bytes]: ...
     def ids_missing_local_features(self, kind: str) -> list[tuple[int, str]]: ...
     def local_features_summary(self) -> dict[str, tuple[int, int]]: ...
@@ -118,3 +129,42 @@ def chunks(items: list, size: int) -> Iterator[list]:
     """``items`` in consecutive slices of at most ``size``."""
     for start in range(0, len(items), size):
         yield items[start : start + size]
+
+
+def checked_vectors(records: Sequence[ImageRecord], vectors: np.ndarray, dim: int) -> np.ndarray:
+    """``vectors`` as float32, one row of the model's ``dim`` per record, else
+    ``ModelMismatchError``."""
+    vectors = np.asarray(vectors, dtype=np.float32)
+    if vectors.shape != (len(records), dim):
+        raise ModelMismatchError(
+            f"expected {len(records)} vectors of dim {dim} for this model, got {vectors.shape}"
+        )
+    return vectors
+
+
+def model_summaries(rows: Iterable[Sequence[Any]]) -> list[dict[str, Any]]:
+    """What :meth:`Catalog.models` returns, from (id, key, name, layer, dim, vector count)
+    rows."""
+    names = ("id", "key", "name", "layer", "dim", "vectors")
+    return [dict(zip(names, (*row[:5], int(row[5])), strict=True)) for row in rows]
+
+
+def local_feature_rows(items: Iterable[tuple[int, str, bytes]]) -> list[tuple[int, str, bytes]]:
+    """(image id, kind, data) items as plain int, str and bytes, ready to store."""
+    return [(int(i), str(kind), bytes(data)) for i, kind, data in items]
+
+
+def fresh_local_feature_rows(
+    rows: list[tuple[int, str, bytes]],
+    current: Mapping[int, str],
+    content_hashes: Mapping[int, str] | None,
+) -> list[tuple[int, str, bytes]]:
+    """The rows to store, given each image's ``current`` content hash: those whose features
+    were computed from that content (or whose content was not given). An id the catalog does
+    not have raises ``CatalogError``."""
+    unknown = sorted({r[0] for r in rows if r[0] not in current})
+    if unknown:
+        raise CatalogError(f"no images with ids {unknown[:5]} to store local features of")
+    if content_hashes is None:
+        return rows
+    return [row for row in rows if content_hashes.get(row[0]) in (None, current[row[0]])]

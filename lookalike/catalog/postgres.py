@@ -23,7 +23,14 @@ from urllib.parse import urlsplit, urlunsplit
 
 import numpy as np
 
-from lookalike.catalog.base import FileState, ImageRecord
+from lookalike.catalog.base import (
+    FileState,
+    ImageRecord,
+    checked_vectors,
+    fresh_local_feature_rows,
+    local_feature_rows,
+    model_summaries,
+)
 from lookalike.catalog.postgres_schema import MIGRATIONS, VERSION_TABLE
 from lookalike.catalog.schema import SCHEMA_VERSION
 from lookalike.encoders.base import EncoderIdentity
@@ -285,8 +292,7 @@ class PostgresCatalog:
             "SELECT m.id, m.key, m.name, m.layer, m.dim, "
             "(SELECT COUNT(*) FROM vectors v WHERE v.model_id = m.id) FROM models m ORDER BY m.id"
         )
-        names = ("id", "key", "name", "layer", "dim", "vectors")
-        return [dict(zip(names, (*row[:5], int(row[5])), strict=True)) for row in rows]
+        return model_summaries(rows)
 
     def model_dim(self, model_id: int) -> int:
         """The vector dimension of a registered model."""
@@ -311,12 +317,7 @@ class PostgresCatalog:
         """Insert or update images by path together with their vectors, in one transaction."""
         from psycopg.types.json import Jsonb
 
-        dim = self.model_dim(model_id)
-        vectors = np.asarray(vectors, dtype=np.float32)
-        if vectors.shape != (len(records), dim):
-            raise ModelMismatchError(
-                f"expected {len(records)} vectors of dim {dim} for this model, got {vectors.shape}"
-            )
+        vectors = checked_vectors(records, vectors, self.model_dim(model_id))
         if not records:
             return []
         # Rows are locked in path order, the same in every writer, so writers never deadlock.
@@ -490,15 +491,8 @@ class PostgresCatalog:
         *,
         content_hashes: Mapping[int, str] | None = None,
     ) -> int:
-        """Store (image id, kind, serialised features), replacing what an image had, in one
-        transaction; returns how many rows were written.
-
-        ``content_hashes`` (id -> the hash of the content the features were computed from)
-        skips images whose content changed meanwhile, so a slow writer cannot store features
-        of an old version. Features are dropped by the schema when an image's content hash
-        changes and with the image itself. Unknown ids raise ``CatalogError``.
-        """
-        rows = [(int(i), str(kind), bytes(data)) for i, kind, data in items]
+        """See :meth:`lookalike.catalog.base.Catalog.store_local_features`."""
+        rows = local_feature_rows(items)
         if not rows:
             return 0
 
@@ -511,14 +505,7 @@ class PostgresCatalog:
                     (sorted({r[0] for r in rows}),),
                 ).fetchall()
             )
-            unknown = sorted({r[0] for r in rows if r[0] not in current})
-            if unknown:
-                raise CatalogError(f"no images with ids {unknown[:5]} to store local features of")
-            keep = [
-                row
-                for row in rows
-                if content_hashes is None or content_hashes.get(row[0]) in (None, current[row[0]])
-            ]
+            keep = fresh_local_feature_rows(rows, current, content_hashes)
             with db.cursor() as cursor:
                 cursor.executemany(
                     "INSERT INTO local_features (image_id, kind, data) VALUES (%s, %s, %s) "

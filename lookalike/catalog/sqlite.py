@@ -12,7 +12,15 @@ from typing import Any
 
 import numpy as np
 
-from lookalike.catalog.base import FileState, ImageRecord
+from lookalike.catalog.base import (
+    FileState,
+    ImageRecord,
+    checked_vectors,
+    chunks,
+    fresh_local_feature_rows,
+    local_feature_rows,
+    model_summaries,
+)
 from lookalike.catalog.schema import MIGRATIONS, SCHEMA_VERSION
 from lookalike.encoders.base import EncoderIdentity
 from lookalike.errors import CatalogError, ModelMismatchError
@@ -124,8 +132,7 @@ class SqliteCatalog:
             "SELECT m.id, m.key, m.name, m.layer, m.dim, "
             "(SELECT COUNT(*) FROM vectors v WHERE v.model_id = m.id) FROM models m ORDER BY m.id"
         ).fetchall()
-        names = ("id", "key", "name", "layer", "dim", "vectors")
-        return [dict(zip(names, row, strict=True)) for row in rows]
+        return model_summaries(rows)
 
     def model_dim(self, model_id: int) -> int:
         """The vector dimension of a registered model."""
@@ -148,12 +155,7 @@ class SqliteCatalog:
         self, records: Sequence[ImageRecord], vectors: np.ndarray, model_id: int
     ) -> list[int]:
         """Insert or update images by path together with their vectors, in one transaction."""
-        dim = self.model_dim(model_id)
-        vectors = np.asarray(vectors, dtype=np.float32)
-        if vectors.shape != (len(records), dim):
-            raise ModelMismatchError(
-                f"expected {len(records)} vectors of dim {dim} for this model, got {vectors.shape}"
-            )
+        vectors = checked_vectors(records, vectors, self.model_dim(model_id))
         ids = []
         now = time.time()
         with self._transaction() as db:
@@ -207,7 +209,7 @@ class SqliteCatalog:
             return 0
         with self._transaction() as db:
             removed = 0
-            for chunk in _chunks(ids, 500):
+            for chunk in chunks(ids, 500):
                 marks = ",".join("?" * len(chunk))
                 removed += db.execute(f"DELETE FROM images WHERE id IN ({marks})", chunk).rowcount
             if removed:
@@ -217,7 +219,7 @@ class SqliteCatalog:
     def ids_for_paths(self, paths: Iterable[str]) -> dict[str, int]:
         """Path -> id for the given paths that are in the catalog."""
         found = {}
-        for chunk in _chunks(list(paths), 500):
+        for chunk in chunks(list(paths), 500):
             marks = ",".join("?" * len(chunk))
             rows = self._db.execute(f"SELECT path, id FROM images WHERE path IN ({marks})", chunk)
             found.update(dict(rows))
@@ -226,7 +228,7 @@ class SqliteCatalog:
     def images(self, ids: Sequence[int]) -> dict[int, ImageRecord]:
         """Records of the given ids (unknown ids are left out)."""
         found: dict[int, ImageRecord] = {}
-        for chunk in _chunks([int(i) for i in ids], 500):
+        for chunk in chunks([int(i) for i in ids], 500):
             marks = ",".join("?" * len(chunk))
             rows = self._db.execute(
                 "SELECT id, path, content_hash, size, mtime, width, height, metadata FROM images "
@@ -268,7 +270,7 @@ class SqliteCatalog:
         """float32 [len(ids), dim]: the vectors of these images in the given order."""
         dim = self.model_dim(model_id)
         found: dict[int, bytes] = {}
-        for chunk in _chunks([int(i) for i in ids], 500):
+        for chunk in chunks([int(i) for i in ids], 500):
             marks = ",".join("?" * len(chunk))
             rows = self._db.execute(
                 "SELECT image_id, vector FROM vectors "
@@ -309,45 +311,30 @@ class SqliteCatalog:
         *,
         content_hashes: Mapping[int, str] | None = None,
     ) -> int:
-        """Store (image id, kind, serialised features), replacing what an image had, in one
-        transaction; returns how many rows were written.
-
-        ``content_hashes`` (id -> the hash of the content the features were computed from)
-        skips images whose content changed meanwhile, so a slow writer cannot store features
-        of an old version. Features are dropped by the schema when an image's content hash
-        changes and with the image itself. Unknown ids raise ``CatalogError``.
-        """
-        rows = [(int(i), str(kind), bytes(data)) for i, kind, data in items]
+        """See :meth:`lookalike.catalog.base.Catalog.store_local_features`."""
+        rows = local_feature_rows(items)
         if not rows:
             return 0
-        written = 0
         with self._transaction() as db:
             current: dict[int, str] = {}
-            for chunk in _chunks([r[0] for r in rows], 500):
+            for chunk in chunks([r[0] for r in rows], 500):
                 marks = ",".join("?" * len(chunk))
                 current.update(
                     db.execute(
                         f"SELECT id, content_hash FROM images WHERE id IN ({marks})", chunk
                     ).fetchall()
                 )
-            unknown = sorted({r[0] for r in rows if r[0] not in current})
-            if unknown:
-                raise CatalogError(f"no images with ids {unknown[:5]} to store local features of")
-            for image_id, kind, data in rows:
-                expected = None if content_hashes is None else content_hashes.get(image_id)
-                if expected is not None and expected != current[image_id]:
-                    continue
-                db.execute(
-                    "INSERT OR REPLACE INTO local_features (image_id, kind, data) VALUES (?, ?, ?)",
-                    (image_id, kind, data),
-                )
-                written += 1
-        return written
+            keep = fresh_local_feature_rows(rows, current, content_hashes)
+            db.executemany(
+                "INSERT OR REPLACE INTO local_features (image_id, kind, data) VALUES (?, ?, ?)",
+                keep,
+            )
+        return len(keep)
 
     def local_features(self, ids: Iterable[int], kind: str) -> dict[int, bytes]:
         """Id -> serialised local features of this kind, for the given ids that have them."""
         found: dict[int, bytes] = {}
-        for chunk in _chunks([int(i) for i in ids], 500):
+        for chunk in chunks([int(i) for i in ids], 500):
             marks = ",".join("?" * len(chunk))
             rows = self._db.execute(
                 "SELECT image_id, data FROM local_features "
@@ -407,8 +394,3 @@ class SqliteCatalog:
         # Lets the caller tell its own change from a concurrent writer's: if this is one more
         # than the generation it last saw, nobody else wrote in between.
         self.last_written_generation = int(row[0])
-
-
-def _chunks(items: list, size: int) -> Iterator[list]:
-    for start in range(0, len(items), size):
-        yield items[start : start + size]

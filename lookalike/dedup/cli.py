@@ -123,16 +123,10 @@ def _target(args: argparse.Namespace, collection_path: Any) -> tuple[Path | None
 
 
 def _index(collection: Any, folder: Path, args: argparse.Namespace) -> None:
-    from tqdm import tqdm
+    from lookalike.cli import ProgressBars
 
-    bar = tqdm(unit="img", dynamic_ncols=True, disable=args.quiet, file=sys.stderr)
-
-    def progress(done: int, total: int) -> None:
-        bar.total = total
-        bar.update(done - bar.n)
-
-    report = collection.index(folder, workers=args.workers, progress=progress)
-    bar.close()
+    with ProgressBars(quiet=args.quiet) as bars:
+        report = collection.index(folder, workers=args.workers, progress=bars.stage())
     if not args.quiet:
         print(
             f"indexed {folder}: {report.added} added, {report.updated} updated, "

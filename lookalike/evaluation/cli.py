@@ -12,9 +12,6 @@ This module prints (it is command-line code); the library functions it calls do 
 from __future__ import annotations
 
 import argparse
-import sys
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -97,29 +94,9 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
 
 
-@contextmanager
-def _progress_bar(quiet: bool) -> Iterator:
-    from tqdm import tqdm
-
-    bars: dict[str, tqdm] = {}
-
-    def update(stage: str, done: int, total: int) -> None:
-        bar = bars.get(stage)
-        if bar is None:
-            bar = bars[stage] = tqdm(
-                total=total, desc=stage, unit="img", dynamic_ncols=True, file=sys.stderr
-            )
-        bar.update(done - bar.n)
-
-    try:
-        yield None if quiet else update
-    finally:
-        for bar in bars.values():
-            bar.close()
-
-
 def run_eval(args: argparse.Namespace) -> int:
     """Run ``lookalike eval``; returns the exit status (errors raise LookalikeError)."""
+    from lookalike.cli import ProgressBars
     from lookalike.encoders import create_encoder
     from lookalike.evaluation.datasets import load_dataset, make_task
     from lookalike.evaluation.report import run_evaluation
@@ -140,7 +117,7 @@ def run_eval(args: argparse.Namespace) -> int:
         database_split=args.database_split,
     )
     encoder = create_encoder(args.model, layer=args.layer, normalize=False, runtime=args.runtime)
-    with _progress_bar(args.quiet) as progress:
+    with ProgressBars(quiet=args.quiet) as bars:
         result = run_evaluation(
             task,
             encoder,
@@ -148,7 +125,7 @@ def run_eval(args: argparse.Namespace) -> int:
             ks=DEFAULT_KS,
             out_dir=Path(args.out),
             batch_size=args.batch_size,
-            progress=progress,
+            progress=bars.update,
         )
     _print_retrieval(args, task.describe(), result)
     print(f"wrote {result.report_path} and {result.plot_path}")
@@ -184,6 +161,7 @@ def _copy_detection_database(args: argparse.Namespace) -> tuple[list[Path], dict
 
 
 def _run_copy_detection(args: argparse.Namespace) -> int:
+    from lookalike.cli import ProgressBars
     from lookalike.encoders import create_encoder
     from lookalike.evaluation.copydetect import parse_attacks, run_copy_detection
     from lookalike.evaluation.report import encoder_info, write_report
@@ -191,7 +169,7 @@ def _run_copy_detection(args: argparse.Namespace) -> int:
     attacks = parse_attacks(args.attacks)
     database, described = _copy_detection_database(args)
     encoder = create_encoder(args.model, layer=args.layer, normalize=False, runtime=args.runtime)
-    with _progress_bar(args.quiet) as progress:
+    with ProgressBars(quiet=args.quiet) as bars:
         copies = run_copy_detection(
             database,
             encoder=encoder,
@@ -202,7 +180,7 @@ def _run_copy_detection(args: argparse.Namespace) -> int:
             metric=args.metric,
             batch_size=args.batch_size,
             save_dir=args.save_copies,
-            progress=progress,
+            progress=bars.update,
         )
     extra = {"dataset": described, "encoder": encoder_info(encoder)}
     report_path, plot_path = write_report(Path(args.out), copy_detection=copies, extra=extra)

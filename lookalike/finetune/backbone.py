@@ -20,6 +20,7 @@ from lookalike.encoders.efficientnet_lite import (
     LiteVariant,
     PooledFeatures,
     lite_preprocess,
+    pool_map,
 )
 from lookalike.errors import FinetuneError
 
@@ -29,17 +30,17 @@ MAX_CACHE_BYTES = 4 << 30
 
 def lite_variant(identity: EncoderIdentity) -> LiteVariant:
     """The EfficientNet-Lite variant behind an encoder identity, when its stages can be trained
-    (head layer, plain average pooling at one scale); raises ``FinetuneError`` otherwise."""
+    (head layer, average or GeM pooling at one scale); raises ``FinetuneError`` otherwise."""
     variant = VARIANTS.get(identity.model)
     if variant is None:
         raise FinetuneError(
             f"--unfreeze-last trains EfficientNet-Lite stages; {identity.model} is not one "
             f"(use {', '.join(VARIANTS)}, or train the head alone)"
         )
-    if identity.layer != "head" or identity.pooling != "avg" or tuple(identity.scales) != (1.0,):
+    if identity.layer != "head" or tuple(identity.scales) != (1.0,):
         raise FinetuneError(
-            "--unfreeze-last needs the base encoder's head layer with average pooling at one "
-            f"scale; the collection uses {identity.key}"
+            "--unfreeze-last needs the base encoder's head layer at one scale; the collection "
+            f"uses {identity.key}"
         )
     return variant
 
@@ -53,13 +54,14 @@ def first_trained_stage(network: EfficientNetLite, unfreeze_last: int) -> int:
 
 
 class BackboneTail(nn.Module):
-    """Stages from ``first_stage`` on, the head convolution and average pooling; the earlier
-    stages' weights are frozen (they run once, to cache activations)."""
+    """Stages from ``first_stage`` on, the head convolution and the base encoder's pooling; the
+    earlier stages' weights are frozen (they run once, to cache activations)."""
 
-    def __init__(self, network: EfficientNetLite, first_stage: int) -> None:
+    def __init__(self, network: EfficientNetLite, first_stage: int, pooling: str = "avg") -> None:
         super().__init__()
         self.network = network
         self.first_stage = first_stage
+        self.pooling = pooling
         start = network.stage_start(first_stage)
         for name, parameter in network.named_parameters():
             parameter.requires_grad_(
@@ -67,7 +69,7 @@ class BackboneTail(nn.Module):
             )
 
     def forward(self, activations: torch.Tensor) -> torch.Tensor:
-        return self.network.forward_from(activations, self.first_stage).mean(dim=(2, 3))
+        return pool_map(self.network.forward_from(activations, self.first_stage), self.pooling)
 
     def trained_state(self) -> dict[str, torch.Tensor]:
         """The network's entries that training changes (weights and batch-norm buffers of the

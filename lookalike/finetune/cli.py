@@ -12,7 +12,6 @@ This module prints (it is command-line code); the library functions it calls do 
 from __future__ import annotations
 
 import argparse
-import sys
 
 from lookalike.finetune import LOSSES, PAIR_MINING, TRIPLET_MINING
 
@@ -88,7 +87,7 @@ def add_finetune_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run_finetune(args: argparse.Namespace) -> int:
     """Run ``lookalike finetune``: print each epoch's validation mAP, then a summary."""
-    from lookalike.cli import _collection_path
+    from lookalike.cli import ProgressBars, _collection_path
     from lookalike.evaluation.datasets import load_dataset
     from lookalike.finetune.train import EpochReport, TrainConfig
     from lookalike.finetune.workflow import finetune_collection
@@ -109,25 +108,10 @@ def run_finetune(args: argparse.Namespace) -> int:
     )
     dataset = load_dataset(args.dataset, csv_file=args.csv)
     collection = _collection_path(args.collection)
-    bars: dict = {}
-
-    def progress(stage: str, done: int, total: int) -> None:
-        if args.quiet:
-            return
-        from tqdm import tqdm
-
-        bar = bars.get(stage)
-        if bar is None:
-            bar = bars[stage] = tqdm(
-                total=total, desc=stage, unit="img", dynamic_ncols=True, file=sys.stderr
-            )
-        bar.total = total
-        bar.update(done - bar.n)
+    bars = ProgressBars(quiet=args.quiet)
 
     def on_epoch(report: EpochReport) -> None:
-        for bar in bars.values():
-            bar.close()
-        bars.clear()
+        bars.close()
         mark = "  *" if report.best else ""
         print(
             f"epoch {report.epoch:3d}/{report.epochs}  loss {report.loss:.4f}  "
@@ -151,11 +135,10 @@ def run_finetune(args: argparse.Namespace) -> int:
         runtime=args.runtime,
         install=args.install,
         overwrite=args.overwrite,
-        progress=progress,
+        progress=bars.update,
         on_epoch=on_epoch,
     )
-    for bar in bars.values():
-        bar.close()
+    bars.close()
     result, splits = report.result, report.splits
     stopped = " (stopped early)" if result.stopped_early else ""
     print(

@@ -324,7 +324,8 @@ class FinetunedEncoder(EncoderBase):
         state.update(trained)
         network.load_state_dict(state)
         preprocess = lite_preprocess(variant)
-        module = nn.Sequential(PooledFeatures(network, "head", preprocess), self.head).eval()
+        pooled = PooledFeatures(network, "head", preprocess, pooling=saved.base.pooling)
+        module = nn.Sequential(pooled, self.head).eval()
         resolved = resolve_device(device)
         if runtime == "auto":
             runtime = "onnx" if resolved.type == "cpu" and onnxruntime_available() else "torch"

@@ -16,6 +16,7 @@ from lookalike.errors import FinetuneError
 from lookalike.evaluation.metrics import mean_average_precision
 from lookalike.finetune.losses import create_loss
 from lookalike.finetune.mining import ClassBalancedSampler
+from lookalike.hashing.training import torch_threads
 
 
 @dataclass(frozen=True)
@@ -128,97 +129,75 @@ def train_embedding(
     its matrices are small, and extra threads only wait on each other (measured 20x slower
     with two threads on a busy two-core machine); with backbone stages, torch's default.
     """
-    previous_threads = torch.get_num_threads()
-    wanted = threads or (previous_threads if backbone is not None else 1)
-    torch.set_num_threads(wanted)
-    try:
-        return _train(
-            model, train_inputs, train_labels, validation_inputs, validation_labels, config,
-            embedding_dim=embedding_dim, backbone=backbone, progress=progress,
-        )  # fmt: skip
-    finally:
-        torch.set_num_threads(previous_threads)
-
-
-def _train(
-    model: nn.Module,
-    train_inputs: torch.Tensor,
-    train_labels: np.ndarray,
-    validation_inputs: torch.Tensor,
-    validation_labels: np.ndarray,
-    config: TrainConfig,
-    *,
-    embedding_dim: int,
-    backbone: nn.Module | None,
-    progress: EpochCallback | None,
-) -> TrainResult:
-    train_labels = np.asarray(train_labels, dtype=np.int64)
-    validation_labels = np.asarray(validation_labels, dtype=np.int64)
-    if len(validation_labels) == 0:
-        raise FinetuneError("early stopping needs validation images; none were given")
-    torch.manual_seed(config.seed)
-    sampler = ClassBalancedSampler(
-        train_labels,
-        classes_per_batch=config.classes_per_batch,
-        per_class=config.per_class,
-        seed=config.seed,
-    )
-    loss_fn = create_loss(
-        config.loss,
-        num_classes=int(train_labels.max()) + 1,
-        dim=embedding_dim,
-        margin=config.margin,
-        mining=config.mining,
-        temperature=config.temperature,
-        scale=config.scale,
-    )
-    trained = [p for p in backbone.parameters() if p.requires_grad] if backbone else []
-    trained_ids = {id(p) for p in trained}
-    head = [p for p in model.parameters() if p.requires_grad and id(p) not in trained_ids]
-    groups = [{"params": head + list(loss_fn.parameters()), "lr": config.learning_rate}]
-    if trained:
-        groups.append({"params": trained, "lr": config.backbone_learning_rate})
-    optimizer = torch.optim.AdamW(groups, weight_decay=config.weight_decay)
-    labels_tensor = torch.from_numpy(train_labels)
-
-    result = TrainResult()
-    best_state = copy.deepcopy(model.state_dict())
-    started = time.perf_counter()
-    stale = 0
-    for epoch in range(1, config.epochs + 1):
-        epoch_start = time.perf_counter()
-        _train_mode(model, backbone)
-        losses = []
-        for batch in sampler.epoch():
-            index = torch.from_numpy(batch)
-            loss = loss_fn(model(train_inputs[index].float()), labels_tensor[index])
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-            losses.append(float(loss.detach()))
-        score = validation_map(
-            model, train_inputs, train_labels, validation_inputs, validation_labels
+    wanted = threads or (torch.get_num_threads() if backbone is not None else 1)
+    with torch_threads(wanted):
+        train_labels = np.asarray(train_labels, dtype=np.int64)
+        validation_labels = np.asarray(validation_labels, dtype=np.int64)
+        if len(validation_labels) == 0:
+            raise FinetuneError("early stopping needs validation images; none were given")
+        torch.manual_seed(config.seed)
+        sampler = ClassBalancedSampler(
+            train_labels,
+            classes_per_batch=config.classes_per_batch,
+            per_class=config.per_class,
+            seed=config.seed,
         )
-        improved = epoch == 1 or score > result.best_validation_map + 1e-6
-        if improved:
-            result.best_epoch, result.best_validation_map = epoch, score
-            best_state = copy.deepcopy(model.state_dict())
-            stale = 0
-        else:
-            stale += 1
-        report = EpochReport(
-            epoch, config.epochs, float(np.mean(losses)), score,
-            time.perf_counter() - epoch_start, improved,
-        )  # fmt: skip
-        result.history.append(report)
-        if progress:
-            progress(report)
-        if stale >= config.patience:
-            break
-    model.load_state_dict(best_state)
-    model.eval()
-    result.seconds = time.perf_counter() - started
-    return result
+        loss_fn = create_loss(
+            config.loss,
+            num_classes=int(train_labels.max()) + 1,
+            dim=embedding_dim,
+            margin=config.margin,
+            mining=config.mining,
+            temperature=config.temperature,
+            scale=config.scale,
+        )
+        trained = [p for p in backbone.parameters() if p.requires_grad] if backbone else []
+        trained_ids = {id(p) for p in trained}
+        head = [p for p in model.parameters() if p.requires_grad and id(p) not in trained_ids]
+        groups = [{"params": head + list(loss_fn.parameters()), "lr": config.learning_rate}]
+        if trained:
+            groups.append({"params": trained, "lr": config.backbone_learning_rate})
+        optimizer = torch.optim.AdamW(groups, weight_decay=config.weight_decay)
+        labels_tensor = torch.from_numpy(train_labels)
+
+        result = TrainResult()
+        best_state = copy.deepcopy(model.state_dict())
+        started = time.perf_counter()
+        stale = 0
+        for epoch in range(1, config.epochs + 1):
+            epoch_start = time.perf_counter()
+            _train_mode(model, backbone)
+            losses = []
+            for batch in sampler.epoch():
+                index = torch.from_numpy(batch)
+                loss = loss_fn(model(train_inputs[index].float()), labels_tensor[index])
+                optimizer.zero_grad()
+                loss.backward()
+                optimizer.step()
+                losses.append(float(loss.detach()))
+            score = validation_map(
+                model, train_inputs, train_labels, validation_inputs, validation_labels
+            )
+            improved = epoch == 1 or score > result.best_validation_map + 1e-6
+            if improved:
+                result.best_epoch, result.best_validation_map = epoch, score
+                best_state = copy.deepcopy(model.state_dict())
+                stale = 0
+            else:
+                stale += 1
+            report = EpochReport(
+                epoch, config.epochs, float(np.mean(losses)), score,
+                time.perf_counter() - epoch_start, improved,
+            )  # fmt: skip
+            result.history.append(report)
+            if progress:
+                progress(report)
+            if stale >= config.patience:
+                break
+        model.load_state_dict(best_state)
+        model.eval()
+        result.seconds = time.perf_counter() - started
+        return result
 
 
 def _train_mode(model: nn.Module, backbone: nn.Module | None) -> None:

@@ -192,7 +192,7 @@ def finetune_collection(
         all_paths = [paths[i] for i in splits.train.ids] + [paths[i] for i in splits.validation.ids]
         activations = cache_activations(network, variant, all_paths, stage, progress=cache)
         train_x, val_x = activations[: len(train_y)], activations[len(train_y) :]
-        backbone = BackboneTail(network, stage)
+        backbone = BackboneTail(network, stage, identity.pooling)
         model_to_train: torch.nn.Module = torch.nn.Sequential(backbone, head)
     else:
         train_x = torch.from_numpy(splits.train.vectors)

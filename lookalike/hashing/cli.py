@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from dataclasses import asdict
 from typing import Any
 
@@ -89,8 +88,7 @@ def _open(args: argparse.Namespace) -> Any:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from tqdm import tqdm
-
+    from lookalike.cli import ProgressBars
     from lookalike.evaluation.datasets import load_dataset
 
     dataset = load_dataset(args.dataset, csv_file=args.csv)
@@ -99,17 +97,7 @@ def _train(args: argparse.Namespace) -> int:
         for key in ("epochs", "hidden", "seed", "alpha", "gamma", "quantization")
         if getattr(args, key) is not None
     }
-    index_bar = tqdm(unit="img", desc="index", disable=args.quiet, file=sys.stderr)
-    train_bar = tqdm(unit="epoch", desc="train", disable=args.quiet, file=sys.stderr)
-
-    def index_progress(done: int, total: int) -> None:
-        index_bar.total = total
-        index_bar.update(done - index_bar.n)
-
-    def train_progress(done: int, total: int) -> None:
-        train_bar.total = total
-        train_bar.update(done - train_bar.n)
-
+    bars = ProgressBars(quiet=args.quiet)
     hashing = _open(args)
     try:
         trained = hashing.train(
@@ -118,13 +106,12 @@ def _train(args: argparse.Namespace) -> int:
             bits=args.bits,
             name=args.name,
             split=args.split,
-            index_progress=index_progress,
-            train_progress=train_progress,
+            index_progress=bars.stage("index"),
+            train_progress=bars.stage("train", unit="epoch"),
             **options,
         )
     finally:
-        index_bar.close()
-        train_bar.close()
+        bars.close()
         hashing.collection.close()
     if args.json:
         payload = {

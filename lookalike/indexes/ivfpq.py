@@ -47,6 +47,9 @@ from lookalike.indexes.exact import faiss_metric, faiss_ready, faiss_scores, sco
 _POINTS_PER_CENTROID = 16
 _RERANK_CHUNK = 64
 _STORED_DTYPES = {0: np.float32, 16: np.float16}
+_ADD_CHUNK = 16_384  # rows normalised per faiss call: bounds float temporaries
+_COARSE_POINTS_PER_CENTROID = 32
+_PQ_POINTS_PER_CENTROID = 64
 _QUANTIZER_M = 32  # graph degree of the HNSW over the centroids
 _QUANTIZER_EF = 128  # its search list: finds the nprobe nearest centroids almost exactly
 
@@ -54,6 +57,16 @@ _QUANTIZER_EF = 128  # its search list: finds the nprobe nearest centroids almos
 def train_size(nlist: int, nbits: int) -> int:
     """Vectors needed before training: 16 per centroid of the larger codebook."""
     return _POINTS_PER_CENTROID * max(nlist, 2**nbits)
+
+
+def _training_sample(vectors: np.ndarray, nlist: int, nbits: int) -> np.ndarray:
+    """float32 rows for k-means: all of them, or a seeded random subset of the most that
+    training looks at (faiss would subsample the same way, but only after a full float copy)."""
+    most = max(_COARSE_POINTS_PER_CENTROID * nlist, _PQ_POINTS_PER_CENTROID * 2**nbits)
+    if len(vectors) > most:
+        rows = np.sort(np.random.default_rng(0).choice(len(vectors), most, replace=False))
+        vectors = vectors[rows]
+    return np.ascontiguousarray(vectors, dtype=np.float32)
 
 
 def divisors(n: int) -> list[int]:
@@ -146,15 +159,21 @@ class IVFPQIndex(BaseIndex):
                 self.train()
             return
         self._ivf.remove_ids(ids)
-        self._ivf.add_with_ids(faiss_ready(vectors, self.metric), ids)
+        self._add_to_ivf(self._ivf, ids, vectors)
         if self.rerank:
             self._store.upsert(ids, vectors=stored)
+
+    def _add_to_ivf(self, ivf: Any, ids: np.ndarray, vectors: np.ndarray) -> None:
+        """Add in chunks, so that no normalised float32 copy of a whole batch is ever made."""
+        for start in range(0, len(ids), _ADD_CHUNK):
+            block = vectors[start : start + _ADD_CHUNK].astype(np.float32, copy=False)
+            ivf.add_with_ids(faiss_ready(block, self.metric), ids[start : start + _ADD_CHUNK])
 
     def train(self, vectors: np.ndarray | None = None) -> None:
         """Train on ``vectors`` (or on the stored ones) and move stored vectors into IVF-PQ."""
         if self._ivf is not None:
             raise VectorIndexError("ivfpq: the index is already trained")
-        sample = self._stored_floats() if vectors is None else as_vectors(vectors, self.dim)
+        sample = self._store["vectors"] if vectors is None else as_vectors(vectors, self.dim)
         needed = train_size(self.nlist, self.nbits)
         if len(sample) < needed:
             raise VectorIndexError(
@@ -178,14 +197,13 @@ class IVFPQIndex(BaseIndex):
         # Coarse k-means on a random 32 points per centroid for 10 iterations, the codebooks on
         # 64 per centroid: more costs hours at millions of vectors (4,096 centroids of 1280-d
         # vectors) for little gain in recall once candidates are re-ranked.
-        ivf.cp.max_points_per_centroid = 32
+        ivf.cp.max_points_per_centroid = _COARSE_POINTS_PER_CENTROID
         ivf.cp.niter = 10
-        ivf.pq.cp.max_points_per_centroid = 64
-        ivf.train(faiss_ready(sample, self.metric))
+        ivf.pq.cp.max_points_per_centroid = _PQ_POINTS_PER_CENTROID
+        ivf.train(faiss_ready(_training_sample(sample, self.nlist, self.nbits), self.metric))
         ivf.clustering_index = None
         del clustering
-        if len(self._store):
-            ivf.add_with_ids(faiss_ready(self._stored_floats(), self.metric), self._store.ids)
+        self._add_to_ivf(ivf, self._store.ids, self._store["vectors"])
         self._ivf = ivf
         if not self.rerank:
             self._store = self._empty_store()

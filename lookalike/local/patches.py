@@ -18,7 +18,6 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from lookalike.errors import LookalikeError
 from lookalike.images import ImageSource
 from lookalike.local.errors import CorruptLocalFeaturesError, LocalFeaturesError
 from lookalike.local.matching import RerankRule
@@ -156,30 +155,24 @@ def rerank_patch_response(
 ) -> SearchResponse:
     """Like :func:`lookalike.local.rerank.rerank_response`, verifying by the patch tokens the
     collection stores (its ViT encoder embeds the query's tokens once)."""
-    from lookalike.indexes.base import Metric
-    from lookalike.local.rerank import LOCAL_FEATURES_SETTING, rescore_response
+    from lookalike.local.rerank import (
+        LOCAL_FEATURES_SETTING,
+        check_rerank,
+        rescore_response,
+        stored_local_features,
+    )
 
-    if n < 0:
-        raise LookalikeError(f"rerank must be 0 or more, got {n}")
-    if n and response.metric is not Metric.COSINE:
-        raise LookalikeError(
-            f"re-ranking needs cosine scores; this search used {response.metric.value}"
-        )
+    check_rerank(response, n)
     kind = collection.catalog.get_setting(LOCAL_FEATURES_SETTING) or patch_kind()
 
     def patch_scores(head: list) -> np.ndarray:
-        stored = collection.catalog.local_features([r.id for r in head], kind)
+        stored = stored_local_features(
+            collection, [r.id for r in head], kind, PatchTokens.from_bytes
+        )
         query_tokens = PatchTokens.from_encoder_output(
             collection.encoder.patch_tokens([query])[0], _max_tokens(kind)
         )
-        candidates = []
-        for result in head:
-            data = stored.get(result.id)
-            try:
-                tokens = None if data is None else PatchTokens.from_bytes(data)
-            except CorruptLocalFeaturesError:
-                tokens = None  # the global score still ranks it
-            candidates.append((result.id, result.score, tokens))
+        candidates = [(r.id, r.score, t) for r, t in zip(head, stored, strict=True)]
         return rerank_patches(query_tokens, candidates, rule)
 
     return rescore_response(response, n, patch_scores, k=k, threshold=threshold)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 
 import numpy as np
 from PIL import Image, ImageOps
@@ -29,6 +29,8 @@ if TYPE_CHECKING:
 LOCAL_FEATURES_SETTING = "local_features"
 
 FeaturesLookup = Callable[[Sequence[int]], Sequence[LocalFeatures | None]]
+
+T = TypeVar("T")
 
 
 def query_features(
@@ -111,6 +113,22 @@ def rerank_response(
     ``response`` must rank by cosine (the rule moves scores towards 1), searched with at
     least ``max(n, k)`` results and no threshold, so that nothing is cut before verifying.
     """
+    check_rerank(response, n)
+
+    def sift_scores(head: list) -> np.ndarray:
+        features = stored_local_features(
+            collection, [r.id for r in head], collection_kind(collection), LocalFeatures.from_bytes
+        )
+        views = query_features(query, query_config, mirror=mirror)
+        candidates = [(r.id, r.score, f) for r, f in zip(head, features, strict=True)]
+        return rerank_candidates(views, candidates, rule)
+
+    return rescore_response(response, n, sift_scores, k=k, threshold=threshold)
+
+
+def check_rerank(response: SearchResponse, n: int) -> None:
+    """Raise ``LookalikeError`` unless the first ``n`` results of ``response`` can be
+    re-scored (``n`` is not negative, and the search ranked by cosine)."""
     if n < 0:
         raise LookalikeError(f"rerank must be 0 or more, got {n}")
     if n and response.metric is not Metric.COSINE:
@@ -118,22 +136,21 @@ def rerank_response(
             f"re-ranking needs cosine scores; this search used {response.metric.value}"
         )
 
-    def sift_scores(head: list) -> np.ndarray:
-        stored = collection.catalog.local_features(
-            [r.id for r in head], collection_kind(collection)
-        )
-        features: list[LocalFeatures | None] = []
-        for result in head:
-            data = stored.get(result.id)
-            try:
-                features.append(None if data is None else LocalFeatures.from_bytes(data))
-            except CorruptLocalFeaturesError:
-                features.append(None)  # the global score still ranks it
-        views = query_features(query, query_config, mirror=mirror)
-        candidates = [(r.id, r.score, f) for r, f in zip(head, features, strict=True)]
-        return rerank_candidates(views, candidates, rule)
 
-    return rescore_response(response, n, sift_scores, k=k, threshold=threshold)
+def stored_local_features(
+    collection: Collection, ids: Sequence[int], kind: str, decode: Callable[[bytes], T]
+) -> list[T | None]:
+    """The local features of ``kind`` the catalog stores for ``ids``, decoded, in order; None
+    for an image without them or with corrupt ones (its global score still ranks it)."""
+    stored = collection.catalog.local_features(ids, kind)
+    features: list[T | None] = []
+    for image_id in ids:
+        data = stored.get(image_id)
+        try:
+            features.append(None if data is None else decode(data))
+        except CorruptLocalFeaturesError:
+            features.append(None)
+    return features
 
 
 def rescore_response(
