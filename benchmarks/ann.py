@@ -69,7 +69,7 @@ RECALL_AT = 10
 GOAL_RECALL = 0.95
 AUTO = "auto"
 # Options that only change how an index is searched, so one build can be searched with each.
-SWEEPABLE = {"annoy": "search_k", "hnsw": "ef", "ivfpq": "nprobe"}
+SWEEPABLE = {"annoy": "search_k", "hnsw": "ef", "ivfpq": "nprobe", "ivf": "nprobe"}
 _CHUNK = 65_536
 _THREAD_VARIABLES = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
 

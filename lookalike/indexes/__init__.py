@@ -1,4 +1,4 @@
-"""Vector indexes: exact, Annoy, LSH, HNSW, IVF-PQ and binary backends behind one protocol.
+"""Vector indexes: exact, Annoy, LSH, HNSW, IVF, IVF-PQ and binary backends behind one protocol.
 
 Spec grammar (whitespace around tokens is ignored, option names match case-insensitively)::
 
@@ -9,7 +9,9 @@ Spec grammar (whitespace around tokens is ignored, option names match case-insen
     annoy    trees=50, search_k=-1, seed=0
     lsh      bits=16, tables=8, probe=1, seed=0
     hnsw     M=32, efConstruction=200, ef=128, sq=0|8|16
-    ivfpq    nlist=1024, m=<divisor of dim near dim/4>, nbits=8, nprobe=16, rerank=0
+    ivfpq    nlist=1024, m=<divisor of dim near dim/4>, nbits=8, nprobe=16, rerank=0, sq=0|16,
+             quantizer=flat|hnsw
+    ivf      nlist=1024, nprobe=8, sq=16|8|0, quantizer=flat|hnsw
     binary   packed=false, engine=numpy|faiss|hnsw, M=32, ef=128
 
 Values are integers, booleans (true/false/1/0/yes/no) or one of the listed words. Every index
@@ -51,6 +53,7 @@ BACKENDS: dict[str, str] = {
     "lsh": "lookalike.indexes.lsh:LSHIndex",
     "hnsw": "lookalike.indexes.hnsw:HNSWIndex",
     "ivfpq": "lookalike.indexes.ivfpq:IVFPQIndex",
+    "ivf": "lookalike.indexes.ivf:IVFIndex",
     "binary": "lookalike.indexes.binary:BinaryIndex",
 }
 
@@ -132,18 +135,20 @@ def ivfpq_bytes(n: int, dim: int, m: int, nlist: int, rerank: bool, *, sq: int =
     return int((n * per_vector + nlist * dim * 4 + 256 * dim * 4) * 1.1)
 
 
-def reranked_ivfpq_spec(n: int, dim: int) -> str:
-    """The IVF-PQ configuration lookalike uses from ``IVF_MIN_N`` vectors on (see
-    :func:`choose_spec`): short codes find 100 candidates in 16 clusters (found through an HNSW
-    graph over the centroids), float16 vectors re-rank them."""
-    from lookalike.indexes.ivfpq import divisors
+def ivf_bytes(n: int, dim: int, nlist: int, sq: int) -> int:
+    """Resident size of an n-vector IVFIndex: vectors (float16, 8-bit or float32 by ``sq``) and
+    ids in the lists, the centroids, plus 10%, plus one chunk of floats while adding."""
+    per_vector = {16: 2 * dim, 8: dim, 0: 4 * dim}[sq] + 8
+    return int((n * per_vector + nlist * dim * 4) * 1.1) + 16_384 * dim * 4
 
-    nlist = ivfpq_params(n, dim)["nlist"]
-    m = min(divisors(dim), key=lambda d: (abs(math.log(_DIMS_PER_CODE_BYTE * d / dim)), -d))
-    return (
-        f"ivfpq:nlist={nlist},m={m},nprobe={_RERANKED_NPROBE},rerank={_RERANKED_CANDIDATES},"
-        "sq=16,quantizer=hnsw"
-    )
+
+def ivf_spec(n: int, sq: int = 16) -> str:
+    """The IVF configuration lookalike uses from ``IVF_MIN_N`` vectors on (see
+    :func:`choose_spec`): ``nlist`` the power of two nearest ``2 * sqrt(n)``, ``nprobe=8``."""
+    nlist = 2 ** round(math.log2(max(1.0, 2 * math.sqrt(n))))
+    nlist = max(16, min(65536, nlist))
+    quantizer = ",quantizer=hnsw" if nlist >= _HNSW_QUANTIZER_NLIST else ""
+    return f"ivf:nlist={nlist},nprobe={_IVF_NPROBE},sq={sq}{quantizer}"
 
 
 # Search list of the default HNSW: ef = 160 at 200k vectors and 384 at 1M (both measured to
@@ -152,8 +157,9 @@ _EF_AT_200K, _EF_AT_1M, _EF_MAX = 160, 384, 1024
 # From this many vectors on, IVF-PQ with float16 re-ranking beats the HNSW graph (whose walk
 # needs an ever longer candidate list as the collection grows): measured at 1M x 1280.
 IVF_MIN_N = 500_000
-_RERANKED_NPROBE, _RERANKED_CANDIDATES = 16, 100
-_DIMS_PER_CODE_BYTE = 20  # codes only pick candidates, so they can be short: m=64 for 1280-d
+_IVF_NPROBE = 8
+# From this many clusters on, scanning the centroids costs more than an HNSW graph over them.
+_HNSW_QUANTIZER_NLIST = 8192
 _EF_EXPONENT = math.log(_EF_AT_1M / _EF_AT_200K) / math.log(5)
 
 
@@ -169,13 +175,13 @@ def choose_spec(n: int, dim: int, *, memory_budget_bytes: int) -> str:
 
     Rule:
     - ``n < 20_000``: ``exact`` (a scan of that many vectors takes milliseconds, recall 1).
-    - from ``IVF_MIN_N`` (500k) vectors, while it fits the budget: IVF-PQ with short codes
-      (about one byte per 20 dimensions), ``nprobe=16`` through an HNSW graph over the
-      centroids, and the 100 candidates re-ranked with float16 vectors
-      (:func:`reranked_ivfpq_spec`). At 1M x 1280 it answered several times faster than the
-      default HNSW at higher recall (``benchmarks/results/ann_1m.md``): on embeddings dense
-      with near-duplicates the graph walk needs a candidate list that grows with n, while the
-      clusters hold a query's neighbours together.
+    - from ``IVF_MIN_N`` (500k) vectors, while it fits the budget: an inverted file
+      (:func:`ivf_spec`) with float16 vectors in its lists (8-bit codes when those do not fit),
+      ``nlist`` near ``2 sqrt(n)``, ``nprobe=8``. At 1M x 1280 it answered faster than the
+      HNSW graph at higher recall and built several times faster
+      (``benchmarks/results/ann_1m.md``): on embeddings dense with near-duplicates the graph
+      walk needs a candidate list that grows with n, while a few clusters hold a query's
+      neighbours.
     - else HNSW (:func:`hnsw_params`) with ``M=16``; ``efConstruction=40`` below 500k vectors,
       80 from there on; ``ef=160`` up to 200k vectors, then growing as ``n ** 0.54`` (384 at
       1M, at most 1024): in bigger graphs of near-duplicate-rich embeddings the walk needs a
@@ -199,11 +205,10 @@ def choose_spec(n: int, dim: int, *, memory_budget_bytes: int) -> str:
     if n < EXACT_MAX_N:
         return "exact"
     if n >= IVF_MIN_N:
-        reranked = reranked_ivfpq_spec(n, dim)
-        options = parse_spec(reranked)[1]
-        size = ivfpq_bytes(n, dim, options["m"], options["nlist"], True, sq=16)
-        if size <= memory_budget_bytes:
-            return reranked
+        for sq in (16, 8):
+            spec = ivf_spec(n, sq)
+            if ivf_bytes(n, dim, parse_spec(spec)[1]["nlist"], sq) <= memory_budget_bytes:
+                return spec
     hnsw = hnsw_params(n)
     for sq, ef in ((16, hnsw["ef"]), (8, min(_EF_MAX, hnsw["ef"] * 3 // 2))):
         if hnsw_bytes(n, dim, hnsw["M"], sq) <= memory_budget_bytes:

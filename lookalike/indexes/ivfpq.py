@@ -59,10 +59,9 @@ def train_size(nlist: int, nbits: int) -> int:
     return _POINTS_PER_CENTROID * max(nlist, 2**nbits)
 
 
-def _training_sample(vectors: np.ndarray, nlist: int, nbits: int) -> np.ndarray:
-    """float32 rows for k-means: all of them, or a seeded random subset of the most that
+def _training_sample(vectors: np.ndarray, most: int) -> np.ndarray:
+    """float32 rows for k-means: all of them, or a seeded random subset of the ``most`` that
     training looks at (faiss would subsample the same way, but only after a full float copy)."""
-    most = max(_COARSE_POINTS_PER_CENTROID * nlist, _PQ_POINTS_PER_CENTROID * 2**nbits)
     if len(vectors) > most:
         rows = np.sort(np.random.default_rng(0).choice(len(vectors), most, replace=False))
         vectors = vectors[rows]
@@ -126,8 +125,37 @@ class IVFPQIndex(BaseIndex):
         self._store = self._empty_store()
         self._ivf: Any = None
 
+    @property
+    def _stored_dtype(self) -> type:
+        """dtype of the float vectors kept beside the inverted lists (and before training)."""
+        return _STORED_DTYPES[self.sq]
+
     def _empty_store(self) -> RowStore:
-        return RowStore(vectors=np.empty((0, self.dim), dtype=_STORED_DTYPES[self.sq]))
+        return RowStore(vectors=np.empty((0, self.dim), dtype=self._stored_dtype))
+
+    def _train_size(self) -> int:
+        return train_size(self.nlist, self.nbits)
+
+    def _training_points(self) -> int:
+        return max(
+            _COARSE_POINTS_PER_CENTROID * self.nlist, _PQ_POINTS_PER_CENTROID * 2**self.nbits
+        )
+
+    def _new_ivf(self, quantizer: Any, metric: int) -> Any:
+        """An untrained faiss IVF index over ``quantizer``, with its own training settings."""
+        faiss = import_faiss()
+        ivf = faiss.IndexIVFPQ(quantizer, self.dim, self.nlist, self.m, self.nbits, metric)
+        ivf.pq.cp.min_points_per_centroid = 1  # the sample size is enforced by train_size()
+        ivf.pq.cp.max_points_per_centroid = _PQ_POINTS_PER_CENTROID
+        return ivf
+
+    def _check_restored(self, ivf: Any) -> None:
+        """Raise CorruptIndexError unless a loaded faiss index is the one the header says."""
+        faiss = import_faiss()
+        if not isinstance(ivf, faiss.IndexIVFPQ) or ivf.d != self.dim:
+            raise CorruptIndexError("the stored index is not an IVF-PQ index of this dimension")
+        if (ivf.nlist, ivf.pq.M, ivf.pq.nbits) != (self.nlist, self.m, self.nbits):
+            raise CorruptIndexError("the stored IVF-PQ parameters do not match the header")
 
     def _options(self) -> dict[str, Any]:
         return {
@@ -152,10 +180,10 @@ class IVFPQIndex(BaseIndex):
         ids = as_new_ids(ids, len(vectors))
         if not len(ids):
             return
-        stored = vectors.astype(_STORED_DTYPES[self.sq], copy=False)
+        stored = vectors.astype(self._stored_dtype, copy=False)
         if self._ivf is None:
             self._store.upsert(ids, vectors=stored)
-            if len(self._store) >= train_size(self.nlist, self.nbits):
+            if len(self._store) >= self._train_size():
                 self.train()
             return
         self._ivf.remove_ids(ids)
@@ -170,15 +198,15 @@ class IVFPQIndex(BaseIndex):
             ivf.add_with_ids(faiss_ready(block, self.metric), ids[start : start + _ADD_CHUNK])
 
     def train(self, vectors: np.ndarray | None = None) -> None:
-        """Train on ``vectors`` (or on the stored ones) and move stored vectors into IVF-PQ."""
+        """Train on ``vectors`` (or on the stored ones) and move stored vectors into the lists."""
         if self._ivf is not None:
-            raise VectorIndexError("ivfpq: the index is already trained")
+            raise VectorIndexError(f"{self.backend}: the index is already trained")
         sample = self._store["vectors"] if vectors is None else as_vectors(vectors, self.dim)
-        needed = train_size(self.nlist, self.nbits)
+        needed = self._train_size()
         if len(sample) < needed:
             raise VectorIndexError(
-                f"ivfpq: training nlist={self.nlist}, nbits={self.nbits} needs at least {needed}"
-                f" vectors, got {len(sample)}"
+                f"{self.backend}: training {self.spec} needs at least {needed} vectors, "
+                f"got {len(sample)}"
             )
         faiss = import_faiss()
         metric = faiss_metric(self.metric)
@@ -187,20 +215,18 @@ class IVFPQIndex(BaseIndex):
             quantizer.hnsw.efSearch = _QUANTIZER_EF
         else:
             quantizer = faiss.IndexFlat(self.dim, metric)
-        ivf = faiss.IndexIVFPQ(quantizer, self.dim, self.nlist, self.m, self.nbits, metric)
+        ivf = self._new_ivf(quantizer, metric)
         # k-means assigns with an exact scan whatever finds clusters at search time.
         clustering = faiss.IndexFlat(self.dim, metric)
         ivf.clustering_index = clustering
         # train_size() already enforces the sample size; this silences faiss's stderr warning.
         ivf.cp.min_points_per_centroid = 1
-        ivf.pq.cp.min_points_per_centroid = 1
         # Coarse k-means on a random 32 points per centroid for 10 iterations, the codebooks on
         # 64 per centroid: more costs hours at millions of vectors (4,096 centroids of 1280-d
         # vectors) for little gain in recall once candidates are re-ranked.
         ivf.cp.max_points_per_centroid = _COARSE_POINTS_PER_CENTROID
         ivf.cp.niter = 10
-        ivf.pq.cp.max_points_per_centroid = _PQ_POINTS_PER_CENTROID
-        ivf.train(faiss_ready(_training_sample(sample, self.nlist, self.nbits), self.metric))
+        ivf.train(faiss_ready(_training_sample(sample, self._training_points()), self.metric))
         ivf.clustering_index = None
         del clustering
         self._add_to_ivf(ivf, self._store.ids, self._store["vectors"])
@@ -283,10 +309,7 @@ class IVFPQIndex(BaseIndex):
             return
         faiss = import_faiss()
         ivf = faiss.deserialize_index(file.array("ivf"))
-        if not isinstance(ivf, faiss.IndexIVFPQ) or ivf.d != self.dim:
-            raise CorruptIndexError("the stored index is not an IVF-PQ index of this dimension")
-        if (ivf.nlist, ivf.pq.M, ivf.pq.nbits) != (self.nlist, self.m, self.nbits):
-            raise CorruptIndexError("the stored IVF-PQ parameters do not match the header")
+        self._check_restored(ivf)
         kind = faiss.IndexHNSWFlat if self.quantizer == "hnsw" else faiss.IndexFlat
         if not isinstance(faiss.downcast_index(ivf.quantizer), kind):
             raise CorruptIndexError("the stored IVF-PQ quantizer does not match the header")
