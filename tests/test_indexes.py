@@ -571,11 +571,11 @@ def test_choose_spec() -> None:
     assert hnsw_bytes(200_000, 1280, 16, 16) < 0.7 * 2**30 < hnsw_bytes(200_000, 1280, 16, 0)
     # From 500k on: an inverted file with float16 vectors, 8-bit codes when those do not fit.
     million = choose_spec(1_000_000, 1280, memory_budget_bytes=6 * 2**30)
-    assert million == ivf_spec(1_000_000) == "ivf:nlist=2048,nprobe=8,sq=16"
+    assert million == ivf_spec(1_000_000) == "ivf:nlist=2048,nprobe=4,sq=16"
     fp16, sq8 = ivf_bytes(1_000_000, 1280, 2048, 16), ivf_bytes(1_000_000, 1280, 2048, 8)
     assert 2.5 * 2**30 < fp16 < 3 * 2**30 and sq8 < 0.55 * fp16
     tight = choose_spec(1_000_000, 1280, memory_budget_bytes=(fp16 + sq8) // 2)
-    assert tight == "ivf:nlist=2048,nprobe=8,sq=8"
+    assert tight == "ivf:nlist=2048,nprobe=4,sq=8"
     # Too big for either: IVF-PQ codes.
     assert choose_spec(1_000_000, 1280, memory_budget_bytes=sq8 - 1).startswith("ivfpq:")
     assert "quantizer=hnsw" in choose_spec(50_000_000, 64, memory_budget_bytes=budget)

@@ -144,7 +144,7 @@ def ivf_bytes(n: int, dim: int, nlist: int, sq: int) -> int:
 
 def ivf_spec(n: int, sq: int = 16) -> str:
     """The IVF configuration lookalike uses from ``IVF_MIN_N`` vectors on (see
-    :func:`choose_spec`): ``nlist`` the power of two nearest ``2 * sqrt(n)``, ``nprobe=8``."""
+    :func:`choose_spec`): ``nlist`` the power of two nearest ``2 * sqrt(n)``, ``nprobe=4``."""
     nlist = 2 ** round(math.log2(max(1.0, 2 * math.sqrt(n))))
     nlist = max(16, min(65536, nlist))
     quantizer = ",quantizer=hnsw" if nlist >= _HNSW_QUANTIZER_NLIST else ""
@@ -157,7 +157,7 @@ _EF_AT_200K, _EF_AT_1M, _EF_MAX = 160, 384, 1024
 # From this many vectors on, IVF-PQ with float16 re-ranking beats the HNSW graph (whose walk
 # needs an ever longer candidate list as the collection grows): measured at 1M x 1280.
 IVF_MIN_N = 500_000
-_IVF_NPROBE = 8
+_IVF_NPROBE = 4
 # From this many clusters on, scanning the centroids costs more than an HNSW graph over them.
 _HNSW_QUANTIZER_NLIST = 8192
 _EF_EXPONENT = math.log(_EF_AT_1M / _EF_AT_200K) / math.log(5)
@@ -177,7 +177,7 @@ def choose_spec(n: int, dim: int, *, memory_budget_bytes: int) -> str:
     - ``n < 20_000``: ``exact`` (a scan of that many vectors takes milliseconds, recall 1).
     - from ``IVF_MIN_N`` (500k) vectors, while it fits the budget: an inverted file
       (:func:`ivf_spec`) with float16 vectors in its lists (8-bit codes when those do not fit),
-      ``nlist`` near ``2 sqrt(n)``, ``nprobe=8``. At 1M x 1280 it answered faster than the
+      ``nlist`` near ``2 sqrt(n)``, ``nprobe=4``. At 1M x 1280 it answered faster than the
       HNSW graph at higher recall and built several times faster
       (``benchmarks/results/ann_1m.md``): on embeddings dense with near-duplicates the graph
       walk needs a candidate list that grows with n, while a few clusters hold a query's

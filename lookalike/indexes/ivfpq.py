@@ -180,22 +180,53 @@ class IVFPQIndex(BaseIndex):
         ids = as_new_ids(ids, len(vectors))
         if not len(ids):
             return
-        stored = vectors.astype(self._stored_dtype, copy=False)
         if self._ivf is None:
-            self._store.upsert(ids, vectors=stored)
-            if len(self._store) >= self._train_size():
-                self.train()
-            return
-        self._ivf.remove_ids(ids)
+            if len(self._store) + len(ids) < self._train_size():
+                self._store.upsert(ids, vectors=vectors.astype(self._stored_dtype, copy=False))
+                return
+            # Enough to train: learn from a sample of the stored and the new vectors, then put
+            # the new ones straight into the lists (a big first batch is never staged whole).
+            self._store.remove(ids)
+            most = self._training_points()
+            sample = np.concatenate(
+                [_training_sample(self._store["vectors"], most), _training_sample(vectors, most)]
+            )
+            self.train(sample)
+        else:
+            self._ivf.remove_ids(ids)
         self._add_to_ivf(self._ivf, ids, vectors)
         if self.rerank:
-            self._store.upsert(ids, vectors=stored)
+            self._store.upsert(ids, vectors=vectors.astype(self._stored_dtype, copy=False))
 
     def _add_to_ivf(self, ivf: Any, ids: np.ndarray, vectors: np.ndarray) -> None:
-        """Add in chunks, so that no normalised float32 copy of a whole batch is ever made."""
+        """Add in chunks, so that no normalised float32 copy of a whole batch is ever made.
+
+        The lists are assigned first and each list's storage grown once to its final size:
+        growing them chunk by chunk would over-allocate by up to 2x (vector doubling)."""
+        if not len(ids):
+            return
+        faiss = import_faiss()
+        assign = np.empty(len(ids), dtype=np.int64)
         for start in range(0, len(ids), _ADD_CHUNK):
-            block = vectors[start : start + _ADD_CHUNK].astype(np.float32, copy=False)
-            ivf.add_with_ids(faiss_ready(block, self.metric), ids[start : start + _ADD_CHUNK])
+            block = faiss_ready(vectors[start : start + _ADD_CHUNK].astype(np.float32), self.metric)
+            assign[start : start + len(block)] = ivf.quantizer.search(block, 1)[1][:, 0]
+        lists = faiss.extract_index_ivf(ivf).invlists
+        counts = np.bincount(assign[assign >= 0], minlength=ivf.nlist)
+        for list_no in np.flatnonzero(counts).tolist():
+            size = lists.list_size(list_no)
+            lists.resize(list_no, size + int(counts[list_no]))
+            lists.resize(list_no, size)  # shrinking keeps the capacity
+        for start in range(0, len(ids), _ADD_CHUNK):
+            block = faiss_ready(vectors[start : start + _ADD_CHUNK].astype(np.float32), self.metric)
+            block = np.ascontiguousarray(block, dtype=np.float32)
+            chunk_ids = np.ascontiguousarray(ids[start : start + len(block)], dtype=np.int64)
+            chunk_assign = np.ascontiguousarray(assign[start : start + len(block)])
+            ivf.add_core(
+                len(block),
+                faiss.swig_ptr(block),
+                faiss.swig_ptr(chunk_ids),
+                faiss.swig_ptr(chunk_assign),
+            )
 
     def train(self, vectors: np.ndarray | None = None) -> None:
         """Train on ``vectors`` (or on the stored ones) and move stored vectors into the lists."""
@@ -226,9 +257,10 @@ class IVFPQIndex(BaseIndex):
         # vectors) for little gain in recall once candidates are re-ranked.
         ivf.cp.max_points_per_centroid = _COARSE_POINTS_PER_CENTROID
         ivf.cp.niter = 10
-        ivf.train(faiss_ready(_training_sample(sample, self._training_points()), self.metric))
+        training = _training_sample(sample, self._training_points())
+        ivf.train(faiss_ready(training, self.metric))
         ivf.clustering_index = None
-        del clustering
+        del clustering, training, sample
         self._add_to_ivf(ivf, self._store.ids, self._store["vectors"])
         self._ivf = ivf
         if not self.rerank:
