@@ -19,7 +19,7 @@ from typing import Any, ClassVar
 import numpy as np
 
 from lookalike.errors import CorruptIndexError, IndexSpecError
-from lookalike.indexes._common import Option, check_choice, check_int, import_faiss
+from lookalike.indexes._common import Option, check_int, import_faiss
 from lookalike.indexes.base import Metric
 from lookalike.indexes.ivfpq import (
     _COARSE_POINTS_PER_CENTROID,
@@ -51,13 +51,10 @@ class IVFIndex(IVFPQIndex):
         sq: int = 16,
         quantizer: str = "flat",
     ) -> None:
-        self._setup(dim, metric)
-        self.nlist = check_int(self.backend, "nlist", nlist, low=1, high=2**20)
-        self.nprobe = check_int(self.backend, "nprobe", nprobe, low=1, high=2**20)
+        self._setup_lists(dim, metric, nlist, nprobe, quantizer)
         self.sq = check_int(self.backend, "sq", sq, low=0, high=16)
         if self.sq not in SQ_CHOICES:
             raise IndexSpecError(f"ivf: sq must be one of 0|8|16, got {sq}")
-        self.quantizer = check_choice(self.backend, "quantizer", quantizer, ("flat", "hnsw"))
         self.rerank = 0  # the lists hold the vectors: scores need no second pass
         self._store = self._empty_store()
         self._ivf: Any = None

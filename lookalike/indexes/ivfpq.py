@@ -105,8 +105,7 @@ class IVFPQIndex(BaseIndex):
         sq: int = 0,
         quantizer: str = "flat",
     ) -> None:
-        self._setup(dim, metric)
-        self.nlist = check_int(self.backend, "nlist", nlist, low=1, high=2**20)
+        self._setup_lists(dim, metric, nlist, nprobe, quantizer)
         m = check_int(self.backend, "m", m, low=0, high=self.dim)
         if m and self.dim % m:
             raise IndexSpecError(
@@ -115,15 +114,22 @@ class IVFPQIndex(BaseIndex):
             )
         self.m = m or default_m(self.dim)
         self.nbits = check_int(self.backend, "nbits", nbits, low=1, high=16)
-        self.nprobe = check_int(self.backend, "nprobe", nprobe, low=1, high=2**20)
         self.rerank = check_int(self.backend, "rerank", rerank, low=0, high=100_000)
         self.sq = check_int(self.backend, "sq", sq, low=0, high=16)
         if self.sq not in _STORED_DTYPES:
             raise IndexSpecError(f"ivfpq: sq must be 0 or 16, got {sq}")
-        self.quantizer = check_choice(self.backend, "quantizer", quantizer, ("flat", "hnsw"))
         # Float vectors: everything before training, and afterwards only when re-ranking.
         self._store = self._empty_store()
         self._ivf: Any = None
+
+    def _setup_lists(
+        self, dim: int, metric: str | Metric, nlist: int, nprobe: int, quantizer: str
+    ) -> None:
+        """Validate and set what every inverted-file backend has: dim, metric, the clusters."""
+        self._setup(dim, metric)
+        self.nlist = check_int(self.backend, "nlist", nlist, low=1, high=2**20)
+        self.nprobe = check_int(self.backend, "nprobe", nprobe, low=1, high=2**20)
+        self.quantizer = check_choice(self.backend, "quantizer", quantizer, ("flat", "hnsw"))
 
     @property
     def _stored_dtype(self) -> type:
