@@ -128,10 +128,10 @@ def ivfpq_params(n: int, dim: int) -> dict[str, int]:
     return {"nlist": nlist, "nprobe": max(16, min(256, nlist // 64))}
 
 
-def ivfpq_bytes(n: int, dim: int, m: int, nlist: int, rerank: bool, *, sq: int = 0) -> int:
-    """Resident size: codes and ids, centroids and codebooks, optional float vectors (float32,
-    or float16 with ``sq=16``, with their ids and id lookup) for re-ranking, plus 10%."""
-    per_vector = m + 8 + ((2 if sq == 16 else 4) * dim + 24 if rerank else 0)
+def ivfpq_bytes(n: int, dim: int, m: int, nlist: int, rerank: bool) -> int:
+    """Resident size: codes and ids, centroids and codebooks, optional float vectors (with
+    their ids and id lookup) for re-ranking, plus 10%."""
+    per_vector = m + 8 + (4 * dim + 24 if rerank else 0)
     return int((n * per_vector + nlist * dim * 4 + 256 * dim * 4) * 1.1)
 
 

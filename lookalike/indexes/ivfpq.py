@@ -272,9 +272,6 @@ class IVFPQIndex(BaseIndex):
         if not self.rerank:
             self._store = self._empty_store()
 
-    def _stored_floats(self) -> np.ndarray:
-        return self._store["vectors"].astype(np.float32, copy=False)
-
     def remove(self, ids: np.ndarray) -> int:
         ids = np.asarray(ids, dtype=np.int64).reshape(-1)
         if self._ivf is None:
@@ -288,7 +285,8 @@ class IVFPQIndex(BaseIndex):
     def _run(self, queries: np.ndarray, width: int) -> tuple[np.ndarray, np.ndarray]:
         higher = self.metric.higher_is_better
         if self._ivf is None:
-            scores = score_matrix(queries, self._stored_floats(), self.metric)
+            floats = self._store["vectors"].astype(np.float32, copy=False)
+            scores = score_matrix(queries, floats, self.metric)
             positions, values = top_k(scores, width, higher_is_better=higher)
             return self._store.ids[positions], values
         faiss = import_faiss()
