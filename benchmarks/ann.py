@@ -61,9 +61,9 @@ try:
 except ImportError:  # run from a checkout without installing
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from lookalike.indexes import choose_spec, create_index, ivfpq_params, parse_spec
-from lookalike.indexes.base import Metric, l2_normalize
-from lookalike.indexes.ivfpq import default_m
+from lookalike.knn import choose_spec, create_index, ivfpq_params, parse_spec
+from lookalike.knn.base import Metric, l2_normalize
+from lookalike.knn.ivfpq import default_m
 
 RECALL_AT = 10
 GOAL_RECALL = 0.95

@@ -43,7 +43,7 @@ def real_vectors(cache: Path, dataset: Path):
     """Real Lite0 vectors of clothing-small (indexed once, then read from the cache)."""
     import numpy as np
 
-    from lookalike.collection import Collection
+    from lookalike.core.collection import Collection
 
     target = cache / "clothing-lite0.npy"
     if target.exists():
@@ -83,7 +83,7 @@ def prepare(folder: Path, n: int, real, seed: int) -> dict:
     import numpy as np
 
     from lookalike.catalog import ImageRecord
-    from lookalike.collection import Collection
+    from lookalike.core.collection import Collection
 
     info = folder / "planted.json"
     if info.exists():
@@ -128,7 +128,7 @@ def measure(folder: Path) -> None:
     """Run in a fresh process: one dedup of the collection, its time and memory as JSON."""
     from ann import memory_mib
 
-    from lookalike.collection import Collection
+    from lookalike.core.collection import Collection
     from lookalike.dedup import find_duplicates
 
     with Collection(folder) as collection:

@@ -205,8 +205,8 @@ def main() -> None:
     cache = Path(os.environ.get("LOOKALIKE_CACHE") or Path(tempfile.gettempdir()) / "lookalike")
     work = cache / f"dedup-accuracy-{args.sample}-{args.seed}"
 
-    from lookalike.collection import Collection
-    from lookalike.indexing import scan_folder
+    from lookalike.core.collection import Collection
+    from lookalike.core.ingest import scan_folder
 
     originals = list(scan_folder(args.dataset.resolve()))
     if not originals:

@@ -18,8 +18,8 @@ from pathlib import Path
 
 import numpy as np
 
+from lookalike.core.ingest import decode_file, scan_folder
 from lookalike.encoders import create_encoder
-from lookalike.indexing import decode_file, scan_folder
 
 DEFAULT_DATASET = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "clothing-small"
 

@@ -124,9 +124,9 @@ class Extractor:
 
 
 def _views(path: Path, config, crops: bool) -> list:
+    from lookalike.core.multicrop import query_crops
     from lookalike.encoders.preprocess import resize_for_model
     from lookalike.images import load_image
-    from lookalike.multicrop import query_crops
 
     image = load_image(path)
     views = query_crops(image) if crops else [image]
@@ -256,7 +256,7 @@ class Space:
 
     @classmethod
     def fit(cls, database, kind: str) -> Space:
-        from lookalike.vector_indexes import learn_whitening
+        from lookalike.core.derived import learn_whitening
 
         if kind == "raw":
             return cls(kind)

@@ -65,7 +65,7 @@ def lda_projection(x: np.ndarray, labels: np.ndarray, reg: float) -> tuple[np.nd
 def train_head(train, validation, classes, loss: str, epochs: int, seed: int = 0):
     import torch
 
-    from lookalike.finetune.head import HeadConfig, ProjectionHead
+    from lookalike.encoders.projection import HeadConfig, ProjectionHead
     from lookalike.finetune.train import TrainConfig, train_embedding
 
     head = ProjectionHead(HeadConfig(in_dim=train.vectors.shape[1]))
@@ -100,7 +100,7 @@ def main() -> None:
     args = parser.parse_args()
     os.environ.setdefault("LOOKALIKE_CACHE", str(Path(tempfile.gettempdir()) / "lookalike-bench"))
 
-    from lookalike.collection import Collection
+    from lookalike.core.collection import Collection
     from lookalike.evaluation.datasets import load_dataset
     from lookalike.finetune.workflow import choose_splits
     from lookalike.labelled import labelled_features
@@ -213,7 +213,7 @@ def main() -> None:
 def unfreeze_row(cache: Path, dataset, args) -> tuple:
     """Train supcon with the last stages unfrozen through the real workflow, then embed test
     and train images with the saved encoder."""
-    from lookalike.finetune.encoder import FinetunedEncoder, load_saved
+    from lookalike.encoders.finetuned import FinetunedEncoder, load_saved
     from lookalike.finetune.train import TrainConfig
     from lookalike.finetune.workflow import finetune_collection
 

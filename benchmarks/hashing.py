@@ -44,7 +44,7 @@ def parse_args() -> argparse.Namespace:
 
 def load_features(dataset: Path):
     """Labelled Lite0 features of the dataset from a cached collection."""
-    from lookalike.collection import Collection
+    from lookalike.core.collection import Collection
     from lookalike.evaluation.datasets import load_dataset
     from lookalike.labelled import labelled_features
 
@@ -110,7 +110,7 @@ def time_hamming(n_codes: int, n_queries: int) -> list[tuple[str, float, str]]:
     """ms per single query over n random 64-bit codes, one thread, per exact engine."""
     import faiss
 
-    from lookalike.indexes import create_index
+    from lookalike.knn import create_index
 
     faiss.omp_set_num_threads(1)
     rng = np.random.default_rng(0)

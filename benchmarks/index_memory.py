@@ -19,8 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
-from lookalike.indexes import create_index
-from lookalike.indexes.sharded import train_ivfpq
+from lookalike.knn import create_index
+from lookalike.knn.sharded import train_ivfpq
 
 
 def rss() -> int:

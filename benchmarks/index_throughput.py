@@ -20,10 +20,10 @@ import numpy as np
 import torch
 from PIL import Image
 
-from lookalike.collection import Collection
+from lookalike.core.collection import Collection
+from lookalike.core.ingest import scan_folder
 from lookalike.encoders import create_encoder
 from lookalike.encoders.efficientnet_lite import VARIANTS, load_pretrained
-from lookalike.indexing import scan_folder
 
 DEFAULT_DATASET = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "clothing-small"
 

@@ -26,10 +26,10 @@ except ImportError:  # run from a checkout without installing
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from lookalike.collection import Collection
-from lookalike.distributed import RayOptions
+from lookalike.core.collection import Collection
+from lookalike.core.ingest import scan_folder
+from lookalike.distributed.ray_executor import RayOptions
 from lookalike.encoders import create_encoder
-from lookalike.indexing import scan_folder
 
 DEFAULT_DATASET = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "clothing-small"
 RESULTS = Path(__file__).resolve().parent / "results" / "ray_index.md"

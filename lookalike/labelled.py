@@ -18,7 +18,7 @@ import numpy as np
 from lookalike.errors import LookalikeError
 
 if TYPE_CHECKING:
-    from lookalike.collection import Collection
+    from lookalike.core.collection import Collection
     from lookalike.evaluation.datasets import ImageDataset
 
 

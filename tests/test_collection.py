@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from conftest import PHOTO_NAMES, photo, variants
 
-from lookalike.collection import Collection
+from lookalike.core.collection import Collection
 from lookalike.errors import EmptyCollectionError, LookalikeError
 
 

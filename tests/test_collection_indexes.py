@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 from conftest import photo, variants
 
-from lookalike.collection import Collection
+from lookalike.core.collection import Collection
 from lookalike.errors import IndexSpecError
-from lookalike.indexes import ExactIndex, read_index_header
+from lookalike.knn import ExactIndex, read_index_header
 
 
 @pytest.fixture

@@ -15,8 +15,8 @@ import pytest
 from conftest import photo
 from PIL import Image, ImageEnhance, ImageOps
 
-from lookalike.cli import main
-from lookalike.collection import Collection
+from lookalike.cli.main import main
+from lookalike.core.collection import Collection
 from lookalike.dedup import (
     DEFAULT_THRESHOLDS,
     Method,

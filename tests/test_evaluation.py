@@ -14,6 +14,7 @@ import pytest
 from conftest import PHOTO_NAMES, photo, variants
 from PIL import Image
 
+from lookalike.cli.evaluation import add_eval_arguments, run_eval
 from lookalike.errors import LookalikeError
 from lookalike.evaluation import (
     ATTACKS,
@@ -39,7 +40,6 @@ from lookalike.evaluation import (
     score_matrix,
     split_protocol,
 )
-from lookalike.evaluation.cli import add_eval_arguments, run_eval
 from lookalike.evaluation.copydetect import parse_attacks, sample_sources
 from lookalike.evaluation.metrics import micro_precision_recall, recall_at_precision
 
@@ -518,7 +518,7 @@ def test_lookalike_eval_end_to_end(
 
 def test_importing_the_suite_does_no_heavy_work() -> None:
     code = (
-        "import sys, lookalike.evaluation, lookalike.evaluation.cli; "
+        "import sys, lookalike.evaluation, lookalike.cli.evaluation; "
         "heavy = [m for m in ('matplotlib', 'torch', 'onnxruntime') if m in sys.modules]; "
         "assert not heavy, heavy"
     )

@@ -13,14 +13,14 @@ from conftest import photo, unit
 from PIL import Image
 from test_refinement import DIM, IDENTITY, toy_catalog
 
-from lookalike.collection import Collection
+from lookalike.core.collection import Collection
+from lookalike.core.derived import CENTER_MIN_VECTORS, CatalogIndexes
+from lookalike.core.multicrop import merge_views, query_crops
 from lookalike.encoders import create_encoder
 from lookalike.encoders.efficientnet_lite import VARIANTS, load_pretrained
 from lookalike.encoders.preprocess import resize_for_model
 from lookalike.errors import EncoderError, LookalikeError
-from lookalike.indexes.base import Metric
-from lookalike.multicrop import merge_views, query_crops
-from lookalike.vector_indexes import CENTER_MIN_VECTORS, CatalogIndexes
+from lookalike.knn.base import Metric
 
 NAMES = ("coffee", "rocket", "astronaut")
 
@@ -184,7 +184,7 @@ def test_multi_crop_search_finds_a_photo_inside_a_larger_scene(
 def test_cli_pooling_whitening_and_multi_crop(
     photo_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from lookalike.cli import main
+    from lookalike.cli.main import main
 
     home = str(tmp_path / "collection")
     args = ["--collection", home, "index", str(photo_dir), "-q", "--workers", "0"]

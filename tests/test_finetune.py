@@ -12,12 +12,12 @@ import torch
 from conftest import photo, variants
 from PIL import ImageEnhance, ImageOps
 
-from lookalike.cli import main
-from lookalike.collection import Collection
+from lookalike.cli.main import main
+from lookalike.core.collection import Collection
 from lookalike.encoders import create_encoder
+from lookalike.encoders.projection import HeadConfig, ProjectionHead
 from lookalike.errors import FinetuneError
 from lookalike.evaluation.metrics import mean_average_precision
-from lookalike.finetune.head import HeadConfig, ProjectionHead
 from lookalike.finetune.losses import ArcFaceLoss, ContrastiveLoss, SupConLoss, TripletLoss
 from lookalike.finetune.mining import ClassBalancedSampler
 from lookalike.finetune.train import TrainConfig, embed_inputs, train_embedding

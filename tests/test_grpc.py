@@ -21,7 +21,7 @@ import pytest
 from conftest import photo
 from PIL import Image
 
-from lookalike.collection import Collection
+from lookalike.core.collection import Collection
 from lookalike.errors import LookalikeError
 from lookalike.server.grpc_server import MESSAGE_OVERHEAD, create_grpc_server
 from lookalike.server.protos import lookalike_v1_pb2 as v1

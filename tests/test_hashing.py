@@ -13,14 +13,14 @@ import pytest
 import torch
 from conftest import photo, variants
 
-from lookalike.cli import main
+from lookalike.cli.main import main
 from lookalike.errors import HashingError, HashModelMismatchError, ModelMismatchError
 from lookalike.hashing import train_head
 from lookalike.hashing.dch import cauchy_cross_entropy, cauchy_quantization
 from lookalike.hashing.evaluate import hamming_map
 from lookalike.hashing.hashnet import hashnet_pair_loss
 from lookalike.hashing.head import HashHead
-from lookalike.indexes import create_index
+from lookalike.knn import create_index
 
 KEY = "toy-model/head/64/000000000000"
 

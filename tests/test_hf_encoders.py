@@ -15,7 +15,7 @@ import torch
 import transformers
 from conftest import photo, unit
 
-from lookalike.collection import Collection
+from lookalike.core.collection import Collection
 from lookalike.encoders import create_encoder
 from lookalike.encoders.hf import HFEncoder, _quiet_transformers, preprocess_from_processor
 from lookalike.encoders.preprocess import resize_for_model
@@ -488,7 +488,7 @@ def test_text_is_refused_without_a_text_tower(
 def test_text_search_over_a_collection(
     checkpoints: dict[str, Checkpoint], photo_dir: Path, tmp_path: Path, capsys
 ) -> None:
-    from lookalike.cli import main
+    from lookalike.cli.main import main
 
     path = tmp_path / "clip-collection"
     with Collection(path, model=f"hf:{checkpoints['clip'].folder}") as collection:

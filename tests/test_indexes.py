@@ -20,7 +20,7 @@ from lookalike.errors import (
     IndexSpecError,
     VectorIndexError,
 )
-from lookalike.indexes import (
+from lookalike.knn import (
     choose_spec,
     create_index,
     hnsw_bytes,
@@ -29,13 +29,13 @@ from lookalike.indexes import (
     load_index,
     parse_spec,
 )
-from lookalike.indexes import hnsw as hnsw_module
-from lookalike.indexes._format import read_index_file
-from lookalike.indexes.base import Index, Metric
-from lookalike.indexes.binary import BinaryIndex
-from lookalike.indexes.exact import ExactIndex, score_matrix
-from lookalike.indexes.hnsw import HNSWIndex
-from lookalike.indexes.ivfpq import IVFPQIndex
+from lookalike.knn import hnsw as hnsw_module
+from lookalike.knn._format import read_index_file
+from lookalike.knn.base import Index, Metric
+from lookalike.knn.binary import BinaryIndex
+from lookalike.knn.exact import ExactIndex, score_matrix
+from lookalike.knn.hnsw import HNSWIndex
+from lookalike.knn.ivfpq import IVFPQIndex
 
 # Two shared cores: OpenMP spinning on a busy second core made faiss 10-50x slower.
 faiss.omp_set_num_threads(1)

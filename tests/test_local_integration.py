@@ -11,8 +11,8 @@ cv2 = pytest.importorskip("cv2")
 
 from conftest import photo  # noqa: E402
 
-from lookalike.cli import main  # noqa: E402
-from lookalike.collection import Collection  # noqa: E402
+from lookalike.cli.main import main  # noqa: E402
+from lookalike.core.collection import Collection  # noqa: E402
 from lookalike.local.features import DATABASE_CONFIG  # noqa: E402
 
 cv2.setNumThreads(1)

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from test_rest import TOKEN, LiveServer
 
-from lookalike.collection import Collection
+from lookalike.core.collection import Collection
 from lookalike.server.rest import create_app
 from lookalike.server.service import SearchService, ServiceLimits
 

@@ -95,7 +95,7 @@ def test_tokens_are_bounded_compact_and_round_trip(vit) -> None:
 def test_a_vit_collection_stores_patch_tokens_and_search_reranks_with_them(
     vit, photo_dir, tmp_path
 ) -> None:
-    from lookalike.collection import Collection
+    from lookalike.core.collection import Collection
     from lookalike.local.patches import patch_kind
 
     collection = Collection(tmp_path / "collection", model=vit.folder_name)

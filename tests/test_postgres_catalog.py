@@ -26,7 +26,7 @@ from lookalike.catalog import ImageRecord, SqliteCatalog, is_postgres_url, open_
 from lookalike.catalog.postgres import PostgresCatalog
 from lookalike.catalog.postgres_schema import MIGRATIONS as POSTGRES_MIGRATIONS
 from lookalike.catalog.schema import SCHEMA_VERSION
-from lookalike.collection import CATALOG_LINK, Collection
+from lookalike.core.collection import CATALOG_LINK, Collection
 from lookalike.encoders import EncoderIdentity, PreprocessConfig
 from lookalike.errors import CatalogError
 

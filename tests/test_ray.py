@@ -13,10 +13,10 @@ import pytest
 import ray
 from conftest import PHOTO_NAMES, photo, unit, variants
 
-from lookalike.collection import Collection
-from lookalike.distributed import ACTOR_PREFIX, RayOptions
+from lookalike.core.collection import Collection
+from lookalike.distributed.ray_executor import ACTOR_PREFIX, RayOptions
 from lookalike.errors import DistributedError
-from lookalike.indexes.sharded import build_shards, merge_shards, train_ivfpq
+from lookalike.knn.sharded import build_shards, merge_shards, train_ivfpq
 
 pytestmark = pytest.mark.slow  # a Ray cluster takes seconds to start
 

@@ -9,13 +9,13 @@ import pytest
 from conftest import require_dataset
 
 from lookalike.catalog import ImageRecord, SqliteCatalog
-from lookalike.collection import Collection
+from lookalike.core.collection import Collection
+from lookalike.core.derived import CENTER_MIN_VECTORS, CatalogIndexes
 from lookalike.encoders import EncoderIdentity, PreprocessConfig
 from lookalike.errors import LookalikeError
 from lookalike.evaluation import mean_average_precision
-from lookalike.indexes import read_index_header
-from lookalike.indexes.base import Metric
-from lookalike.vector_indexes import CENTER_MIN_VECTORS, CatalogIndexes
+from lookalike.knn import read_index_header
+from lookalike.knn.base import Metric
 
 DIM = 16
 IDENTITY = EncoderIdentity("toy", "head", DIM, "00" * 32, PreprocessConfig(8, (0, 0, 0), (1, 1, 1)))

@@ -17,7 +17,7 @@ import uvicorn
 from conftest import photo, variants
 from PIL import Image
 
-from lookalike.collection import Collection
+from lookalike.core.collection import Collection
 from lookalike.server.rest import create_app
 from lookalike.server.service import SearchService, ServiceLimits
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from conftest import require_dataset
 
-from lookalike.collection import Collection
+from lookalike.core.collection import Collection
 from lookalike.evaluation import average_precision, mean_average_precision
 
 

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 from lookalike.errors import CorruptIndexError, VectorIndexError
-from lookalike.indexes import Index, create_index, load_index
-from lookalike.indexes.sharded import (
+from lookalike.knn import Index, create_index, load_index
+from lookalike.knn.sharded import (
     ShardedIndex,
     build_shards,
     merge_shards,

@@ -113,18 +113,6 @@ def is_postgres_url(location: str | Path) -> bool:
     return isinstance(location, str) and location.lower().startswith(POSTGRES_SCHEMES)
 
 
-def open_catalog(location: str | Path) -> Catalog:
-    """The catalog at ``location``: a ``postgresql://`` (or ``postgres://``) URL opens a
-    PostgreSQL database, anything else is the path of a SQLite file."""
-    if is_postgres_url(location):
-        from lookalike.catalog.postgres import PostgresCatalog
-
-        return PostgresCatalog(str(location))
-    from lookalike.catalog.sqlite import SqliteCatalog
-
-    return SqliteCatalog(location)
-
-
 def chunks(items: list, size: int) -> Iterator[list]:
     """``items`` in consecutive slices of at most ``size``."""
     for start in range(0, len(items), size):

@@ -7,7 +7,7 @@ extension, else in ``bytea``; both read back as the same float32 arrays, bit for
 Several processes may write at once: each write is one transaction, rows are locked in a fixed
 order so writers do not deadlock (and the rare deadlock or serialisation failure is retried),
 and the generation counter is bumped under the settings row's lock, so every change gets its
-own generation number and :mod:`lookalike.vector_indexes` can tell its own change from anyone
+own generation number and :mod:`lookalike.core.derived` can tell its own change from anyone
 else's.
 """
 

@@ -41,7 +41,7 @@ from lookalike.dedup.grouping import (
 from lookalike.errors import DedupError, ImageError
 
 if TYPE_CHECKING:
-    from lookalike.collection import Collection
+    from lookalike.core.collection import Collection
     from lookalike.local.features import LocalFeatures
 
 
@@ -296,7 +296,7 @@ def _exact(collection, scope, threshold, min_inliers, workers, failed) -> list[D
 
 def _perceptual(collection, scope, threshold, min_inliers, workers, failed):
     from lookalike.dedup.perceptual import CACHE_FILE, PerceptualHashCache, hash_files
-    from lookalike.indexes.binary import popcount
+    from lookalike.knn.binary import popcount
 
     files = sorted((path, state.content_hash) for path, state in scope.states.items())
     cache = PerceptualHashCache(Path(collection.path) / CACHE_FILE)

@@ -136,7 +136,7 @@ def hamming_pairs(
     """(i, j, bits) of packed binary codes (uint8 rows) within ``distance`` bits, i < j, from
     k-NN searches of a faiss binary index (``mirrored`` codes are searched too, and a pair
     keeps its smaller distance)."""
-    from lookalike.indexes import create_index
+    from lookalike.knn import create_index
 
     codes = np.ascontiguousarray(codes, dtype=np.uint8)
     index = create_index("binary:packed=true,engine=faiss", dim=codes.shape[1] * 8)

@@ -22,7 +22,7 @@ from lookalike.dedup.finder import DuplicateGroup
 from lookalike.errors import DedupError
 
 if TYPE_CHECKING:
-    from lookalike.collection import Collection
+    from lookalike.core.collection import Collection
 
 PLANNED = "planned"
 MOVED = "moved"

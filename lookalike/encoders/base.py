@@ -1,11 +1,11 @@
-"""The Encoder protocol, the registry of encoders by name, and the shared embedding loop."""
+"""The Encoder protocol, what an encoder can do (its capabilities), and the shared embedding
+loop. Encoders are built by name through :mod:`lookalike.encoders.registry`."""
 
 from __future__ import annotations
 
-import importlib
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol, runtime_checkable
+from typing import Protocol, runtime_checkable
 
 import numpy as np
 
@@ -42,12 +42,30 @@ class EncoderIdentity:
         return key
 
 
+@dataclass(frozen=True)
+class EncoderCapabilities:
+    """What an encoder can do beyond embedding images; callers ask this instead of probing
+    for methods. ``text``: ``encode_text`` embeds text into the image space. ``patch_tokens``:
+    ``patch_tokens`` / ``patch_tokens_pixels`` give per-patch tokens for local matching.
+    ``poolings``: the pooling choices its factory takes as ``pooling=`` (empty: none)."""
+
+    text: bool = False
+    patch_tokens: bool = False
+    poolings: tuple[str, ...] = ()
+
+
+NO_CAPABILITIES = EncoderCapabilities()
+
+
 @runtime_checkable
 class Encoder(Protocol):
     """Turns images into float32 vectors of a fixed dimension."""
 
     identity: EncoderIdentity
     normalize: bool
+
+    @property
+    def capabilities(self) -> EncoderCapabilities: ...
 
     @property
     def dim(self) -> int: ...
@@ -63,6 +81,19 @@ class Encoder(Protocol):
         """Any images -> float32 [n, dim], L2-normalised when ``normalize`` is set."""
         ...
 
+    def encode_text(self, texts: Sequence[str]) -> np.ndarray:
+        """Texts -> float32 [n, dim] in the image space (``capabilities.text``), else
+        ``EncoderError``."""
+        ...
+
+    def patch_tokens(self, images: Sequence[ImageSource]) -> np.ndarray:
+        """Any images -> float32 [n, patches, token_dim] (``capabilities.patch_tokens``)."""
+        ...
+
+    def patch_tokens_pixels(self, pixels: np.ndarray) -> np.ndarray:
+        """Resized uint8 pixels -> float32 [n, patches, token_dim]."""
+        ...
+
 
 class EncoderBase:
     """Shared behaviour: decoding, batching and optional L2 normalisation."""
@@ -71,8 +102,28 @@ class EncoderBase:
     normalize: bool
 
     @property
+    def capabilities(self) -> EncoderCapabilities:
+        """Plain image embedding only, unless a subclass says more."""
+        return NO_CAPABILITIES
+
+    @property
     def dim(self) -> int:
         return self.identity.dim
+
+    def encode_text(self, texts: Sequence[str]) -> np.ndarray:
+        """Encoders without a text tower cannot embed text."""
+        raise EncoderError(
+            f"the model {self.identity.model} cannot embed text; text search needs a CLIP or "
+            "SigLIP model, e.g. --model hf:openai/clip-vit-base-patch32"
+        )
+
+    def patch_tokens(self, images: Sequence[ImageSource]) -> np.ndarray:
+        """Encoders without patch tokens say so."""
+        raise EncoderError(f"the model {self.identity.model} has no patch tokens")
+
+    def patch_tokens_pixels(self, pixels: np.ndarray) -> np.ndarray:
+        """Encoders without patch tokens say so."""
+        raise EncoderError(f"the model {self.identity.model} has no patch tokens")
 
     @property
     def preprocess(self) -> PreprocessConfig:
@@ -110,56 +161,3 @@ class EncoderBase:
             ]
             parts.append(self.embed_pixels(np.stack(pixels)))
         return np.concatenate(parts)
-
-
-EncoderFactory = Callable[..., Encoder]
-_REGISTRY: dict[str, EncoderFactory] = {}
-# Families whose names carry a model reference after a prefix ("hf:facebook/dinov2-small"):
-# prefix -> "module:function", imported only when such a name is asked for.
-_PREFIXES: dict[str, str] = {"hf:": "lookalike.encoders.hf:create_hf_encoder"}
-
-
-def register_encoder(name: str) -> Callable[[EncoderFactory], EncoderFactory]:
-    """Decorator that makes a factory available to ``create_encoder(name)``."""
-
-    def decorate(factory: EncoderFactory) -> EncoderFactory:
-        _REGISTRY[name] = factory
-        return factory
-
-    return decorate
-
-
-def _ensure_builtin_encoders() -> None:
-    # Imported lazily so that importing lookalike never pulls in torch.
-    from lookalike.encoders import efficientnet_lite  # noqa: F401
-
-
-def list_encoders() -> list[str]:
-    """Names accepted by ``create_encoder`` (plus any ``hf:<hub id or folder>``)."""
-    _ensure_builtin_encoders()
-    return sorted(_REGISTRY)
-
-
-def create_encoder(name: str, **options: Any) -> Encoder:
-    """Build a registered encoder, e.g. ``create_encoder("efficientnet-lite0", layer="head")``.
-
-    ``<base>+<name>`` names a fine-tuned encoder saved by ``lookalike finetune`` (found in the
-    ``search_dirs`` option's folders, then in ``$LOOKALIKE_HOME/encoders``).
-    """
-    if "+" in name:
-        from lookalike.finetune.encoder import create_finetuned_encoder
-
-        return create_finetuned_encoder(name, **options)
-    for prefix, target in _PREFIXES.items():
-        if name.startswith(prefix):
-            module_name, _, function = target.partition(":")
-            return getattr(importlib.import_module(module_name), function)(name, **options)
-    _ensure_builtin_encoders()
-    try:
-        factory = _REGISTRY[name]
-    except KeyError:
-        raise EncoderError(
-            f"unknown encoder {name!r}; available: {', '.join(sorted(_REGISTRY))}, "
-            "or hf:<hub id or folder>"
-        ) from None
-    return factory(**options)

@@ -11,17 +11,16 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 from torch.nn import functional as F
 
-from lookalike.encoders.base import EncoderBase, EncoderIdentity, register_encoder
+from lookalike.encoders.base import EncoderBase, EncoderCapabilities, EncoderIdentity
 from lookalike.encoders.preprocess import PreprocessConfig
 from lookalike.encoders.runtime import (
     OnnxRunner,
@@ -240,7 +239,7 @@ def load_pretrained(variant: LiteVariant) -> EfficientNetLite:
 # classes; "logits" is the classifier output, used to check the preprocessing is right.
 LAYERS = ("head", "stage7", "stage6", "stage5", "stage4", "logits")
 # The pooling an encoder uses unless told otherwise (collections choose GeM for new indexes,
-# see lookalike.collection.DEFAULT_POOLING and benchmarks/results/features.md).
+# see lookalike.core.collection.DEFAULT_POOLING and benchmarks/results/features.md).
 DEFAULT_POOLING = "avg"
 
 
@@ -389,6 +388,10 @@ class EfficientNetLiteEncoder(EncoderBase):
         else:
             raise EncoderError(f"unknown runtime {runtime!r}; choose auto, onnx or torch")
 
+    @property
+    def capabilities(self) -> EncoderCapabilities:
+        return EncoderCapabilities(poolings=POOLINGS)
+
     def _forward(self, pixels: np.ndarray) -> np.ndarray:
         return self._run(pixels)
 
@@ -397,12 +400,25 @@ class EfficientNetLiteEncoder(EncoderBase):
 _EXPORT_VERSION = 3
 
 
-def _factory(variant_name: str) -> Callable[..., EfficientNetLiteEncoder]:
-    def build(**options: Any) -> EfficientNetLiteEncoder:
-        return EfficientNetLiteEncoder(VARIANTS[variant_name], **options)
-
-    return build
-
-
-for _name in VARIANTS:
-    register_encoder(_name)(_factory(_name))
+def create_lite_encoder(
+    name: str,
+    *,
+    layer: str = "head",
+    pooling: str | None = None,
+    scales: str | Sequence[float] | None = None,
+    normalize: bool = True,
+    runtime: Runtime = "auto",
+    device: str = "auto",
+    threads: int | None = None,
+) -> EfficientNetLiteEncoder:
+    """The registry's factory for ``efficientnet-lite0/1/2``."""
+    return EfficientNetLiteEncoder(
+        VARIANTS[name],
+        layer=layer,
+        pooling=pooling,
+        scales=scales,
+        normalize=normalize,
+        runtime=runtime,
+        device=device,
+        threads=threads,
+    )

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from lookalike.encoders.base import EncoderBase, EncoderIdentity
+from lookalike.encoders.base import EncoderBase, EncoderCapabilities, EncoderIdentity
 from lookalike.encoders.preprocess import PreprocessConfig, resize_for_model
 from lookalike.encoders.runtime import TorchRunner, file_sha256, resolve_device
 from lookalike.errors import EncoderError
@@ -715,6 +715,12 @@ class HFEncoder(EncoderBase):
         return np.concatenate(parts)
 
     # -- text ---------------------------------------------------------------------------
+
+    @property
+    def capabilities(self) -> EncoderCapabilities:
+        """Every supported family is a vision transformer with patch tokens; CLIP's
+        ``embeds`` layer also embeds text."""
+        return EncoderCapabilities(text=self.supports_text, patch_tokens=True)
 
     @property
     def supports_text(self) -> bool:

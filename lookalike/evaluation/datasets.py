@@ -24,8 +24,8 @@ from pathlib import Path
 
 import numpy as np
 
+from lookalike.core.ingest import scan_folder
 from lookalike.errors import LookalikeError
-from lookalike.indexing import scan_folder
 
 PROTOCOLS: tuple[str, ...] = ("split", "leave-one-out")
 

@@ -7,9 +7,9 @@ encoder, ``<base>+<name>``, that every part of lookalike can use by that name. S
 
 Modules: :mod:`~lookalike.finetune.losses` (contrastive, triplet, SupCon, ArcFace),
 :mod:`~lookalike.finetune.mining` (pair and triplet mining, the class-balanced sampler),
-:mod:`~lookalike.finetune.head` (the projection head), :mod:`~lookalike.finetune.train` (the
+:mod:`~lookalike.encoders.projection` (the projection head), :mod:`~lookalike.finetune.train` (the
 training loop), :mod:`~lookalike.finetune.backbone` (activations for unfrozen stages),
-:mod:`~lookalike.finetune.encoder` (saving, finding and running fine-tuned encoders) and
+:mod:`~lookalike.encoders.finetuned` (saving, finding and running fine-tuned encoders) and
 :mod:`~lookalike.finetune.workflow` (the whole run on a collection).
 """
 

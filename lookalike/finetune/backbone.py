@@ -100,7 +100,7 @@ def cache_activations(
     """float16 [n, c, h, w]: the activations entering ``stage`` for each image file, each file
     decoded once. Raises ``FinetuneError`` when a file cannot be decoded (the collection
     indexed it, so it changed since) or the cache would be too large."""
-    from lookalike.indexing import decode_all
+    from lookalike.core.ingest import decode_all
 
     config = lite_preprocess(variant)
     normalise = PooledFeatures(network, "head", config)

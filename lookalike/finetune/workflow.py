@@ -12,8 +12,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from lookalike.errors import FinetuneError
-from lookalike.finetune.encoder import (
+from lookalike.encoders.finetuned import (
     ENCODERS_DIR,
     BaseInfo,
     SavedEncoder,
@@ -25,7 +24,8 @@ from lookalike.finetune.encoder import (
     load_saved,
     save_finetuned,
 )
-from lookalike.finetune.head import HeadConfig, ProjectionHead
+from lookalike.encoders.projection import HeadConfig, ProjectionHead
+from lookalike.errors import FinetuneError
 from lookalike.finetune.train import EpochCallback, TrainConfig, TrainResult, train_embedding
 
 if TYPE_CHECKING:
@@ -125,6 +125,7 @@ def finetune_collection(
     train_split: str = "train",
     validation_split: str | None = None,
     runtime: str = "auto",
+    db: str | None = None,
     install: bool = False,
     overwrite: bool = False,
     progress: ProgressCallback | None = None,
@@ -136,13 +137,14 @@ def finetune_collection(
     model). The dataset's folder is indexed into the collection with the base first (only
     what is missing), and the collection's active model is left as it was. ``progress``
     gets (stage, done, total) for indexing and caching; ``on_epoch`` every epoch's report.
-    ``install`` also copies the encoder to ``$LOOKALIKE_HOME/encoders``.
+    ``install`` also copies the encoder to ``$LOOKALIKE_HOME/encoders``. ``db`` names the
+    collection's catalog when it is not the folder's own (see :class:`Collection`).
     """
-    from lookalike.collection import DEFAULT_MODEL, Collection
+    from lookalike.core.collection import DEFAULT_MODEL, Collection
     from lookalike.labelled import labelled_features
 
     collection_path = Path(collection_path)
-    with Collection(collection_path, runtime=runtime) as current:
+    with Collection(collection_path, db=db, runtime=runtime) as current:
         previous = (current.catalog.get_setting("model"), current.catalog.get_setting("layer"))
         base_model, base_layer = model or current.model_name, layer or current.layer
     if model is None and is_finetuned_name(base_model):
@@ -155,7 +157,9 @@ def finetune_collection(
         raise FinetuneError(f"{full_name} already exists in {folder.parent}; pass --overwrite")
     head_config = HeadConfig(in_dim=1, dim=dim, hidden=hidden, dropout=dropout)  # checks sizes
 
-    with Collection(collection_path, model=base_model, layer=base_layer, runtime=runtime) as coll:
+    with Collection(
+        collection_path, db=db, model=base_model, layer=base_layer, runtime=runtime
+    ) as coll:
         try:
             features = labelled_features(
                 coll, dataset, progress=_stage(progress, "index") if progress else None

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from lookalike.evaluation.metrics import mean_average_precision, precision_recall_curve
-from lookalike.indexes.binary import hamming_matrix
+from lookalike.knn.binary import hamming_matrix
 
 
 def tie_breaking_order(n: int, seed: int = 0) -> np.ndarray:

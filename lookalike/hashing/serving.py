@@ -28,12 +28,12 @@ from lookalike.errors import (
 from lookalike.hashing import METHODS, TrainLog, train_head
 from lookalike.hashing.evaluate import hamming_map
 from lookalike.hashing.head import HashHead, l2_normalize
-from lookalike.indexes.base import Metric
+from lookalike.knn.base import Metric
 
 if TYPE_CHECKING:
-    from lookalike.collection import Collection, SearchResponse
+    from lookalike.core.collection import Collection, SearchResponse
     from lookalike.evaluation.datasets import ImageDataset
-    from lookalike.indexes.binary import BinaryIndex
+    from lookalike.knn.binary import BinaryIndex
 
 HASHING_FOLDER = "hashing"
 HEAD_SUFFIX = ".npz"
@@ -198,8 +198,8 @@ class CollectionHashing:
         return index
 
     def _load_codes(self, name: str, head: HashHead, generation: int) -> BinaryIndex | None:
-        from lookalike.indexes import load_index, read_index_header
-        from lookalike.indexes.binary import BinaryIndex
+        from lookalike.knn import load_index, read_index_header
+        from lookalike.knn.binary import BinaryIndex
 
         path = self.codes_path(name)
         if not path.exists():
@@ -216,7 +216,7 @@ class CollectionHashing:
         return index
 
     def _rebuild_codes(self, name: str, head: HashHead, generation: int) -> BinaryIndex:
-        from lookalike.indexes.binary import BinaryIndex
+        from lookalike.knn.binary import BinaryIndex
 
         ids, vectors = self.collection.catalog.vectors(self.collection.model_id)
         index = BinaryIndex(dim=head.bits, packed=True, engine=engine_for(len(ids)))
@@ -241,7 +241,7 @@ class CollectionHashing:
         self, vector: np.ndarray, *, name: str, k: int = 10, rerank: int = 0
     ) -> SearchResponse:
         """Like :meth:`search` for a raw vector of the collection's encoder."""
-        from lookalike.collection import SearchResponse
+        from lookalike.core.collection import SearchResponse
 
         if k < 1:
             raise LookalikeError(f"k must be at least 1, got {k}")
@@ -270,7 +270,7 @@ class CollectionHashing:
         return SearchResponse(self._results(ids[:k], scores[:k]), metric)
 
     def _results(self, ids: np.ndarray, scores: np.ndarray) -> list:
-        from lookalike.collection import SearchResult
+        from lookalike.core.collection import SearchResult
 
         records = self.collection.catalog.images(ids.tolist())
         return [

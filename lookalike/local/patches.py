@@ -23,7 +23,7 @@ from lookalike.local.errors import CorruptLocalFeaturesError, LocalFeaturesError
 from lookalike.local.matching import RerankRule
 
 if TYPE_CHECKING:
-    from lookalike.collection import Collection, SearchResponse
+    from lookalike.core.collection import Collection, SearchResponse
 
 _MAGIC = b"LKPT"
 _VERSION = 1

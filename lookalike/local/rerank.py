@@ -11,7 +11,7 @@ from PIL import Image, ImageOps
 
 from lookalike.errors import LookalikeError
 from lookalike.images import ImageSource, load_image
-from lookalike.indexes.base import Metric
+from lookalike.knn.base import Metric
 from lookalike.local.errors import CorruptLocalFeaturesError
 from lookalike.local.features import (
     DATABASE_CONFIG,
@@ -23,7 +23,7 @@ from lookalike.local.features import (
 from lookalike.local.matching import DEFAULT_RULE, RerankRule, rerank
 
 if TYPE_CHECKING:
-    from lookalike.collection import Collection, SearchResponse
+    from lookalike.core.collection import Collection, SearchResponse
 
 # The catalog setting that names the kind of local features a collection stores.
 LOCAL_FEATURES_SETTING = "local_features"

@@ -24,7 +24,7 @@ import grpc
 import numpy as np
 from PIL import Image
 
-from lookalike.collection import SearchResponse
+from lookalike.core.collection import SearchResponse
 from lookalike.errors import (
     AuthError,
     EmptyCollectionError,
@@ -34,7 +34,7 @@ from lookalike.errors import (
     RequestError,
     VectorIndexError,
 )
-from lookalike.indexes.base import Metric
+from lookalike.knn.base import Metric
 from lookalike.server.protos import lookalike_v1_pb2 as v1
 from lookalike.server.protos import lookalike_v1_pb2_grpc as v1_grpc
 from lookalike.server.protos import similar_image_pb2 as classic

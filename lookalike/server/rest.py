@@ -21,7 +21,7 @@ from fastapi.responses import FileResponse, HTMLResponse, JSONResponse
 from pydantic import BaseModel, Field
 from starlette.concurrency import run_in_threadpool
 
-from lookalike.collection import Collection, SearchResponse, parse_where
+from lookalike.core.collection import Collection, SearchResponse, parse_where
 from lookalike.errors import (
     AuthError,
     DecompressionBombError,

@@ -21,10 +21,10 @@ import numpy as np
 from PIL import Image
 
 from lookalike.catalog import ImageRecord
-from lookalike.collection import Collection, SearchResponse
+from lookalike.core.collection import Collection, SearchResponse
 from lookalike.errors import AuthError, NotFoundError, RequestError
 from lookalike.images import ImageSource, load_image
-from lookalike.indexes.base import Metric
+from lookalike.knn.base import Metric
 
 UPLOADS = "uploads"
 

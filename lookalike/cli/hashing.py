@@ -80,15 +80,14 @@ def run_hash(args: argparse.Namespace) -> int:
 
 
 def _open(args: argparse.Namespace) -> Any:
-    from lookalike.cli import _collection_path
-    from lookalike.collection import Collection
+    from lookalike.cli.common import open_collection
     from lookalike.hashing.serving import CollectionHashing
 
-    return CollectionHashing(Collection(_collection_path(args.collection)))
+    return CollectionHashing(open_collection(args))
 
 
 def _train(args: argparse.Namespace) -> int:
-    from lookalike.cli import ProgressBars
+    from lookalike.cli.common import ProgressBars
     from lookalike.evaluation.datasets import load_dataset
 
     dataset = load_dataset(args.dataset, csv_file=args.csv)

@@ -12,8 +12,8 @@ from typing import Any, ClassVar, TypeVar
 import numpy as np
 
 from lookalike.errors import CorruptIndexError, IndexSpecError, VectorIndexError
-from lookalike.indexes._format import IndexFile, read_index_file, write_index_file
-from lookalike.indexes.base import Metric, SearchHits, as_ids
+from lookalike.knn._format import IndexFile, read_index_file, write_index_file
+from lookalike.knn.base import Metric, SearchHits, as_ids
 
 _TRUE = frozenset({"1", "true", "yes", "on"})
 _FALSE = frozenset({"0", "false", "no", "off"})

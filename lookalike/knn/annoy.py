@@ -17,7 +17,7 @@ from typing import Any, ClassVar
 import numpy as np
 
 from lookalike.errors import CorruptIndexError, VectorIndexError
-from lookalike.indexes._common import (
+from lookalike.knn._common import (
     Option,
     RowStore,
     RowStoreIndex,
@@ -25,8 +25,8 @@ from lookalike.indexes._common import (
     check_int,
     search_rows,
 )
-from lookalike.indexes._format import IndexFile
-from lookalike.indexes.base import Metric, SearchHits, as_vectors
+from lookalike.knn._format import IndexFile
+from lookalike.knn.base import Metric, SearchHits, as_vectors
 
 _ANNOY_METRIC = {Metric.COSINE: "angular", Metric.EUCLIDEAN: "euclidean", Metric.DOT: "dot"}
 

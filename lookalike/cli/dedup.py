@@ -77,16 +77,16 @@ def add_dedup_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run_dedup(args: argparse.Namespace) -> int:
     """Run ``lookalike dedup`` with parsed arguments; prints the groups."""
-    from lookalike.cli import _collection_path
-    from lookalike.collection import Collection
+    from lookalike.cli.common import collection_path, database_url
+    from lookalike.core.collection import Collection
     from lookalike.dedup.finder import find_duplicates
     from lookalike.dedup.moving import apply_moves, plan_moves
     from lookalike.errors import DedupError
 
     if args.apply and not args.move_to:
         raise DedupError("--apply carries out --move-to; give --move-to DIR too")
-    folder, collection_path = _target(args, _collection_path)
-    with Collection(collection_path, runtime=args.runtime) as collection:
+    folder, collection_path = _target(args, collection_path)
+    with Collection(collection_path, db=database_url(args), runtime=args.runtime) as collection:
         if folder is not None:
             _index(collection, folder, args)
         report = find_duplicates(
@@ -123,7 +123,7 @@ def _target(args: argparse.Namespace, collection_path: Any) -> tuple[Path | None
 
 
 def _index(collection: Any, folder: Path, args: argparse.Namespace) -> None:
-    from lookalike.cli import ProgressBars
+    from lookalike.cli.common import ProgressBars
 
     with ProgressBars(quiet=args.quiet) as bars:
         report = collection.index(folder, workers=args.workers, progress=bars.stage())

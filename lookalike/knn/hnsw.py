@@ -41,7 +41,7 @@ from typing import Any, ClassVar
 import numpy as np
 
 from lookalike.errors import CorruptIndexError, IndexSpecError
-from lookalike.indexes._common import (
+from lookalike.knn._common import (
     BaseIndex,
     Option,
     as_new_ids,
@@ -49,9 +49,9 @@ from lookalike.indexes._common import (
     import_faiss,
     search_rows,
 )
-from lookalike.indexes._format import IndexFile
-from lookalike.indexes.base import Metric, SearchHits, as_vectors
-from lookalike.indexes.exact import faiss_metric, faiss_ready, faiss_scores
+from lookalike.knn._format import IndexFile
+from lookalike.knn.base import Metric, SearchHits, as_vectors
+from lookalike.knn.exact import faiss_metric, faiss_ready, faiss_scores
 
 _COMPACT_FRACTION = 0.25
 _COMPACT_MIN_DELETED = 256

@@ -96,7 +96,7 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run_eval(args: argparse.Namespace) -> int:
     """Run ``lookalike eval``; returns the exit status (errors raise LookalikeError)."""
-    from lookalike.cli import ProgressBars
+    from lookalike.cli.common import ProgressBars
     from lookalike.encoders import create_encoder
     from lookalike.evaluation.datasets import load_dataset, make_task
     from lookalike.evaluation.report import run_evaluation
@@ -135,8 +135,8 @@ def run_eval(args: argparse.Namespace) -> int:
 def _copy_detection_database(args: argparse.Namespace) -> tuple[list[Path], dict[str, object]]:
     """The images to attack and search among: the database split when the dataset has it
     (unless --protocol leave-one-out), else every image; a folder needs no class layout."""
+    from lookalike.core.ingest import scan_folder
     from lookalike.evaluation.datasets import load_dataset
-    from lookalike.indexing import scan_folder
 
     source = Path(args.dataset)
     try:
@@ -161,7 +161,7 @@ def _copy_detection_database(args: argparse.Namespace) -> tuple[list[Path], dict
 
 
 def _run_copy_detection(args: argparse.Namespace) -> int:
-    from lookalike.cli import ProgressBars
+    from lookalike.cli.common import ProgressBars
     from lookalike.encoders import create_encoder
     from lookalike.evaluation.copydetect import parse_attacks, run_copy_detection
     from lookalike.evaluation.report import encoder_info, write_report

@@ -19,7 +19,7 @@ import json
 import os
 import re
 import shutil
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,10 +28,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from lookalike.encoders.base import EncoderBase, EncoderIdentity, create_encoder
+from lookalike.encoders.base import Encoder, EncoderBase, EncoderIdentity
+from lookalike.encoders.projection import HeadConfig, ProjectionHead
 from lookalike.encoders.runtime import file_sha256
 from lookalike.errors import EncoderError, FinetuneError
-from lookalike.finetune.head import HeadConfig, ProjectionHead
 
 FORMAT_VERSION = 1
 MANIFEST = "encoder.json"
@@ -250,6 +250,7 @@ class FinetunedEncoder(EncoderBase):
         self,
         saved: SavedEncoder,
         *,
+        create_base: Callable[..., Encoder],
         normalize: bool = True,
         runtime: str = "auto",
         device: str = "auto",
@@ -266,7 +267,7 @@ class FinetunedEncoder(EncoderBase):
         if saved.unfrozen_stages:
             preprocess = self._build_network(runtime, device, threads)
         else:
-            self.base = create_encoder(
+            self.base = create_base(
                 saved.base.model,
                 normalize=False,
                 runtime=runtime,
@@ -365,6 +366,7 @@ def _load_into(module: nn.Module, state: dict[str, torch.Tensor], path: Path) ->
 def create_finetuned_encoder(
     name: str,
     *,
+    create_base: Callable[..., Encoder],
     search_dirs: Sequence[str | Path] = (),
     layer: str | None = None,
     pooling: str | None = None,
@@ -389,4 +391,4 @@ def create_finetuned_encoder(
 
         if parse_scales(scales) != saved.base.scales:
             raise FinetuneError(f"{name} was trained at scales {saved.base.scales}, not {scales}")
-    return FinetunedEncoder(saved, **options)
+    return FinetunedEncoder(saved, create_base=create_base, **options)

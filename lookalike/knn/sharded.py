@@ -26,10 +26,10 @@ from typing import Any, Literal
 import numpy as np
 
 from lookalike.errors import CorruptIndexError, VectorIndexError
-from lookalike.indexes._common import check_k, import_faiss, make_hits
-from lookalike.indexes.base import Index, Metric, SearchHits, as_ids, as_vectors
-from lookalike.indexes.exact import top_k
-from lookalike.indexes.ivfpq import IVFPQIndex
+from lookalike.knn._common import check_k, import_faiss, make_hits
+from lookalike.knn.base import Index, Metric, SearchHits, as_ids, as_vectors
+from lookalike.knn.exact import top_k
+from lookalike.knn.ivfpq import IVFPQIndex
 
 Part = tuple[np.ndarray, np.ndarray]  # ids, vectors
 MANIFEST_FORMAT = "lookalike.sharded"
@@ -90,7 +90,7 @@ def build_shards(
 
 def fill_shard(template: np.ndarray, ids: np.ndarray, vectors: np.ndarray, metric: Metric):
     """A serialised copy of the trained ``template`` holding these vectors (runs in a worker)."""
-    from lookalike.indexes.exact import faiss_ready
+    from lookalike.knn.exact import faiss_ready
 
     faiss = import_faiss()
     ivf = faiss.deserialize_index(template)
@@ -188,7 +188,7 @@ class ShardedIndex:
     @classmethod
     def load(cls, path: str | Path) -> ShardedIndex:
         """Load a sharded index written by ``save``."""
-        from lookalike.indexes import load_index
+        from lookalike.knn import load_index
 
         path = Path(path)
         try:
@@ -210,7 +210,7 @@ def _shard(trained: IVFPQIndex, blob: np.ndarray, part: Part) -> IVFPQIndex:
 
 
 def _fill_on_ray(template: np.ndarray, parts: list[Part], metric: Metric) -> list[np.ndarray]:
-    from lookalike.distributed import ray_session
+    from lookalike.distributed.ray_executor import ray_session
 
     with ray_session(None) as ray:
         task = ray.remote(fill_shard)

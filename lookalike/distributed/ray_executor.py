@@ -27,12 +27,12 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from lookalike.core.ingest import Decoded, IndexReport, ProgressCallback, decode_file
 from lookalike.errors import DistributedError, LookalikeError, ModelMismatchError
-from lookalike.indexing import Decoded, IndexReport, ProgressCallback, decode_file
 
 if TYPE_CHECKING:
     from lookalike.catalog import FileState
-    from lookalike.collection import Collection
+    from lookalike.core.collection import Collection
     from lookalike.local.features import SiftConfig
 
 ACTOR_PREFIX = "lookalike-embed"
@@ -103,7 +103,7 @@ class EmbedWorker:
     def __init__(
         self, model: str, encoder_options: dict[str, Any], local: SiftConfig | None
     ) -> None:
-        from lookalike.encoders.base import create_encoder
+        from lookalike.encoders.registry import create_encoder
 
         self.encoder = create_encoder(model, **encoder_options)
         self.local = local

@@ -13,18 +13,14 @@ import numpy as np
 from PIL import Image
 
 from lookalike.catalog import Catalog, FileState, ImageRecord, SqliteCatalog, open_catalog
-from lookalike.encoders.base import Encoder, create_encoder
-from lookalike.errors import (
-    EmptyCollectionError,
-    EncoderError,
-    LookalikeError,
-    ModelMismatchError,
-    NotAnImageError,
-    RequestError,
+from lookalike.core.derived import (
+    AUTO,
+    WHITENING_SETTING,
+    CatalogIndexes,
+    PreparedIndex,
+    parse_whitening,
 )
-from lookalike.images import ImageSource
-from lookalike.indexes.base import Metric
-from lookalike.indexing import (
+from lookalike.core.ingest import (
     Decoded,
     IndexReport,
     ProgressCallback,
@@ -34,16 +30,21 @@ from lookalike.indexing import (
     read_metadata_csv,
     scan_folder,
 )
-from lookalike.vector_indexes import (
-    AUTO,
-    WHITENING_SETTING,
-    CatalogIndexes,
-    PreparedIndex,
-    parse_whitening,
+from lookalike.encoders.base import Encoder
+from lookalike.encoders.registry import create_encoder
+from lookalike.errors import (
+    EmptyCollectionError,
+    EncoderError,
+    LookalikeError,
+    ModelMismatchError,
+    NotAnImageError,
+    RequestError,
 )
+from lookalike.images import ImageSource
+from lookalike.knn.base import Metric
 
 if TYPE_CHECKING:
-    from lookalike.distributed import RayOptions
+    from lookalike.distributed.ray_executor import RayOptions
     from lookalike.local.features import SiftConfig
 
 DEFAULT_MODEL = "efficientnet-lite0"
@@ -151,7 +152,7 @@ class Collection:
         self.pooling = pooling or self.catalog.get_setting("pooling") or self._default_pooling()
         self.scales = scales or self.catalog.get_setting("scales") or None
         if index_spec is not None and index_spec != AUTO:
-            from lookalike.indexes import parse_spec
+            from lookalike.knn import parse_spec
 
             parse_spec(index_spec)  # a bad spec fails now, not at the first search
         if index_spec is not None:
@@ -252,7 +253,7 @@ class Collection:
         without them are decoded again once to add them.
 
         ``ray`` decodes and embeds on a Ray cluster instead of in this process (see
-        :mod:`lookalike.distributed`); the catalog is written here either way.
+        :mod:`lookalike.distributed.ray_executor`); the catalog is written here either way.
         """
         started = time.perf_counter()
         root = Path(folder).resolve()
@@ -292,7 +293,7 @@ class Collection:
         if ray is None:
             self._embed_files(todo, known, report, batch_size, workers, progress, local)
         else:
-            from lookalike.distributed import embed_files_on_ray
+            from lookalike.distributed.ray_executor import embed_files_on_ray
 
             embed_files_on_ray(
                 self,
@@ -477,7 +478,7 @@ class Collection:
         against their stored local features (see ``index(local_features=True)``) and moves
         verified copies up (:func:`lookalike.local.matching.rerank`); cosine only.
         ``multi_crop`` also searches with the query's centre and corner crops and keeps each
-        image's best score (:mod:`lookalike.multicrop`; six embeddings per query).
+        image's best score (:mod:`lookalike.core.multicrop`; six embeddings per query).
         """
         if rerank < 0:
             raise LookalikeError(f"rerank must be 0 or more, got {rerank}")
@@ -503,10 +504,10 @@ class Collection:
         return _cut(response, k, threshold)
 
     def _search_crops(self, query: ImageSource, k: int, options: dict[str, Any]) -> SearchResponse:
-        """Search with every view of ``query`` (:func:`lookalike.multicrop.query_crops`);
+        """Search with every view of ``query`` (:func:`lookalike.core.multicrop.query_crops`);
         each image keeps its best score over the views; no threshold applied yet."""
+        from lookalike.core.multicrop import query_crops
         from lookalike.images import load_image
-        from lookalike.multicrop import query_crops
 
         image = query if isinstance(query, Image.Image) else load_image(query)
         vectors = self.encoder.embed(query_crops(image))

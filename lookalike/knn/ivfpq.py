@@ -30,7 +30,7 @@ from typing import Any, ClassVar
 import numpy as np
 
 from lookalike.errors import CorruptIndexError, IndexSpecError, VectorIndexError
-from lookalike.indexes._common import (
+from lookalike.knn._common import (
     BaseIndex,
     Option,
     RowStore,
@@ -40,9 +40,9 @@ from lookalike.indexes._common import (
     import_faiss,
     search_rows,
 )
-from lookalike.indexes._format import IndexFile
-from lookalike.indexes.base import Metric, SearchHits, as_vectors
-from lookalike.indexes.exact import faiss_metric, faiss_ready, faiss_scores, score_matrix, top_k
+from lookalike.knn._format import IndexFile
+from lookalike.knn.base import Metric, SearchHits, as_vectors
+from lookalike.knn.exact import faiss_metric, faiss_ready, faiss_scores, score_matrix, top_k
 
 _POINTS_PER_CENTROID = 16
 _RERANK_CHUNK = 64

@@ -6,84 +6,24 @@ import argparse
 import json
 import os
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict
-from pathlib import Path
-from typing import Any
 
+from lookalike.cli.common import (
+    COLLECTION_ENV,
+    DB_ENV,
+    ProgressBars,
+    collection_path,
+    database_url,
+    open_collection,
+)
 from lookalike.errors import LookalikeError
-
-COLLECTION_ENV = "LOOKALIKE_COLLECTION"
-DB_ENV = "LOOKALIKE_DB"
-
-
-def _collection_path(value: str | None) -> Path:
-    from lookalike.collection import default_collection_dir
-
-    value = value or os.environ.get(COLLECTION_ENV)
-    if not value:
-        return default_collection_dir()
-    # A bare name is a collection under the data folder; anything path-like is used as given.
-    if os.sep in value or value.startswith(".") or Path(value).is_dir():
-        return Path(value)
-    return default_collection_dir(value)
-
-
-def _open(args: argparse.Namespace, **options):
-    from lookalike.collection import Collection
-
-    return Collection(_collection_path(args.collection), db=_db(args), **options)
-
-
-def _db(args: argparse.Namespace) -> str | None:
-    return args.db or os.environ.get(DB_ENV) or None
-
-
-class ProgressBars:
-    """Progress bars on stderr for the library's progress callbacks, one a stage, each shown
-    from its stage's first report; none at all when ``quiet``. Every ``lookalike`` subcommand
-    shows its progress through one of these."""
-
-    def __init__(self, *, quiet: bool = False) -> None:
-        self.quiet = quiet
-        self._bars: dict[str | None, Any] = {}
-
-    def update(self, stage: str | None, done: int, total: int, *, unit: str = "img") -> None:
-        """Show ``done`` of ``total`` on the bar of ``stage`` (a ``(stage, done, total)``
-        progress callback)."""
-        if self.quiet:
-            return
-        bar = self._bars.get(stage)
-        if bar is None:
-            from tqdm import tqdm
-
-            bar = self._bars[stage] = tqdm(
-                total=total, desc=stage, unit=unit, dynamic_ncols=True, file=sys.stderr
-            )
-        bar.total = total
-        bar.update(done - bar.n)  # tqdm itself limits how often it redraws
-
-    def stage(self, stage: str | None = None, *, unit: str = "img") -> Callable[[int, int], None]:
-        """A ``(done, total)`` progress callback for the bar of one stage."""
-        return lambda done, total: self.update(stage, done, total, unit=unit)
-
-    def close(self) -> None:
-        """End every bar shown so far; a later report starts a new one."""
-        for bar in self._bars.values():
-            bar.close()
-        self._bars.clear()
-
-    def __enter__(self) -> ProgressBars:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
 
 def _cmd_index(args: argparse.Namespace) -> int:
     options = {"model": args.model, "layer": args.layer, "runtime": args.runtime}
     options |= {"pooling": args.pooling, "scales": args.scales, "whitening": args.whiten}
-    with _open(args, index_spec=args.index, **options) as collection:
+    with open_collection(args, index_spec=args.index, **options) as collection:
         with ProgressBars(quiet=args.quiet) as bars:
             report = collection.index(
                 args.folder,
@@ -109,20 +49,20 @@ def _cmd_index(args: argparse.Namespace) -> int:
 def _ray_options(args: argparse.Namespace):
     if args.ray is None:
         return None
-    from lookalike.distributed import RayOptions
+    from lookalike.distributed.ray_executor import RayOptions
 
     return RayOptions(address=args.ray or None, workers=args.ray_workers)
 
 
 def _cmd_search(args: argparse.Namespace) -> int:
-    from lookalike.collection import parse_where
+    from lookalike.core.collection import parse_where
 
     if (args.image is None) == (args.text is None):
         raise LookalikeError("search needs one query: an IMAGE or --text TEXT")
     query = args.image if args.text is None else args.text
     if args.text is not None and args.rerank:
         raise LookalikeError("--rerank verifies image queries; it does not apply to --text")
-    with _open(args, runtime=args.runtime) as collection:
+    with open_collection(args, runtime=args.runtime) as collection:
         if args.text is not None:
             if args.metric != "cosine":
                 raise LookalikeError("--text searches by cosine; leave out --metric")
@@ -160,7 +100,7 @@ def _cmd_search(args: argparse.Namespace) -> int:
 
 
 def _cmd_info(args: argparse.Namespace) -> int:
-    with _open(args) as collection:
+    with open_collection(args) as collection:
         info = collection.info()
     if args.json:
         print(json.dumps(asdict(info), indent=2))
@@ -181,7 +121,7 @@ def _cmd_info(args: argparse.Namespace) -> int:
 
 def _cmd_remove(args: argparse.Namespace) -> int:
     targets: list[int | str] = [int(t) if t.isdigit() else t for t in args.targets]
-    with _open(args) as collection:
+    with open_collection(args) as collection:
         removed = collection.remove(targets)
     print(f"removed {removed} image(s)")
     return 0
@@ -190,10 +130,10 @@ def _cmd_remove(args: argparse.Namespace) -> int:
 def _cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
-    from lookalike.collection import CATALOG_FILE, CATALOG_LINK
+    from lookalike.core.collection import CATALOG_FILE, CATALOG_LINK
 
-    path = _collection_path(args.collection)
-    db = _db(args)
+    path = collection_path(args.collection)
+    db = database_url(args)
     if db is None and not any((path / name).exists() for name in (CATALOG_FILE, CATALOG_LINK)):
         raise LookalikeError(f"no collection at {path}; run 'lookalike index FOLDER' first")
     token = args.token or os.environ.get("LOOKALIKE_TOKEN")
@@ -219,7 +159,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
             log_level="warning",
         )
         return 0
-    from lookalike.collection import Collection
+    from lookalike.core.collection import Collection
     from lookalike.server.rest import create_app
     from lookalike.server.service import SearchService
 
@@ -271,7 +211,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     index.add_argument("--runtime", choices=("auto", "onnx", "torch"), default="auto")
     index.add_argument(
-        "--pooling", choices=("avg", "gem"), help="EfficientNet pooling (remembered; default avg)"
+        "--pooling",
+        choices=("avg", "gem"),
+        help="EfficientNet pooling (remembered; default gem for a new collection, avg for one indexed before pooling was an option)",
     )
     index.add_argument(
         "--scales", help="EfficientNet multi-scale extraction, e.g. 1,0.707 (remembered)"
@@ -348,25 +290,25 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--token", help="bearer token required for writes ($LOOKALIKE_TOKEN)")
     serve.set_defaults(run=_cmd_serve)
 
-    from lookalike.evaluation.cli import add_eval_arguments, run_eval
+    from lookalike.cli.evaluation import add_eval_arguments, run_eval
 
     evaluate = commands.add_parser("eval", help="measure retrieval quality on a dataset")
     add_eval_arguments(evaluate)
     evaluate.set_defaults(run=run_eval)
 
-    from lookalike.hashing.cli import add_hash_arguments, run_hash
+    from lookalike.cli.hashing import add_hash_arguments, run_hash
 
     hashing = commands.add_parser("hash", help="learned binary codes: train, search, list")
     add_hash_arguments(hashing)
     hashing.set_defaults(run=run_hash)
 
-    from lookalike.finetune.cli import add_finetune_arguments, run_finetune
+    from lookalike.cli.finetune import add_finetune_arguments, run_finetune
 
     finetune = commands.add_parser("finetune", help="train an encoder on labelled images")
     add_finetune_arguments(finetune)
     finetune.set_defaults(run=run_finetune)
 
-    from lookalike.dedup.cli import add_dedup_arguments, run_dedup
+    from lookalike.cli.dedup import add_dedup_arguments, run_dedup
 
     dedup = commands.add_parser("dedup", help="find groups of duplicate images")
     add_dedup_arguments(dedup)

@@ -23,7 +23,7 @@ from typing import Any, ClassVar
 import numpy as np
 
 from lookalike.errors import DimensionMismatchError, VectorIndexError
-from lookalike.indexes._common import (
+from lookalike.knn._common import (
     Option,
     RowStore,
     RowStoreIndex,
@@ -34,8 +34,8 @@ from lookalike.indexes._common import (
     import_faiss,
     search_rows,
 )
-from lookalike.indexes._format import IndexFile
-from lookalike.indexes.base import Metric, SearchHits, as_vectors
+from lookalike.knn._format import IndexFile
+from lookalike.knn.base import Metric, SearchHits, as_vectors
 
 _ENGINES = ("numpy", "faiss", "hnsw")
 _SCAN_BUDGET = 1 << 23  # 64-bit words per XOR block: about 64 MiB of temporaries

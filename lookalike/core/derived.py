@@ -20,8 +20,8 @@ import numpy as np
 
 from lookalike.catalog import Catalog
 from lookalike.errors import CorruptIndexError, VectorIndexError
-from lookalike.indexes import Index, choose_spec, create_index, load_index, read_index_header
-from lookalike.indexes.base import Metric, SearchHits, l2_normalize
+from lookalike.knn import Index, choose_spec, create_index, load_index, read_index_header
+from lookalike.knn.base import Metric, SearchHits, l2_normalize
 
 AUTO = "auto"
 CATALOG_ID_SETTING = "catalog_id"

@@ -19,7 +19,7 @@ from typing import Any, ClassVar
 import numpy as np
 
 from lookalike.errors import CorruptIndexError
-from lookalike.indexes._common import (
+from lookalike.knn._common import (
     Option,
     RowStore,
     RowStoreIndex,
@@ -27,9 +27,9 @@ from lookalike.indexes._common import (
     check_int,
     search_rows,
 )
-from lookalike.indexes._format import IndexFile
-from lookalike.indexes.base import Metric, SearchHits, as_vectors, l2_normalize
-from lookalike.indexes.exact import score_matrix, top_k
+from lookalike.knn._format import IndexFile
+from lookalike.knn.base import Metric, SearchHits, as_vectors, l2_normalize
+from lookalike.knn.exact import score_matrix, top_k
 
 
 class LSHIndex(RowStoreIndex):

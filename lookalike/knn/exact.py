@@ -12,7 +12,7 @@ from typing import Any, ClassVar
 import numpy as np
 
 from lookalike.errors import CorruptIndexError
-from lookalike.indexes._common import (
+from lookalike.knn._common import (
     BaseIndex,
     Option,
     RowStore,
@@ -21,8 +21,8 @@ from lookalike.indexes._common import (
     import_faiss,
     search_rows,
 )
-from lookalike.indexes._format import IndexFile
-from lookalike.indexes.base import Metric, SearchHits, as_vectors, l2_normalize
+from lookalike.knn._format import IndexFile
+from lookalike.knn.base import Metric, SearchHits, as_vectors, l2_normalize
 
 _ENGINES = ("numpy", "faiss")
 

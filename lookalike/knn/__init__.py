@@ -27,10 +27,10 @@ from pathlib import Path
 from typing import Any
 
 from lookalike.errors import CorruptIndexError, IndexSpecError
-from lookalike.indexes._common import BaseIndex
-from lookalike.indexes._format import read_index_file, read_index_header
-from lookalike.indexes.base import Index, Metric, SearchHits
-from lookalike.indexes.exact import ExactIndex
+from lookalike.knn._common import BaseIndex
+from lookalike.knn._format import read_index_file, read_index_header
+from lookalike.knn.base import Index, Metric, SearchHits
+from lookalike.knn.exact import ExactIndex
 
 __all__ = [
     "BACKENDS",
@@ -48,13 +48,13 @@ __all__ = [
 
 # Imported on demand: faiss and annoy load only when one of their backends is used.
 BACKENDS: dict[str, str] = {
-    "exact": "lookalike.indexes.exact:ExactIndex",
-    "annoy": "lookalike.indexes.annoy:AnnoyIndex",
-    "lsh": "lookalike.indexes.lsh:LSHIndex",
-    "hnsw": "lookalike.indexes.hnsw:HNSWIndex",
-    "ivfpq": "lookalike.indexes.ivfpq:IVFPQIndex",
-    "ivf": "lookalike.indexes.ivf:IVFIndex",
-    "binary": "lookalike.indexes.binary:BinaryIndex",
+    "exact": "lookalike.knn.exact:ExactIndex",
+    "annoy": "lookalike.knn.annoy:AnnoyIndex",
+    "lsh": "lookalike.knn.lsh:LSHIndex",
+    "hnsw": "lookalike.knn.hnsw:HNSWIndex",
+    "ivfpq": "lookalike.knn.ivfpq:IVFPQIndex",
+    "ivf": "lookalike.knn.ivf:IVFIndex",
+    "binary": "lookalike.knn.binary:BinaryIndex",
 }
 
 EXACT_MAX_N = 20_000
@@ -115,7 +115,7 @@ def hnsw_bytes(n: int, dim: int, m: int, sq: int = 0) -> int:
     """Resident size of an n-vector HNSWIndex: stored vectors (float32, float16 or 8-bit codes
     by ``sq``), 2M level-0 links, ~48 bytes of per-node bookkeeping (ids, levels, offsets,
     upper-level links), plus 10%, plus one chunk of normalised floats while adding."""
-    from lookalike.indexes.hnsw import ADD_CHUNK, stored_bytes
+    from lookalike.knn.hnsw import ADD_CHUNK, stored_bytes
 
     per_vector = stored_bytes(dim, sq) + 8 * m + 48
     return int(n * per_vector * 1.1) + ADD_CHUNK * dim * 4

@@ -87,7 +87,7 @@ def add_finetune_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run_finetune(args: argparse.Namespace) -> int:
     """Run ``lookalike finetune``: print each epoch's validation mAP, then a summary."""
-    from lookalike.cli import ProgressBars, _collection_path
+    from lookalike.cli.common import ProgressBars, collection_path, database_url
     from lookalike.evaluation.datasets import load_dataset
     from lookalike.finetune.train import EpochReport, TrainConfig
     from lookalike.finetune.workflow import finetune_collection
@@ -107,7 +107,7 @@ def run_finetune(args: argparse.Namespace) -> int:
         seed=args.seed,
     )
     dataset = load_dataset(args.dataset, csv_file=args.csv)
-    collection = _collection_path(args.collection)
+    collection = collection_path(args.collection)
     bars = ProgressBars(quiet=args.quiet)
 
     def on_epoch(report: EpochReport) -> None:
@@ -133,6 +133,7 @@ def run_finetune(args: argparse.Namespace) -> int:
         train_split=args.train_split,
         validation_split=args.validation_split,
         runtime=args.runtime,
+        db=database_url(args),
         install=args.install,
         overwrite=args.overwrite,
         progress=bars.update,

@@ -19,9 +19,9 @@ from typing import Any, ClassVar
 import numpy as np
 
 from lookalike.errors import CorruptIndexError, IndexSpecError
-from lookalike.indexes._common import Option, check_int, import_faiss
-from lookalike.indexes.base import Metric
-from lookalike.indexes.ivfpq import (
+from lookalike.knn._common import Option, check_int, import_faiss
+from lookalike.knn.base import Metric
+from lookalike.knn.ivfpq import (
     _COARSE_POINTS_PER_CENTROID,
     _POINTS_PER_CENTROID,
     IVFPQIndex,
