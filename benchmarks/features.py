@@ -256,7 +256,7 @@ class Space:
 
     @classmethod
     def fit(cls, database, kind: str) -> Space:
-        from lookalike.core.derived import learn_whitening
+        from lookalike.core.transform import learn_whitening
 
         if kind == "raw":
             return cls(kind)

@@ -1,7 +1,7 @@
 """Indexing on Ray against the single-process path, on the same machine and data, in one run.
 
 single process: ``Collection.index`` (decoding threads, ONNX Runtime with all cores, SQLite).
-Ray: ``Collection.index(ray=RayOptions(...))`` on a local Ray cluster with this machine's CPUs:
+Ray: ``Collection.index(executor=RayExecutor(RayOptions(...)))`` on a local Ray cluster with this machine's CPUs:
 encoder actors decode and embed chunks of files by path, the driver stores each chunk. Ray's
 time includes starting the workers and loading one model per worker (a cost a long run
 amortises); starting the cluster itself is reported apart. Every configuration indexes into a
@@ -28,7 +28,7 @@ except ImportError:  # run from a checkout without installing
 
 from lookalike.core.collection import Collection
 from lookalike.core.ingest import scan_folder
-from lookalike.distributed.ray_executor import RayOptions
+from lookalike.distributed.ray_executor import RayExecutor, RayOptions
 from lookalike.encoders import create_encoder
 
 DEFAULT_DATASET = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "clothing-small"
@@ -41,7 +41,8 @@ def index_once(dataset: Path, batch_size: int, ray: RayOptions | None) -> tuple[
         with Collection(folder) as collection:
             collection.encoder  # noqa: B018 - the driver's model loads before the clock starts
             started = time.perf_counter()
-            report = collection.index(dataset, batch_size=batch_size, ray=ray)
+            executor = RayExecutor(ray) if ray is not None else None
+            report = collection.index(dataset, batch_size=batch_size, executor=executor)
             seconds = time.perf_counter() - started
             if report.failed:
                 raise SystemExit(f"failed files: {report.failed[:3]}")

@@ -21,7 +21,8 @@ class NotAnImageError(ImageError):
 
 
 class DecompressionBombError(ImageError):
-    """The image declares more pixels than the configured limit; it is refused before decoding."""
+    """The image declares more pixels than the configured limit; it is refused before decoding
+    (HTTP 413, gRPC RESOURCE_EXHAUSTED)."""
 
 
 class EncoderError(LookalikeError):
@@ -30,6 +31,12 @@ class EncoderError(LookalikeError):
 
 class CatalogError(LookalikeError):
     """The catalog is unreadable, from a newer schema, or asked something inconsistent."""
+
+
+class CatalogUnavailableError(CatalogError):
+    """The catalog's database cannot be reached or opened right now (a PostgreSQL server that
+    is down or refuses the connection, a SQLite file that cannot be opened); servers answer
+    HTTP 503 / UNAVAILABLE, and a retry may succeed."""
 
 
 class ModelMismatchError(CatalogError):
@@ -70,11 +77,15 @@ class CorruptIndexError(VectorIndexError):
 
 
 class EmptyCollectionError(LookalikeError):
-    """A search was asked of a collection that has no images yet."""
+    """A search was asked of a collection that has no images yet (HTTP 409)."""
 
 
 class RequestError(LookalikeError):
-    """A request to a lookalike server is malformed or over a limit (HTTP 400/413)."""
+    """A request to a lookalike server is malformed or asks for more than allowed (HTTP 400)."""
+
+
+class PayloadTooLargeError(RequestError):
+    """A request's upload is over the server's size limit (HTTP 413, gRPC RESOURCE_EXHAUSTED)."""
 
 
 class NotFoundError(LookalikeError):

@@ -18,10 +18,17 @@ import stat
 import struct
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import BinaryIO, TypeAlias
+from typing import IO, BinaryIO, TypeAlias
 
 import numpy as np
-from PIL import Image, ImageOps, JpegImagePlugin, TiffImagePlugin, UnidentifiedImageError
+from PIL import (
+    Image,
+    ImageFile,
+    ImageOps,
+    JpegImagePlugin,
+    TiffImagePlugin,
+    UnidentifiedImageError,
+)
 
 from lookalike.errors import DecompressionBombError, ImageError, NotAnImageError
 
@@ -34,7 +41,7 @@ __all__ = [
 ]
 
 ImageSource: TypeAlias = (
-    str | os.PathLike | bytes | bytearray | memoryview | BinaryIO | Image.Image | np.ndarray
+    str | os.PathLike[str] | bytes | bytearray | memoryview | BinaryIO | Image.Image | np.ndarray
 )
 
 # Pillow's own default limit: at the default, Pillow never warns about an image we accept.
@@ -58,6 +65,8 @@ _DECODE_ERRORS: tuple[type[BaseException], ...] = (
     OverflowError,
     struct.error,
 )
+# Named, not starred inline in the except clause, so that type checkers can follow it.
+_DECODE_ERRORS_OR_WARNING: tuple[type[BaseException], ...] = (*_DECODE_ERRORS, Warning)
 
 _SIXTEEN_BIT_MODES = frozenset({"I", "I;16", "I;16L", "I;16B", "I;16N"})
 _ALPHA_MODES = frozenset({"RGBA", "LA", "PA", "RGBa", "La"})
@@ -89,7 +98,7 @@ def _decoding(source: str, max_pixels: int) -> Iterator[None]:
         raise NotAnImageError(source, "permission denied") from exc
     except UnidentifiedImageError as exc:
         raise NotAnImageError(source, "not a recognized image format") from exc
-    except (*_DECODE_ERRORS, Warning) as exc:
+    except _DECODE_ERRORS_OR_WARNING as exc:
         # A Warning arrives here only when the application made warnings errors.
         raise NotAnImageError(
             source, f"truncated, corrupt or unsupported image data ({type(exc).__name__}: {exc})"
@@ -112,7 +121,7 @@ def _check_size(size: tuple[int, int], max_pixels: int, source: str) -> None:
         )
 
 
-def _path_name(source: str | os.PathLike) -> str:
+def _path_name(source: str | os.PathLike[str]) -> str:
     return os.fsdecode(os.fspath(source))
 
 
@@ -130,7 +139,7 @@ def _check_path(path: str) -> None:
         raise NotAnImageError(path, "empty file (0 bytes)")
 
 
-def _exif_orientation(img: Image.Image) -> int:
+def _exif_orientation(img: ImageFile.ImageFile) -> int:
     """The EXIF (or XMP) orientation of an opened image, 1 when absent or unreadable.
 
     Header-only: for PNG, PIL's ``getexif`` would decode the whole image to reach an ``eXIf``
@@ -152,7 +161,7 @@ def _exif_orientation(img: Image.Image) -> int:
     return orientation if isinstance(orientation, int) else 1
 
 
-def _png_exif_chunk(fp: BinaryIO) -> bytes | None:
+def _png_exif_chunk(fp: IO[bytes]) -> bytes | None:
     """Payload of the first ``eXIf`` chunk of a PNG file, found by seeking past chunk data."""
     fp.seek(8)
     while True:
@@ -353,7 +362,7 @@ def _from_array(array: np.ndarray, *, max_pixels: int) -> Image.Image:
 
 
 def image_size(
-    source: str | os.PathLike, *, max_pixels: int = DEFAULT_MAX_PIXELS
+    source: str | os.PathLike[str], *, max_pixels: int = DEFAULT_MAX_PIXELS
 ) -> tuple[int, int]:
     """(width, height) of an image file from its header only, after EXIF orientation.
 

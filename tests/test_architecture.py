@@ -45,12 +45,8 @@ def module_name(path: Path) -> str:
 
 
 def layer_of(module: str) -> int | None:
-    best = None
-    for prefix, layer in LAYERS.items():
-        if module == prefix or module.startswith(prefix + "."):
-            if best is None or len(prefix) > len(best[0]):
-                best = (prefix, layer)
-    return None if best is None else best[1]
+    owners = [p for p in LAYERS if module == p or module.startswith(p + ".")]
+    return LAYERS[max(owners, key=len)] if owners else None
 
 
 def imports_of(path: Path, modules: set[str]) -> set[str]:

@@ -14,8 +14,9 @@ from PIL import Image
 from test_refinement import DIM, IDENTITY, toy_catalog
 
 from lookalike.core.collection import Collection
-from lookalike.core.derived import CENTER_MIN_VECTORS, CatalogIndexes
+from lookalike.core.derived import VectorIndexes
 from lookalike.core.multicrop import merge_views, query_crops
+from lookalike.core.transform import CENTER_MIN_VECTORS
 from lookalike.encoders import create_encoder
 from lookalike.encoders.efficientnet_lite import VARIANTS, load_pretrained
 from lookalike.encoders.preprocess import resize_for_model
@@ -112,7 +113,7 @@ def test_a_collection_remembers_its_pooling_and_never_mixes_vectors(
 def test_pca_whitening_is_learned_stored_and_relearned(tmp_path: Path) -> None:
     n = CENTER_MIN_VECTORS + 44
     catalog, model, vectors = toy_catalog(tmp_path, n)
-    indexes = CatalogIndexes(catalog, tmp_path / "indexes", whitening=8)
+    indexes = VectorIndexes.for_catalog(catalog, tmp_path, whitening=8)
     index = indexes.get(model, IDENTITY.key, DIM, Metric.COSINE)
     assert index.index.dim == 8 and index.whitening.shape == (DIM, 8)
     centred = unit(vectors) - index.center
@@ -122,12 +123,12 @@ def test_pca_whitening_is_learned_stored_and_relearned(tmp_path: Path) -> None:
     hits = index.search(vectors[3], 1)
     assert hits.ids[0][0] == 4 and hits.scores[0][0] == pytest.approx(1.0, abs=1e-5)
     rebuilds = indexes.rebuilds
-    again = CatalogIndexes(catalog, tmp_path / "indexes", whitening=8)
+    again = VectorIndexes.for_catalog(catalog, tmp_path, whitening=8)
     reloaded = again.get(model, IDENTITY.key, DIM, Metric.COSINE)
     assert again.rebuilds == 0 and indexes.rebuilds == rebuilds  # read from its file
     np.testing.assert_allclose(reloaded.whitening, index.whitening)
     # Another setting, or none, is a different transform: learned afresh.
-    plain = CatalogIndexes(catalog, tmp_path / "indexes").get(
+    plain = VectorIndexes.for_catalog(catalog, tmp_path).get(
         model, IDENTITY.key, DIM, Metric.COSINE
     )
     assert plain.whitening is None and plain.index.dim == DIM
@@ -137,7 +138,7 @@ def test_whitening_waits_for_enough_vectors_and_follows_the_collection(tmp_path:
     from lookalike.catalog import ImageRecord
 
     catalog, model, _ = toy_catalog(tmp_path, CENTER_MIN_VECTORS)
-    indexes = CatalogIndexes(catalog, tmp_path / "indexes", whitening=200)
+    indexes = VectorIndexes.for_catalog(catalog, tmp_path, whitening=200)
     small = indexes.get(model, IDENTITY.key, DIM, Metric.COSINE)
     assert small.whitening.shape == (DIM, DIM)  # never more dimensions than the vectors have
     assert small.learned_on == CENTER_MIN_VECTORS

@@ -14,7 +14,8 @@ import ray
 from conftest import PHOTO_NAMES, photo, unit, variants
 
 from lookalike.core.collection import Collection
-from lookalike.distributed.ray_executor import ACTOR_PREFIX, RayOptions
+from lookalike.distributed.ray_executor import ACTOR_PREFIX, RayExecutor, RayOptions
+from lookalike.distributed.shards import fill_on_ray
 from lookalike.errors import DistributedError
 from lookalike.knn.sharded import build_shards, merge_shards, train_ivfpq
 
@@ -91,7 +92,7 @@ def test_ray_vectors_equal_the_single_process_path(
     ray_cluster, variant_dir, single_process_vectors, tmp_path
 ):
     with Collection(tmp_path) as collection:
-        report = collection.index(variant_dir, batch_size=BATCH, ray=RayOptions())
+        report = collection.index(variant_dir, batch_size=BATCH, executor=RayExecutor(RayOptions()))
         assert report.added == IMAGES
         assert [Path(p).name for p, _ in report.failed] == ["broken.jpg"]
         assert [Path(p).name for p, _ in collection.catalog.failures()] == ["broken.jpg"]
@@ -115,7 +116,10 @@ def test_a_killed_worker_loses_nothing_and_duplicates_nothing(
 
     with Collection(tmp_path) as collection:
         report = collection.index(
-            variant_dir, batch_size=BATCH, progress=kill_a_worker, ray=RayOptions(workers=2)
+            variant_dir,
+            batch_size=BATCH,
+            progress=kill_a_worker,
+            executor=RayExecutor(RayOptions(workers=2)),
         )
         assert killed
         assert report.added == IMAGES
@@ -133,14 +137,17 @@ def test_a_run_stopped_midway_is_finished_by_the_next_without_duplicates(
 
     with Collection(tmp_path) as collection, pytest.raises(KeyboardInterrupt):
         collection.index(
-            variant_dir, batch_size=BATCH, progress=stop_after_two_batches, ray=RayOptions()
+            variant_dir,
+            batch_size=BATCH,
+            progress=stop_after_two_batches,
+            executor=RayExecutor(RayOptions()),
         )
     stored, _, _ = _row_counts(tmp_path)
     assert BATCH <= stored < IMAGES  # two batches done, one of them may hold broken.jpg
     with Collection(tmp_path) as collection:
-        report = collection.index(variant_dir, batch_size=BATCH, ray=RayOptions())
+        report = collection.index(variant_dir, batch_size=BATCH, executor=RayExecutor(RayOptions()))
         assert (report.added, report.unchanged) == (IMAGES - stored, stored)
-        again = collection.index(variant_dir, batch_size=BATCH, ray=RayOptions())
+        again = collection.index(variant_dir, batch_size=BATCH, executor=RayExecutor(RayOptions()))
         assert (again.added, again.updated, again.unchanged) == (0, 0, IMAGES)
         _assert_same_vectors(collection, single_process_vectors)
     assert _row_counts(tmp_path) == (IMAGES, IMAGES, IMAGES)
@@ -162,9 +169,9 @@ def test_ivfpq_shards_built_as_ray_tasks_merge_into_the_unsharded_index(ray_clus
     vectors = rng.standard_normal((3000, 32)).astype(np.float32)
     queries = rng.standard_normal((20, 32)).astype(np.float32)
     trained = train_ivfpq(vectors[:1024], nlist=32, m=8, nbits=6)
-    (single,) = build_shards(trained, [(ids, vectors)], parallel="threads")
+    (single,) = build_shards(trained, [(ids, vectors)])
     parts = [(ids[i : i + 1000], vectors[i : i + 1000]) for i in range(0, 3000, 1000)]
-    merged = merge_shards(build_shards(trained, parts, parallel="ray"))
+    merged = merge_shards(build_shards(trained, parts, fill=fill_on_ray))
     expected, got = single.search(queries, 10), merged.search(queries, 10)
     assert len(merged) == 3000
     assert np.array_equal(got.ids, expected.ids)

@@ -10,7 +10,9 @@ from conftest import require_dataset
 
 from lookalike.catalog import ImageRecord, SqliteCatalog
 from lookalike.core.collection import Collection
-from lookalike.core.derived import CENTER_MIN_VECTORS, CatalogIndexes
+from lookalike.core.derived import VectorIndexes
+from lookalike.core.search import expand_query
+from lookalike.core.transform import CENTER_MIN_VECTORS
 from lookalike.encoders import EncoderIdentity, PreprocessConfig
 from lookalike.errors import LookalikeError
 from lookalike.evaluation import mean_average_precision
@@ -39,7 +41,7 @@ def toy_catalog(path: Path, n: int, seed: int = 0) -> tuple[SqliteCatalog, int, 
 
 def test_large_collections_are_centred_on_their_mean(tmp_path: Path) -> None:
     catalog, model, vectors = toy_catalog(tmp_path, CENTER_MIN_VECTORS + 17)
-    indexes = CatalogIndexes(catalog, tmp_path / "indexes")
+    indexes = VectorIndexes.for_catalog(catalog, tmp_path)
     index = indexes.get(model, IDENTITY.key, DIM, Metric.COSINE)
     center = unit(vectors).mean(axis=0)
     np.testing.assert_allclose(index.center, center, rtol=1e-5)
@@ -51,7 +53,7 @@ def test_large_collections_are_centred_on_their_mean(tmp_path: Path) -> None:
     # The centre travels in the index file and comes back with it.
     header = read_index_header(indexes.path(IDENTITY.key, Metric.COSINE))
     np.testing.assert_allclose(header["metadata"]["center"], center, rtol=1e-5)
-    reloaded = CatalogIndexes(catalog, tmp_path / "indexes").get(
+    reloaded = VectorIndexes.for_catalog(catalog, tmp_path).get(
         model, IDENTITY.key, DIM, Metric.COSINE
     )
     np.testing.assert_allclose(reloaded.center, center, rtol=1e-5)
@@ -59,11 +61,11 @@ def test_large_collections_are_centred_on_their_mean(tmp_path: Path) -> None:
 
 def test_small_collections_and_other_metrics_are_not_centred(tmp_path: Path) -> None:
     catalog, model, _ = toy_catalog(tmp_path, 50)
-    indexes = CatalogIndexes(catalog, tmp_path / "indexes")
+    indexes = VectorIndexes.for_catalog(catalog, tmp_path)
     assert indexes.get(model, IDENTITY.key, DIM, Metric.COSINE).center is None
     big, big_model, _ = toy_catalog(tmp_path / "big", CENTER_MIN_VECTORS)
     for metric in (Metric.EUCLIDEAN, Metric.DOT):
-        index = CatalogIndexes(big, tmp_path / "big" / "indexes").get(
+        index = VectorIndexes.for_catalog(big, tmp_path / "big").get(
             big_model, IDENTITY.key, DIM, metric
         )
         assert index.center is None
@@ -71,14 +73,11 @@ def test_small_collections_and_other_metrics_are_not_centred(tmp_path: Path) -> 
 
 def test_query_expansion_keeps_plain_scores(tmp_path: Path) -> None:
     catalog, model, vectors = toy_catalog(tmp_path, 300)
-    indexes = CatalogIndexes(catalog, tmp_path / "indexes")
+    indexes = VectorIndexes.for_catalog(catalog, tmp_path)
     index = indexes.get(model, IDENTITY.key, DIM, Metric.COSINE)
-    # Exercise the collection's expansion on this catalog without an image encoder.
-    collection = Collection.__new__(Collection)
-    collection.catalog, collection.indexes, collection._model_id = catalog, indexes, model
-    collection.path = tmp_path
+    # The searcher's expansion on this catalog, without an image encoder.
     query = index.transform(vectors[7:8])
-    expanded = collection._expand(index, query, 5)
+    expanded = expand_query(index, query, 5, lambda ids: catalog.vectors_for(ids, model))
     assert expanded.shape == (1, DIM)
     assert np.linalg.norm(expanded) == pytest.approx(1.0, abs=1e-5)
     assert float(expanded[0] @ query[0]) < 0.9999  # the neighbours moved it
@@ -108,7 +107,15 @@ def test_centring_and_query_expansion_raise_class_level_map(tmp_path: Path, enco
         centred_queries = index.transform(query_vectors)
         centred = centred_queries @ index.transform(raw).T
         expanded_queries = np.vstack(
-            [collection._expand(index, centred_queries[i : i + 1], 20) for i in range(len(queries))]
+            [
+                expand_query(
+                    index,
+                    centred_queries[i : i + 1],
+                    20,
+                    lambda ids: collection.catalog.vectors_for(ids, collection.model_id),
+                )
+                for i in range(len(queries))
+            ]
         )
         expanded = expanded_queries @ index.transform(raw).T
         with pytest.raises(LookalikeError, match="cosine"):

@@ -224,7 +224,10 @@ def test_writes_need_the_token(client: httpx.Client) -> None:
 
 
 def test_health_stats_and_openapi(client: httpx.Client) -> None:
-    assert client.get("/health").json() == {"status": "ok"}
+    health = client.get("/health")
+    assert health.status_code == 200
+    assert health.json()["status"] == "ok" and health.json()["catalog"] == "ok"
+    assert health.json()["images"] >= 6
     stats = client.get("/stats").json()
     assert stats["images"] >= 6 and stats["model"] == "efficientnet-lite0"
     assert stats["index_kind"] == "exact"

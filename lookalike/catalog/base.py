@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, Protocol, TypeVar, runtime_checkable
 
 import numpy as np
 
@@ -18,6 +18,8 @@ from lookalike.encoders.base import EncoderIdentity
 from lookalike.errors import CatalogError, ModelMismatchError
 
 POSTGRES_SCHEMES = ("postgresql://", "postgres://")
+
+_T = TypeVar("_T")
 
 
 @dataclass(frozen=True)
@@ -113,7 +115,7 @@ def is_postgres_url(location: str | Path) -> bool:
     return isinstance(location, str) and location.lower().startswith(POSTGRES_SCHEMES)
 
 
-def chunks(items: list, size: int) -> Iterator[list]:
+def chunks(items: list[_T], size: int) -> Iterator[list[_T]]:
     """``items`` in consecutive slices of at most ``size``."""
     for start in range(0, len(items), size):
         yield items[start : start + size]

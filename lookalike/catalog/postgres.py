@@ -34,7 +34,7 @@ from lookalike.catalog.base import (
 from lookalike.catalog.postgres_schema import MIGRATIONS, VERSION_TABLE
 from lookalike.catalog.schema import SCHEMA_VERSION
 from lookalike.encoders.base import EncoderIdentity
-from lookalike.errors import CatalogError, ModelMismatchError
+from lookalike.errors import CatalogError, CatalogUnavailableError, ModelMismatchError
 
 if TYPE_CHECKING:
     import psycopg
@@ -107,14 +107,29 @@ class PostgresCatalog:
             # writes open one explicitly.
             return psycopg.connect(self._url, autocommit=True, connect_timeout=10)
         except psycopg.Error as error:
-            raise CatalogError(f"cannot connect to {self.location}: {error}") from error
+            kind = CatalogUnavailableError if _unreachable(error) else CatalogError
+            raise kind(f"cannot connect to {self.location}: {error}") from error
 
     def _connection(self) -> psycopg.Connection:
+        import psycopg
+
         # A server restart breaks the connection; the next call opens a new one.
         if self._db.broken:
-            self._db = self._connect()
-            self._register_vector_type()
+            broken, self._db = self._db, self._connect()
+            try:
+                self._register_vector_type()
+            except psycopg.Error as error:
+                self._db.close()
+                self._db = broken  # still broken: the next call connects again
+                raise self._failure(error) from error
         return self._db
+
+    def _failure(self, error: Exception, what: str = "") -> CatalogError:
+        """A psycopg error as a typed one: CatalogUnavailableError when the server cannot be
+        reached or the connection broke, else CatalogError; neither names the password."""
+        if _unreachable(error):
+            return CatalogUnavailableError(f"{self.location} cannot be reached: {error}")
+        return CatalogError(f"{self.location}: {what or error}")
 
     @property
     def schema_version(self) -> int:
@@ -144,9 +159,7 @@ class PostgresCatalog:
                     db.execute(script)
                     db.execute(f"UPDATE {VERSION_TABLE} SET version = %s", (number + 1,))
         except psycopg.Error as error:
-            raise CatalogError(
-                f"{self.location}: not a usable lookalike catalog ({error})"
-            ) from error
+            raise self._failure(error, f"not a usable lookalike catalog ({error})") from error
 
     def _vector_type(self, vector_storage: str) -> str:
         """The column type for vectors in a new catalog (inside the migration transaction)."""
@@ -214,7 +227,7 @@ class PostgresCatalog:
             try:
                 return self._connection().execute(sql, params, binary=binary).fetchall()
             except psycopg.Error as error:
-                raise CatalogError(f"{self.location}: {error}") from error
+                raise self._failure(error) from error
 
     def _one(self, sql: str, params: Sequence[Any] = ()) -> tuple:
         rows = self._rows(sql, params)
@@ -236,7 +249,7 @@ class PostgresCatalog:
                     if attempt == _WRITE_ATTEMPTS - 1:
                         raise CatalogError(f"{self.location}: {error}") from error
                 except psycopg.Error as error:
-                    raise CatalogError(f"{self.location}: {error}") from error
+                    raise self._failure(error) from error
             time.sleep(0.01 * 2**attempt)
         raise AssertionError("unreachable")
 
@@ -614,6 +627,17 @@ def decode_pgvectors(blobs: list[bytes], dim: int) -> np.ndarray:
     # The 4-byte header has the size of one value: drop it as a column.
     matrix = np.frombuffer(b"".join(blobs), dtype=">f4").reshape(len(blobs), dim + 1)
     return matrix[:, 1:].astype(np.float32)
+
+
+def _unreachable(error: Exception) -> bool:
+    """Whether a psycopg error means the server cannot be reached or the connection is gone
+    (rather than a bad statement or a refused change)."""
+    import psycopg
+    from psycopg import errors
+
+    if isinstance(error, errors.TransactionRollback):  # a lost race, retried by writers
+        return False
+    return isinstance(error, psycopg.OperationalError | psycopg.InterfaceError)
 
 
 def redact_url(url: str) -> str:

@@ -23,7 +23,10 @@ from lookalike.catalog.base import (
 )
 from lookalike.catalog.schema import MIGRATIONS, SCHEMA_VERSION
 from lookalike.encoders.base import EncoderIdentity
-from lookalike.errors import CatalogError, ModelMismatchError
+from lookalike.errors import CatalogError, CatalogUnavailableError, ModelMismatchError
+
+# SQLite result codes that mean the file cannot be opened or read now, not that it is wrong.
+_UNAVAILABLE = {"SQLITE_CANTOPEN", "SQLITE_IOERR", "SQLITE_PERM", "SQLITE_BUSY", "SQLITE_LOCKED"}
 
 
 class SqliteCatalog:
@@ -40,7 +43,10 @@ class SqliteCatalog:
             self._db.execute("PRAGMA synchronous=NORMAL")
             self._migrate()
         except sqlite3.DatabaseError as error:
-            raise CatalogError(f"{self.path}: not a usable lookalike catalog ({error})") from error
+            code = str(getattr(error, "sqlite_errorname", ""))  # SQLITE_IOERR_READ: SQLITE_IOERR
+            unavailable = "_".join(code.split("_")[:2]) in _UNAVAILABLE
+            kind = CatalogUnavailableError if unavailable else CatalogError
+            raise kind(f"{self.path}: not a usable lookalike catalog ({error})") from error
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -124,6 +130,7 @@ class SqliteCatalog:
                     time.time(),
                 ),
             )
+            assert cursor.lastrowid is not None  # set by the INSERT above
             return int(cursor.lastrowid)
 
     def models(self) -> list[dict[str, Any]]:

@@ -8,6 +8,7 @@ import os
 import sys
 from collections.abc import Sequence
 from dataclasses import asdict
+from typing import TYPE_CHECKING
 
 from lookalike.cli.common import (
     COLLECTION_ENV,
@@ -18,6 +19,9 @@ from lookalike.cli.common import (
     open_collection,
 )
 from lookalike.errors import LookalikeError
+
+if TYPE_CHECKING:
+    from lookalike.core.ingest import IngestExecutor
 
 
 def _cmd_index(args: argparse.Namespace) -> int:
@@ -32,7 +36,7 @@ def _cmd_index(args: argparse.Namespace) -> int:
                 metadata_csv=args.metadata,
                 progress=bars.stage(),
                 local_features=args.local_features,
-                ray=_ray_options(args),
+                executor=_ray_executor(args),
             )
         total = len(collection)
     print(
@@ -46,40 +50,36 @@ def _cmd_index(args: argparse.Namespace) -> int:
     return 0
 
 
-def _ray_options(args: argparse.Namespace):
+def _ray_executor(args: argparse.Namespace) -> IngestExecutor | None:
     if args.ray is None:
         return None
-    from lookalike.distributed.ray_executor import RayOptions
+    from lookalike.distributed.ray_executor import RayExecutor, RayOptions
 
-    return RayOptions(address=args.ray or None, workers=args.ray_workers)
+    return RayExecutor(RayOptions(address=args.ray or None, workers=args.ray_workers))
 
 
 def _cmd_search(args: argparse.Namespace) -> int:
-    from lookalike.core.collection import parse_where
+    from lookalike.core.filters import parse_where
+    from lookalike.core.search import SearchOptions
 
     if (args.image is None) == (args.text is None):
         raise LookalikeError("search needs one query: an IMAGE or --text TEXT")
     query = args.image if args.text is None else args.text
-    if args.text is not None and args.rerank:
-        raise LookalikeError("--rerank verifies image queries; it does not apply to --text")
+    options = SearchOptions(
+        k=args.k,
+        metric=args.metric,
+        threshold=args.threshold,
+        where=parse_where(args.where),
+        query_expansion=args.qe,
+        rerank=args.rerank,
+        multi_crop=args.multi_crop,
+    )
     with open_collection(args, runtime=args.runtime) as collection:
+        searcher = collection.searcher
         if args.text is not None:
-            if args.metric != "cosine":
-                raise LookalikeError("--text searches by cosine; leave out --metric")
-            response = collection.search_text(
-                args.text, k=args.k, threshold=args.threshold, where=parse_where(args.where)
-            )
+            response = searcher.search_text(args.text, options)
         else:
-            response = collection.search(
-                args.image,
-                k=args.k,
-                metric=args.metric,
-                threshold=args.threshold,
-                where=parse_where(args.where),
-                query_expansion=args.qe,
-                rerank=args.rerank,
-                multi_crop=args.multi_crop,
-            )
+            response = searcher.search_image(args.image, options)
     if args.json:
         payload = {
             "query": str(query),
@@ -213,7 +213,8 @@ def build_parser() -> argparse.ArgumentParser:
     index.add_argument(
         "--pooling",
         choices=("avg", "gem"),
-        help="EfficientNet pooling (remembered; default gem for a new collection, avg for one indexed before pooling was an option)",
+        help="EfficientNet pooling (remembered; default gem for a new collection, avg for "
+        "one indexed before pooling was an option)",
     )
     index.add_argument(
         "--scales", help="EfficientNet multi-scale extraction, e.g. 1,0.707 (remembered)"

@@ -1,218 +1,169 @@
-"""Keeps a collection's vector indexes consistent with its catalog.
+"""Files derived from the catalog (vector indexes, hash codes), kept in step with it.
 
-Each (model, metric) pair has one index file under ``<collection>/indexes``. Its header records
-the catalog generation it reflects, so a file left behind by an older state, another model, or
-a crash is rebuilt from the catalog rather than used; a corrupt file is rebuilt too. Changes
-made through the collection are applied to the loaded index incrementally when nothing else
-wrote to the catalog in between.
+Every derived file carries a stamp: the catalog's random identity and the generation it
+reflects. A file whose stamp differs from the catalog's (an older state, another catalog, a
+crash, a copied folder) is rebuilt from the catalog rather than trusted; a corrupt one too.
+:class:`DerivedFileStore` holds that rule and the in-memory copies for every kind of derived
+file; :class:`VectorIndexes` is the kind that serves vector search, applying the collection's
+own writes to the loaded indexes incrementally.
 """
 
 from __future__ import annotations
 
-import base64
-import os
 import re
 import uuid
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Generic, Protocol, TypeVar
 
 import numpy as np
 
 from lookalike.catalog import Catalog
+from lookalike.core.transform import (
+    CENTER_MIN_VECTORS,
+    PreparedIndex,
+    default_memory_budget,
+    expected_whitening,
+    learn_whitening,
+)
 from lookalike.errors import CorruptIndexError, VectorIndexError
-from lookalike.knn import Index, choose_spec, create_index, load_index, read_index_header
-from lookalike.knn.base import Metric, SearchHits, l2_normalize
+from lookalike.knn import choose_spec, create_index, read_index_header
+from lookalike.knn.base import Metric, l2_normalize
 
 AUTO = "auto"
 CATALOG_ID_SETTING = "catalog_id"
 
-# Below this many vectors the collection's mean is too noisy to centre on.
-CENTER_MIN_VECTORS = 256
-# PCA-whitening needs this many vectors per output dimension to estimate the covariance.
-WHITEN_VECTORS_PER_DIM = 2
-# The catalog setting holding a collection's whitening ("" or absent: none, "N": N dims).
-WHITENING_SETTING = "whitening"
-# A transform learned on n vectors is learned again once the collection holds half or twice
-# as many (checked when the index is next loaded).
-RELEARN_FACTOR = 2
+T = TypeVar("T")
 
 
-def learn_whitening(vectors: np.ndarray, dims: int) -> np.ndarray:
-    """PCA-whitening of centred unit vectors: the [dim, dims] projection onto their ``dims``
-    main directions, each scaled to unit variance (learned without labels)."""
-    covariance = (vectors.T @ vectors) / max(len(vectors), 1)
-    eigenvalues, eigenvectors = np.linalg.eigh(covariance.astype(np.float64))
-    top = np.argsort(eigenvalues)[::-1][:dims]
-    scale = 1.0 / np.sqrt(np.maximum(eigenvalues[top], 1e-12))
-    return (eigenvectors[:, top] * scale).astype(np.float32)
-
-
-def parse_whitening(value: str | int | None) -> int:
-    """Whitening dimensions from a setting or option: 0 (or empty, None) means none."""
-    if value in (None, "", "none", "0", 0):
-        return 0
-    try:
-        dims = int(value)  # type: ignore[arg-type]
-    except (TypeError, ValueError):
-        raise VectorIndexError(f"whitening takes a number of dimensions, got {value!r}") from None
-    if dims < 1:
-        raise VectorIndexError(f"whitening dimensions must be positive, got {dims}")
-    return dims
-
-
-class PreparedIndex:
-    """An index plus the transform its vectors went through before being added.
-
-    For cosine search, vectors are L2-normalised and centred on the collection's mean (learned
-    from the collection, unsupervised): cosine on centred vectors ignores the direction every
-    embedding shares, which measured +4 points of class-level mAP on clothing-small (0.486 ->
-    0.528). Euclidean distance is unchanged by centring and dot products are left raw.
-    """
-
-    def __init__(
-        self,
-        index: Index,
-        center: np.ndarray | None = None,
-        whitening: np.ndarray | None = None,
-        learned_on: int = 0,
-    ) -> None:
-        self.index = index
-        self.center = None if center is None else np.asarray(center, dtype=np.float32)
-        self.whitening = None if whitening is None else np.asarray(whitening, dtype=np.float32)
-        self.learned_on = learned_on  # how many vectors the transform was learned from
+class CatalogState(Protocol):
+    """What derived files need of a catalog: its generation and its settings."""
 
     @property
-    def metric(self) -> Metric:
-        return self.index.metric
+    def generation(self) -> int: ...
 
-    def __len__(self) -> int:
-        return len(self.index)
+    def get_setting(self, key: str) -> str | None: ...
 
-    @property
-    def input_dim(self) -> int:
-        """The dimension of raw vectors (the index's own, unless whitening reduces it)."""
-        return self.index.dim if self.whitening is None else self.whitening.shape[0]
-
-    def transform(self, vectors: np.ndarray) -> np.ndarray:
-        """Raw vectors as the index holds them."""
-        vectors = np.asarray(vectors, dtype=np.float32).reshape(-1, self.input_dim)
-        if self.center is None:
-            return vectors
-        centred = l2_normalize(vectors) - self.center
-        if self.whitening is not None:
-            centred = centred @ self.whitening
-        return l2_normalize(centred)
-
-    def search(self, queries: np.ndarray, k: int) -> SearchHits:
-        """Search with raw query vectors."""
-        return self.index.search(self.transform(queries), k)
-
-    def add(self, ids: np.ndarray, vectors: np.ndarray) -> None:
-        """Add raw vectors."""
-        self.index.add(ids, self.transform(vectors))
-
-    def remove(self, ids: np.ndarray) -> int:
-        return self.index.remove(ids)
-
-    def save(self, path: Path, metadata: dict) -> None:
-        center = None if self.center is None else self.center.tolist()
-        whitening = None
-        if self.whitening is not None:
-            whitening = base64.b64encode(self.whitening.astype("<f4").tobytes()).decode("ascii")
-        self.index.save(
-            path,
-            metadata={
-                **metadata,
-                "center": center,
-                "whitening": whitening,
-                "input_dim": self.input_dim,
-                "learned_on": self.learned_on,
-            },
-        )
-
-    @classmethod
-    def from_file(cls, path: Path, metadata: dict) -> PreparedIndex:
-        """Load an index file and the transform its metadata holds."""
-        index = load_index(path)
-        center = metadata.get("center")
-        whitening = metadata.get("whitening")
-        matrix = None
-        if whitening is not None:
-            try:
-                flat = np.frombuffer(base64.b64decode(whitening), dtype="<f4")
-                matrix = flat.reshape(int(metadata["input_dim"]), index.dim)
-            except (ValueError, KeyError, TypeError) as error:
-                raise CorruptIndexError(f"{path}: bad whitening matrix: {error}") from error
-        return cls(
-            index,
-            None if center is None else np.array(center),
-            matrix,
-            int(metadata.get("learned_on", 0)),
-        )
-
-    def needs_relearning(self, count: int, dims: int) -> bool:
-        """Whether a collection of ``count`` vectors wants a transform learned afresh: the
-        configured whitening differs, or the collection is much smaller or larger than the
-        one the transform was learned from."""
-        whitened = 0 if self.whitening is None else self.whitening.shape[1]
-        if whitened != expected_whitening(count, dims, self.metric):
-            return True
-        if self.metric is not Metric.COSINE or count < CENTER_MIN_VECTORS:
-            return False
-        if self.learned_on < CENTER_MIN_VECTORS:
-            return True
-        return not self.learned_on / RELEARN_FACTOR < count < self.learned_on * RELEARN_FACTOR
+    def set_setting(self, key: str, value: str) -> None: ...
 
 
-def expected_whitening(count: int, dims: int, metric: Metric) -> int:
-    """The whitening dimensions a collection of ``count`` vectors gets when ``dims`` are
-    configured: none for other metrics than cosine, or while there are too few vectors."""
-    if not dims or metric is not Metric.COSINE:
-        return 0
-    if count < max(CENTER_MIN_VECTORS, WHITEN_VECTORS_PER_DIM * dims):
-        return 0
-    return dims
-
-
-def default_memory_budget() -> int:
-    """A quarter of physical memory: what an automatically chosen index may use."""
-    try:
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 4
-    except (ValueError, OSError, AttributeError):
-        return 4 << 30
+def safe_name(name: str) -> str:
+    """``name`` with everything but letters, digits, '.', '_' and '-' replaced, for a file."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", name)
 
 
 @dataclass
-class _Loaded:
-    index: PreparedIndex
+class Loaded(Generic[T]):
+    """A derived object in memory and the catalog generation it reflects."""
+
+    value: T
     generation: int
     dirty: bool = False
 
 
-class CatalogIndexes:
-    """Loads, rebuilds and updates the vector indexes of one catalog."""
+class DerivedFileStore:
+    """The in-memory copies and the freshness rule of every file derived from one catalog."""
+
+    def __init__(self, catalog: CatalogState, folder: Path) -> None:
+        self.catalog = catalog
+        self.folder = folder
+        self.builds = 0  # observable, so tests can tell a rebuild from a reuse
+        self._loaded: dict[Any, Loaded[Any]] = {}
+
+    def path(self, *parts: str) -> Path:
+        """A file under the collection folder, each part made safe for a file name."""
+        return self.folder.joinpath(*(safe_name(p) for p in parts))
+
+    def catalog_id(self) -> str:
+        """The catalog's random identity: a folder switched to another catalog, whose
+        generation may happen to be the same, never uses the old one's files."""
+        value = self.catalog.get_setting(CATALOG_ID_SETTING)
+        if value is None:
+            self.catalog.set_setting(CATALOG_ID_SETTING, uuid.uuid4().hex)
+            value = self.catalog.get_setting(CATALOG_ID_SETTING) or ""
+        return value
+
+    def stamp(self, generation: int) -> dict[str, Any]:
+        """What a derived file saved for ``generation`` records about its catalog."""
+        return {"catalog": self.catalog_id(), "generation": generation}
+
+    def is_current(self, metadata: Mapping[str, Any], generation: int) -> bool:
+        """Whether a file's recorded stamp matches the catalog at ``generation``."""
+        return all(metadata.get(k) == v for k, v in self.stamp(generation).items())
+
+    def get(
+        self,
+        key: Any,
+        *,
+        load: Callable[[int], T | None],
+        build: Callable[[int], T],
+        still_valid: Callable[[T], bool] = lambda _: True,
+    ) -> T:
+        """The derived object ``key`` as of the catalog's generation now: the copy in memory
+        if it is current, else ``load(generation)`` (which returns None for a stale or corrupt
+        file), else ``build(generation)``."""
+        generation = self.catalog.generation
+        loaded = self._loaded.get(key)
+        if loaded is not None and loaded.generation == generation and still_valid(loaded.value):
+            return loaded.value  # type: ignore[no-any-return]
+        value = load(generation)
+        if value is None:
+            value = build(generation)
+            self.builds += 1
+        self._loaded[key] = Loaded(value, generation)
+        return value
+
+    def keep(self, key: Any, value: object, generation: int) -> None:
+        """Hold ``value`` in memory as ``key`` at ``generation``."""
+        self._loaded[key] = Loaded(value, generation)
+
+    def loaded(self) -> dict[Any, Loaded[Any]]:
+        """The objects in memory, by key (the dict itself: callers may drop entries)."""
+        return self._loaded
+
+    def drop(self, key: Any) -> None:
+        """Forget one object in memory (it reloads or rebuilds on next use)."""
+        self._loaded.pop(key, None)
+
+    def forget(self) -> None:
+        """Forget every object in memory."""
+        self._loaded.clear()
+
+
+class VectorIndexes:
+    """The vector index of each (model, metric) of one catalog: loaded from its file under
+    ``indexes/``, rebuilt from the catalog when stale, and updated in place by the
+    collection's own writes."""
 
     def __init__(
         self,
-        catalog: Catalog,
-        folder: Path,
+        store: DerivedFileStore,
+        vectors: Callable[[int], tuple[np.ndarray, np.ndarray]],
         *,
         spec: str = AUTO,
         memory_budget_bytes: int | None = None,
         whitening: int = 0,
     ) -> None:
-        self.catalog = catalog
-        self.folder = folder
+        self.store = store
+        self.vectors = vectors  # model id -> (ids, vectors) of every stored image
         self.spec = spec
         self.whitening = whitening  # PCA-whitening dimensions for cosine indexes (0: none)
         self.memory_budget_bytes = memory_budget_bytes or default_memory_budget()
-        self.rebuilds = 0  # observable, so tests can tell a rebuild from an incremental update
-        self._loaded: dict[tuple[str, Metric], _Loaded] = {}
+
+    @classmethod
+    def for_catalog(cls, catalog: Catalog, folder: Path, **options: Any) -> VectorIndexes:
+        """The vector indexes of ``catalog`` with their files under ``folder/indexes``."""
+        return cls(DerivedFileStore(catalog, folder), catalog.vectors, **options)
+
+    @property
+    def rebuilds(self) -> int:
+        """How many indexes were built from the catalog (not loaded or updated)."""
+        return self.store.builds
 
     def path(self, model_key: str, metric: Metric) -> Path:
         """The file of one model's index for one metric."""
-        safe = re.sub(r"[^A-Za-z0-9._-]+", "_", model_key)
-        return self.folder / f"{safe}.{metric.value}.lkx"
+        return self.store.path("indexes", f"{model_key}.{metric.value}.lkx")
 
     def whitening_dims(self, dim: int) -> int:
         """The whitening dimensions for vectors of ``dim`` (never more than ``dim``)."""
@@ -226,20 +177,13 @@ class CatalogIndexes:
 
     def get(self, model_id: int, model_key: str, dim: int, metric: Metric) -> PreparedIndex:
         """An index that reflects the catalog as it is now."""
-        generation = self.catalog.generation
-        key = (model_key, metric)
-        loaded = self._loaded.get(key)
-        if (
-            loaded is not None
-            and loaded.generation == generation
-            and not loaded.index.needs_relearning(len(loaded.index), self.whitening_dims(dim))
-        ):
-            return loaded.index
-        index = self._load_fresh(model_key, dim, metric, generation)
-        if index is None:
-            index = self._rebuild(model_id, model_key, dim, metric, generation)
-        self._loaded[key] = _Loaded(index, generation)
-        return index
+        whitening = self.whitening_dims(dim)
+        return self.store.get(
+            (model_key, metric),
+            load=lambda generation: self._load_fresh(model_key, dim, metric, generation),
+            build=lambda generation: self._rebuild(model_id, model_key, dim, metric, generation),
+            still_valid=lambda index: not index.needs_relearning(len(index), whitening),
+        )
 
     def _load_fresh(
         self, model_key: str, dim: int, metric: Metric, generation: int
@@ -250,13 +194,9 @@ class CatalogIndexes:
         try:
             header = read_index_header(path)
             meta = header.get("metadata", {})
-            expected = {
-                "generation": generation,
-                "model": model_key,
-                "configured_spec": self.spec,
-                "catalog": self._catalog_id(),
-            }
-            if any(meta.get(k) != v for k, v in expected.items()):
+            if not self.store.is_current(meta, generation):
+                return None
+            if meta.get("model") != model_key or meta.get("configured_spec") != self.spec:
                 return None
             if meta.get("input_dim", header["dim"]) != dim:
                 return None
@@ -268,13 +208,13 @@ class CatalogIndexes:
             if index.needs_relearning(header["count"], self.whitening_dims(dim)):
                 return None
             return index
-        except (CorruptIndexError, VectorIndexError):
+        except (CorruptIndexError, VectorIndexError, OSError):
             return None  # rebuilt from the catalog instead of being trusted
 
     def _rebuild(
         self, model_id: int, model_key: str, dim: int, metric: Metric, generation: int
     ) -> PreparedIndex:
-        ids, vectors = self.catalog.vectors(model_id)
+        ids, vectors = self.vectors(model_id)
         center = whitening = None
         if metric is Metric.COSINE and len(ids) >= CENTER_MIN_VECTORS:
             unit = l2_normalize(vectors)
@@ -290,30 +230,20 @@ class CatalogIndexes:
         if len(ids):
             index.add(ids, vectors)
         self._save(index, model_key, metric, generation, spec)
-        self.rebuilds += 1
         return index
 
     def _save(
         self, index: PreparedIndex, model_key: str, metric: Metric, generation: int, spec: str
     ) -> None:
-        self.folder.mkdir(parents=True, exist_ok=True)
+        path = self.path(model_key, metric)
+        path.parent.mkdir(parents=True, exist_ok=True)
         metadata = {
-            "generation": generation,
+            **self.store.stamp(generation),
             "model": model_key,
             "configured_spec": self.spec,
             "spec": spec,
-            "catalog": self._catalog_id(),
         }
-        index.save(self.path(model_key, metric), metadata)
-
-    def _catalog_id(self) -> str:
-        """The catalog's random id: index files carry it, so a folder switched to another
-        catalog (whose generation may happen to be the same) never uses the old one's files."""
-        value = self.catalog.get_setting(CATALOG_ID_SETTING)
-        if value is None:
-            self.catalog.set_setting(CATALOG_ID_SETTING, uuid.uuid4().hex)
-            value = self.catalog.get_setting(CATALOG_ID_SETTING) or ""
-        return value
+        index.save(path, metadata)
 
     def apply(
         self,
@@ -333,43 +263,51 @@ class CatalogIndexes:
             return
         added_ids = added[0] if added is not None else np.empty(0, dtype=np.int64)
         removed = removed if removed is not None else np.empty(0, dtype=np.int64)
-        for key, loaded in list(self._loaded.items()):
-            loaded_model = key[0]
-            if loaded.generation != before or after != before + changes:
-                del self._loaded[key]
+        loaded_indexes = self.store.loaded()
+        for key, loaded in list(loaded_indexes.items()):
+            if not _is_index_key(key):
                 continue
-            if loaded_model == model_key:
-                loaded.index.remove(removed)
+            if loaded.generation != before or after != before + changes:
+                del loaded_indexes[key]
+                continue
+            index: PreparedIndex = loaded.value
+            if key[0] == model_key:
+                index.remove(removed)
                 if added is not None and len(added_ids):
-                    loaded.index.add(*added)
+                    index.add(*added)
             else:
                 # Storing a changed file drops the vectors other models made of it.
-                loaded.index.remove(np.concatenate([removed, added_ids]))
+                index.remove(np.concatenate([removed, added_ids]))
             loaded.generation = after
             loaded.dirty = True
 
     def load_existing(self, model_key: str, dim: int) -> None:
         """Load the up-to-date index files of a model, so that changes about to be made are
         applied to them incrementally instead of forcing a rebuild later."""
-        generation = self.catalog.generation
+        generation = self.store.catalog.generation
+        loaded = self.store.loaded()
         for metric in Metric:
-            key = (model_key, metric)
-            if key not in self._loaded:
+            if (model_key, metric) not in loaded:
                 index = self._load_fresh(model_key, dim, metric, generation)
                 if index is not None:
-                    self._loaded[key] = _Loaded(index, generation)
+                    self.store.keep((model_key, metric), index, generation)
 
     def flush(self) -> None:
         """Save every index changed in memory since it was loaded or last saved."""
-        for (model_key, metric), loaded in self._loaded.items():
-            if loaded.dirty:
-                spec = loaded.index.index.spec
-                self._save(loaded.index, model_key, metric, loaded.generation, spec)
+        for key, loaded in self.store.loaded().items():
+            if _is_index_key(key) and loaded.dirty:
+                index: PreparedIndex = loaded.value
+                self._save(index, key[0], key[1], loaded.generation, index.index.spec)
                 loaded.dirty = False
 
     def forget(self) -> None:
         """Drop every loaded index (they reload from their files on next use)."""
-        self._loaded.clear()
+        for key in [k for k in self.store.loaded() if _is_index_key(k)]:
+            self.store.drop(key)
+
+
+def _is_index_key(key: Any) -> bool:
+    return isinstance(key, tuple) and len(key) == 2 and isinstance(key[1], Metric)
 
 
 def _backend(spec: str) -> str:

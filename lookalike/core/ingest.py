@@ -1,7 +1,10 @@
-"""Indexing a folder: find what changed, decode in worker threads, embed in batches, store.
+"""The ingest pipeline: decode, embed and extract local features in batches, then store.
 
-The catalog is written one batch per transaction, so a run that is killed keeps every batch it
-finished, and the next run only does what is left: nothing is duplicated, nothing is lost.
+An executor (threads in this process, or :mod:`lookalike.distributed` on Ray) turns file
+paths into :class:`Batch` es of decoded records, vectors and local features, and nothing
+else; :class:`IngestPipeline` alone writes them to the catalog, one batch per transaction, so
+a run that is killed keeps every batch it finished, and the next run only does what is left:
+nothing is duplicated, nothing is lost.
 """
 
 from __future__ import annotations
@@ -10,21 +13,22 @@ import hashlib
 import io
 import os
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Any, Protocol
 
 import numpy as np
 
-from lookalike.catalog import ImageRecord
+from lookalike.catalog import Catalog, FileState, ImageRecord
+from lookalike.core.derived import VectorIndexes
+from lookalike.core.local_store import LocalFeatureKind, LocalFeatureStore
+from lookalike.encoders.base import Encoder
 from lookalike.encoders.preprocess import PreprocessConfig, resize_for_model
-from lookalike.errors import ImageError, LookalikeError
+from lookalike.errors import ImageError
 from lookalike.images import image_size, load_image
-
-if TYPE_CHECKING:
-    from lookalike.local.features import SiftConfig
+from lookalike.local.features import SiftConfig
 
 IMAGE_SUFFIXES = frozenset(
     {".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".gif", ".bmp", ".tif", ".tiff", ".webp",
@@ -142,52 +146,169 @@ def decode_all(
             yield from pending.popleft().result()
 
 
-def read_metadata_csv(path: str | Path, *, key: str | None = None) -> dict[str, dict[str, str]]:
-    """Rows of a CSV keyed by file name (or relative path), the other columns as metadata.
+@dataclass(frozen=True)
+class EncoderRecipe:
+    """How to build the collection's encoder anywhere (picklable): its registry name and
+    options. Executors in other processes build their encoder from it."""
 
-    The key column is ``key`` if given, else the first of file/filename/path/image/name that
-    exists, else the first column.
-    """
-    import csv
+    name: str
+    options: dict[str, Any]
 
-    try:
-        with open(path, newline="", encoding="utf-8-sig") as handle:
-            reader = csv.DictReader(handle)
-            columns = reader.fieldnames or []
-            if not columns:
-                raise LookalikeError(f"{path}: the metadata CSV has no header row")
-            if key is None:
-                preferred = ("file", "filename", "file_name", "path", "image", "name")
-                lowered = {c.lower(): c for c in columns}
-                key = next((lowered[p] for p in preferred if p in lowered), columns[0])
-            elif key not in columns:
-                raise LookalikeError(f"{path}: no column {key!r}; columns are {columns}")
-            rows = {}
-            for row in reader:
-                name = (row.get(key) or "").strip()
-                if name:
-                    rows[name] = {c: v for c, v in row.items() if c != key and c is not None}
-    except OSError as error:
-        raise LookalikeError(f"cannot read metadata CSV {path}: {error}") from error
-    return rows
+    def build(self) -> Encoder:
+        from lookalike.encoders.registry import create_encoder
+
+        return create_encoder(self.name, **self.options)
 
 
-def match_metadata(
-    paths: dict[str, int], rows: dict[str, dict[str, str]]
-) -> dict[int, dict[str, str]]:
-    """Image id -> metadata, matching CSV keys to the end of stored paths (a relative path or a
-    file name). A key that fits several images (the same file name in two folders) is skipped
-    rather than guessed."""
-    ambiguous = -1
-    by_suffix: dict[str, int] = {}
-    for path, image_id in paths.items():
-        parts = Path(path).parts[1:] if Path(path).is_absolute() else Path(path).parts
-        for start in range(len(parts)):
-            suffix = "/".join(parts[start:])
-            by_suffix[suffix] = image_id if suffix not in by_suffix else ambiguous
-    matched = {}
-    for name, metadata in rows.items():
-        image_id = by_suffix.get(name.replace("\\", "/").removeprefix("./"), ambiguous)
-        if image_id != ambiguous:
-            matched[image_id] = metadata
-    return matched
+@dataclass
+class Batch:
+    """One batch ready to store: the files that decoded (with pixels dropped once used),
+    their vectors in the same order, their local features when asked for, and the files
+    that failed with the reason."""
+
+    decoded: list[Decoded]
+    vectors: np.ndarray
+    local_features: list[bytes | None] | None = None
+    failed: list[tuple[str, str]] = field(default_factory=list)
+
+    @property
+    def files(self) -> int:
+        return len(self.decoded) + len(self.failed)
+
+
+def embed_batch(encoder: Encoder, decoded: list[Decoded], local: LocalFeatureKind | None) -> Batch:
+    """Embed the files of ``decoded`` that decoded, and extract their local features: SIFT
+    was computed while decoding, patch tokens are computed here from the same pixels."""
+    good = [d for d in decoded if d.error is None]
+    failed = [(d.path, d.error or "") for d in decoded if d.error is not None]
+    if not good:
+        empty = np.empty((0, encoder.dim), dtype=np.float32)
+        return Batch([], empty, [] if local else None, failed)
+    pixels = np.stack([d.pixels for d in good if d.pixels is not None])
+    vectors = encoder.embed_pixels(pixels)
+    features: list[bytes | None] | None = None
+    if local is not None:
+        if local.patch_tokens:
+            features = list(local.from_pixels(encoder, pixels))
+        else:
+            features = [d.local_features for d in good]
+    slim = [Decoded(d.path, record=d.record) for d in good]
+    return Batch(slim, vectors, features, failed)
+
+
+ProgressFiles = Callable[[int], None]
+
+
+class IngestExecutor(Protocol):
+    """Turns file paths into batches; never writes the catalog."""
+
+    def batches(
+        self,
+        paths: list[str],
+        *,
+        encoder: Encoder,
+        recipe: EncoderRecipe,
+        local: LocalFeatureKind | None,
+        batch_size: int,
+    ) -> Iterator[Batch]: ...
+
+
+@dataclass(frozen=True)
+class ThreadExecutor:
+    """Decodes in ``workers`` threads of this process and embeds here (0 decodes inline)."""
+
+    workers: int | None = None
+
+    def batches(
+        self,
+        paths: list[str],
+        *,
+        encoder: Encoder,
+        recipe: EncoderRecipe,
+        local: LocalFeatureKind | None,
+        batch_size: int,
+    ) -> Iterator[Batch]:
+        workers = min(os.cpu_count() or 1, 4) if self.workers is None else self.workers
+        sift = local.sift if local is not None else None
+        pending: list[Decoded] = []
+        for decoded in decode_all(paths, encoder.preprocess, workers=workers, local=sift):
+            pending.append(decoded)
+            if sum(1 for d in pending if d.error is None) >= batch_size:
+                yield embed_batch(encoder, pending, local)
+                pending = []
+        if pending:
+            yield embed_batch(encoder, pending, local)
+
+
+class IngestPipeline:
+    """The one place where ingest writes: a batch's records and vectors in one catalog
+    transaction, its local features, and the loaded vector indexes updated in step."""
+
+    def __init__(
+        self,
+        catalog: Catalog,
+        indexes: VectorIndexes,
+        local_store: LocalFeatureStore,
+        *,
+        model_id: int,
+        model_key: str,
+    ) -> None:
+        self.catalog = catalog
+        self.indexes = indexes
+        self.local_store = local_store
+        self.model_id = model_id
+        self.model_key = model_key
+
+    def run(
+        self,
+        batches: Iterable[Batch],
+        known: dict[str, FileState],
+        report: IndexReport,
+        *,
+        local: LocalFeatureKind | None,
+        total: int,
+        progress: ProgressCallback | None = None,
+    ) -> None:
+        """Store every batch, recording failures, reporting progress, and save the indexes."""
+        if progress:
+            progress(0, total)
+        done = 0
+        try:
+            for batch in batches:
+                self.store(batch, known, report, local)
+                done += batch.files
+                if progress:
+                    progress(min(done, total), total)
+        finally:
+            self.indexes.flush()
+
+    def store(
+        self,
+        batch: Batch,
+        known: dict[str, FileState],
+        report: IndexReport,
+        local: LocalFeatureKind | None,
+    ) -> list[int]:
+        """Write one batch; returns the catalog ids of its images, in order."""
+        for path, reason in batch.failed:
+            report.failed.append((path, reason))
+            self.catalog.record_failure(path, reason)
+        if not batch.decoded:
+            return []
+        records = [d.record for d in batch.decoded if d.record is not None]
+        before = self.catalog.generation
+        ids = self.catalog.store(records, batch.vectors, self.model_id)
+        self.indexes.apply(
+            self.model_key,
+            before=before,
+            after=self.catalog.last_written_generation,
+            changes=1,
+            added=(np.asarray(ids, dtype=np.int64), batch.vectors),
+        )
+        if local is not None and batch.local_features is not None:
+            hashes = {i: r.content_hash for i, r in zip(ids, records, strict=True)}
+            self.local_store.save(local, ids, batch.local_features, hashes)
+        updated = sum(1 for d in batch.decoded if d.path in known)
+        report.updated += updated
+        report.added += len(batch.decoded) - updated
+        return ids

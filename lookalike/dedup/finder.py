@@ -456,16 +456,12 @@ class _Verifier:
     tried too; features from the catalog when stored, else extracted from the file once."""
 
     def __init__(self, collection: Collection, min_inliers: int, failed: list) -> None:
-        from lookalike.local.rerank import LOCAL_FEATURES_SETTING, collection_kind
-
         self.collection = collection
         self.min_inliers = min_inliers
         self.failed = failed
-        self.kind = (
-            collection_kind(collection)
-            if collection.catalog.get_setting(LOCAL_FEATURES_SETTING)
-            else None
-        )
+        stored = collection.local_store.kind()
+        # Stored SIFT features are reused; patch tokens are no use to SIFT matching.
+        self.kind = stored.name if stored is not None and stored.sift is not None else None
         self._features: dict[int, LocalFeatures | None] = {}
         self._mirrored: dict[int, LocalFeatures | None] = {}
         self._pairs: dict[tuple[int, int], int] = {}

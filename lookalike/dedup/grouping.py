@@ -51,7 +51,7 @@ def union_find_groups(n: int, pairs: Iterable[tuple[int, int]]) -> list[list[int
     """Connected components of 2 or more of the items 0..n-1 linked by ``pairs``, each
     sorted, in order of their smallest item."""
     sets = UnionFind(n)
-    touched = set()
+    touched: set[int] = set()
     for a, b in pairs:
         sets.union(int(a), int(b))
         touched.update((int(a), int(b)))

@@ -1,11 +1,12 @@
-"""Extraction on a Ray cluster: workers decode and embed, the driver writes the catalog.
+"""Extraction on a Ray cluster: an ingest executor whose workers decode and embed.
 
 Each worker is a Ray actor holding one encoder, loaded once. The driver sends it chunks of file
 paths (one chunk = one batch), so the files must be readable at the same paths on every node
-(a shared or network file system). A worker returns each file's record, its vector and, when
-asked for, its local features; pixels never travel. The driver stores every returned chunk in
-one catalog transaction through the same path as single-process indexing, keyed by file path,
-so the run is idempotent:
+(a shared or network file system). A worker returns a :class:`~lookalike.core.ingest.Batch`:
+each file's record, its vector and, when asked for, its local features (SIFT, or patch tokens
+computed on the worker from the pixels it decoded); pixels never travel. The collection's
+ingest pipeline stores every batch in one catalog transaction, exactly as for threads, keyed
+by file path, so the run is idempotent:
 
 - a worker that dies is restarted by Ray and its unfinished chunks run again; a result is only
   stored once it has arrived, and storing the same path twice updates it in place;
@@ -21,19 +22,16 @@ from __future__ import annotations
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from types import ModuleType
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
-from lookalike.core.ingest import Decoded, IndexReport, ProgressCallback, decode_file
+from lookalike.core.ingest import Batch, EncoderRecipe, decode_file, embed_batch
+from lookalike.core.local_store import LocalFeatureKind
+from lookalike.encoders.base import Encoder
 from lookalike.errors import DistributedError, LookalikeError, ModelMismatchError
-
-if TYPE_CHECKING:
-    from lookalike.catalog import FileState
-    from lookalike.core.collection import Collection
-    from lookalike.local.features import SiftConfig
 
 ACTOR_PREFIX = "lookalike-embed"
 # Chunks queued per worker: one running, one waiting, so a worker never idles while the driver
@@ -100,66 +98,55 @@ def ray_session(address: str | None) -> Iterator[ModuleType]:
 class EmbedWorker:
     """Runs on a Ray worker: one encoder, loaded once, embedding chunks of files by path."""
 
-    def __init__(
-        self, model: str, encoder_options: dict[str, Any], local: SiftConfig | None
-    ) -> None:
-        from lookalike.encoders.registry import create_encoder
-
-        self.encoder = create_encoder(model, **encoder_options)
+    def __init__(self, recipe: EncoderRecipe, local: LocalFeatureKind | None) -> None:
+        self.encoder = recipe.build()
         self.local = local
 
     def identity_key(self) -> str:
         """The encoder identity, which the driver checks against its own before any work."""
         return self.encoder.identity.key
 
-    def embed(self, paths: list[str]) -> tuple[list[Decoded], np.ndarray]:
-        """Decode and embed these files: every file's Decoded (without pixels) and the vectors
-        of the ones that decoded, in order."""
-        decoded = [decode_file(path, self.encoder.preprocess, self.local) for path in paths]
-        good = [d for d in decoded if d.error is None]
-        if good:
-            vectors = self.encoder.embed_pixels(np.stack([d.pixels for d in good]))
-        else:
-            vectors = np.empty((0, self.encoder.dim), dtype=np.float32)
-        return [replace(d, pixels=None) for d in decoded], vectors
+    def embed(self, paths: list[str]) -> Batch:
+        """Decode and embed these files (and extract their local features)."""
+        sift = self.local.sift if self.local is not None else None
+        decoded = [decode_file(path, self.encoder.preprocess, sift) for path in paths]
+        return embed_batch(self.encoder, decoded, self.local)
 
 
-def embed_files_on_ray(
-    collection: Collection,
-    paths: list[str],
-    known: dict[str, FileState],
-    report: IndexReport,
-    options: RayOptions,
-    *,
-    batch_size: int,
-    progress: ProgressCallback | None = None,
-    local: SiftConfig | None = None,
-) -> None:
-    """Embed ``paths`` on Ray workers and store them in ``collection``, one catalog
-    transaction per chunk of ``batch_size`` files, recording files that fail."""
-    if progress:
-        progress(0, len(paths))
-    if not paths:
-        return
-    chunks = [paths[start : start + batch_size] for start in range(0, len(paths), batch_size)]
-    with ray_session(options.address) as ray:
-        workers = _start_workers(ray, collection, options, local, len(chunks))
-        try:
-            _check_identity(ray, workers, collection.encoder.identity.key)
-            _run_chunks(ray, collection, workers, chunks, known, report, local, progress)
-        finally:
-            for worker in workers:
-                ray.kill(worker, no_restart=True)
-    collection.indexes.flush()
-    if progress:
-        progress(len(paths), len(paths))
+@dataclass(frozen=True)
+class RayExecutor:
+    """An ingest executor that decodes and embeds on Ray workers (see :class:`RayOptions`)."""
+
+    options: RayOptions = RayOptions()
+
+    def batches(
+        self,
+        paths: list[str],
+        *,
+        encoder: Encoder,
+        recipe: EncoderRecipe,
+        local: LocalFeatureKind | None,
+        batch_size: int,
+    ) -> Iterator[Batch]:
+        """Batches of ``batch_size`` files, in the order workers finish them."""
+        if not paths:
+            return
+        chunks = [paths[start : start + batch_size] for start in range(0, len(paths), batch_size)]
+        with ray_session(self.options.address) as ray:
+            workers = _start_workers(ray, recipe, self.options, local, len(chunks))
+            try:
+                _check_identity(ray, workers, encoder.identity.key)
+                yield from _run_chunks(ray, workers, chunks)
+            finally:
+                for worker in workers:
+                    ray.kill(worker, no_restart=True)
 
 
 def _start_workers(
     ray: ModuleType,
-    collection: Collection,
+    recipe: EncoderRecipe,
     options: RayOptions,
-    local: SiftConfig | None,
+    local: LocalFeatureKind | None,
     chunks: int,
 ) -> list[Any]:
     count = options.workers
@@ -167,7 +154,7 @@ def _start_workers(
         cpus = int(ray.cluster_resources().get("CPU", 1))
         count = max(1, cpus // options.threads)
     count = min(count, chunks)
-    encoder_options = {**collection.encoder_options(), "threads": options.threads}
+    worker_recipe = EncoderRecipe(recipe.name, {**recipe.options, "threads": options.threads})
     actor = ray.remote(EmbedWorker)
     run = uuid.uuid4().hex[:8]
     # Named so that operators (and tests) can find a run's workers with ray.util.
@@ -177,7 +164,7 @@ def _start_workers(
             num_cpus=options.threads,
             max_restarts=options.max_restarts,
             max_task_retries=options.max_task_retries,
-        ).remote(collection.model_name, encoder_options, local)
+        ).remote(worker_recipe, local)
         for i in range(count)
     ]
 
@@ -198,17 +185,7 @@ def _check_identity(ray: ModuleType, workers: list[Any], expected: str) -> None:
             )
 
 
-def _run_chunks(
-    ray: ModuleType,
-    collection: Collection,
-    workers: list[Any],
-    chunks: list[list[str]],
-    known: dict[str, FileState],
-    report: IndexReport,
-    local: SiftConfig | None,
-    progress: ProgressCallback | None,
-) -> None:
-    total = sum(len(chunk) for chunk in chunks)
+def _run_chunks(ray: ModuleType, workers: list[Any], chunks: list[list[str]]) -> Iterator[Batch]:
     todo = iter(chunks)
     pending: dict[Any, tuple[Any, list[str]]] = {}
 
@@ -220,20 +197,17 @@ def _run_chunks(
     for _ in range(_IN_FLIGHT_PER_WORKER):
         for worker in workers:
             submit(worker)
-    done = 0
     alive = set(range(len(workers)))
     while pending:
         (ready,), _ = ray.wait(list(pending), num_returns=1)
         worker, chunk = pending.pop(ready)
         try:
-            decoded, vectors = ray.get(ready)
+            batch = ray.get(ready)
         except ray.exceptions.RayActorError as error:
             # Ray already restarted the worker and retried the chunk; give up on it for this
             # run rather than loop on a file that crashes its decoder.
             reason = f"worker lost while embedding this file ({type(error).__name__})"
-            for path in chunk:
-                report.failed.append((path, reason))
-                collection.catalog.record_failure(path, reason)
+            yield Batch([], np.empty((0, 0), np.float32), None, [(p, reason) for p in chunk])
             if not _responds(ray, worker):
                 alive.discard(workers.index(worker))
                 if not alive:
@@ -244,30 +218,8 @@ def _run_chunks(
         except ray.exceptions.RayTaskError as error:
             raise _worker_error(error, f"a worker failed on {chunk[0]}") from error
         else:
-            _store(collection, decoded, vectors, known, report, local)
-        done += len(chunk)
-        if progress:
-            progress(done, total)
+            yield batch
         submit(worker)  # a lost worker gets no more; the others take what is left
-
-
-def _store(
-    collection: Collection,
-    decoded: list[Decoded],
-    vectors: np.ndarray,
-    known: dict[str, FileState],
-    report: IndexReport,
-    local: SiftConfig | None,
-) -> None:
-    good = []
-    for item in decoded:
-        if item.error is not None:
-            report.failed.append((item.path, item.error))
-            collection.catalog.record_failure(item.path, item.error)
-        else:
-            good.append(item)
-    if good:
-        collection._store_batch(good, known, report, local, vectors=vectors)
 
 
 def _responds(ray: ModuleType, worker: Any) -> bool:

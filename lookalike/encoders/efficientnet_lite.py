@@ -135,7 +135,8 @@ class MBConvBlock(nn.Module):
             x = F.relu6(self._bn0(self._expand_conv(x)))
         x = F.relu6(self._bn1(self._depthwise_conv(x)))
         x = self._bn2(self._project_conv(x))
-        return x + inputs if self.use_skip else x
+        out: torch.Tensor = x + inputs if self.use_skip else x
+        return out
 
 
 class EfficientNetLite(nn.Module):
@@ -202,7 +203,8 @@ class EfficientNetLite(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """ImageNet logits."""
         pooled = self.features(x)[-1].mean(dim=(2, 3))
-        return self._fc(pooled)
+        logits: torch.Tensor = self._fc(pooled)
+        return logits
 
 
 def weights_path(variant: LiteVariant) -> Path:
@@ -284,6 +286,9 @@ class PooledFeatures(nn.Module):
     inside the graph), and the L2-normalised pooled vectors are averaged.
     """
 
+    mean: torch.Tensor  # buffers, registered in __init__
+    inv_std: torch.Tensor
+
     def __init__(
         self,
         network: EfficientNetLite,
@@ -315,16 +320,18 @@ class PooledFeatures(nn.Module):
         x = pixels.permute(0, 3, 1, 2).float()
         x = ((x - self.mean) * self.inv_std).contiguous(memory_format=torch.channels_last)
         if self.layer == "logits":
-            return self.network(x)
+            logits: torch.Tensor = self.network(x)
+            return logits
         if len(self.sizes) == 1:
             return self._pooled(x)
-        total = None
+        total: torch.Tensor | None = None
         for size in self.sizes:
             view = x
             if size != x.shape[-1]:
                 view = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
             pooled = F.normalize(self._pooled(view), dim=1)
             total = pooled if total is None else total + pooled
+        assert total is not None  # several sizes here
         return total / len(self.sizes)
 
     def _pooled(self, x: torch.Tensor) -> torch.Tensor:
@@ -378,6 +385,7 @@ class EfficientNetLiteEncoder(EncoderBase):
         if runtime == "onnx" and resolved.type != "cpu":
             raise EncoderError("the ONNX runtime path runs on CPU; use runtime='torch' for GPUs")
         self.runtime = runtime
+        self._run: OnnxRunner | TorchRunner
         if runtime == "onnx":
             example = np.zeros((1, config.resolution, config.resolution, 3), dtype=np.uint8)
             variant_key = self.identity.key.replace("/", "-")

@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from lookalike.encoders.base import Encoder, EncoderBase, EncoderIdentity
+from lookalike.encoders.preprocess import PreprocessConfig
 from lookalike.encoders.projection import HeadConfig, ProjectionHead
 from lookalike.encoders.runtime import file_sha256
 from lookalike.errors import EncoderError, FinetuneError
@@ -138,9 +139,10 @@ class SavedEncoder:
 
 def _load_state(path: Path) -> dict[str, torch.Tensor]:
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        state: dict[str, torch.Tensor] = torch.load(path, map_location="cpu", weights_only=True)
     except (OSError, RuntimeError, EOFError) as error:
         raise FinetuneError(f"cannot read {path}: {error}") from error
+    return state
 
 
 def _identity_sha(
@@ -292,7 +294,7 @@ class FinetunedEncoder(EncoderBase):
             saved.base.scales,
         )
 
-    def _build_network(self, runtime: str, device: str, threads: int | None):
+    def _build_network(self, runtime: str, device: str, threads: int | None) -> PreprocessConfig:
         from lookalike.encoders.efficientnet_lite import (
             VARIANTS,
             PooledFeatures,
@@ -330,6 +332,7 @@ class FinetunedEncoder(EncoderBase):
         resolved = resolve_device(device)
         if runtime == "auto":
             runtime = "onnx" if resolved.type == "cpu" and onnxruntime_available() else "torch"
+        self._run: OnnxRunner | TorchRunner
         if runtime == "onnx":
             size = preprocess.resolution
             example = np.zeros((1, size, size, 3), dtype=np.uint8)
@@ -348,7 +351,8 @@ class FinetunedEncoder(EncoderBase):
             raise FinetuneError(f"{self.saved.name} trained backbone stages; embed the images")
         with torch.inference_mode():
             features = torch.from_numpy(np.ascontiguousarray(base_vectors, dtype=np.float32))
-            return self.head(features).numpy()
+            projected: np.ndarray = self.head(features).numpy()
+            return projected
 
     def _forward(self, pixels: np.ndarray) -> np.ndarray:
         if self.base is None:
@@ -371,7 +375,10 @@ def create_finetuned_encoder(
     layer: str | None = None,
     pooling: str | None = None,
     scales: Any = None,
-    **options: Any,
+    normalize: bool = True,
+    runtime: str = "auto",
+    device: str = "auto",
+    threads: int | None = None,
 ) -> FinetunedEncoder:
     """The fine-tuned encoder ``name`` (``<base>+<name>``), found as :func:`find_finetuned`
     says. ``layer``, ``pooling`` and ``scales`` are accepted so a collection can pass its
@@ -391,4 +398,11 @@ def create_finetuned_encoder(
 
         if parse_scales(scales) != saved.base.scales:
             raise FinetuneError(f"{name} was trained at scales {saved.base.scales}, not {scales}")
-    return FinetunedEncoder(saved, create_base=create_base, **options)
+    return FinetunedEncoder(
+        saved,
+        create_base=create_base,
+        normalize=normalize,
+        runtime=runtime,
+        device=device,
+        threads=threads,
+    )

@@ -237,7 +237,7 @@ def model_type(folder: Path) -> str:
     if not config_path.is_file():
         raise EncoderError(f"{folder} has no config.json: not a transformers checkpoint")
     kind = _read_json(config_path).get("model_type")
-    if kind not in SUPPORTED_MODEL_TYPES:
+    if not isinstance(kind, str) or kind not in SUPPORTED_MODEL_TYPES:
         raise EncoderError(
             f"unsupported model type {kind!r} in {config_path}; "
             f"supported: {', '.join(SUPPORTED_MODEL_TYPES)}"
@@ -379,12 +379,16 @@ class HFFeatures(nn.Module):
     """uint8 NHWC pixels in, pooled vectors (or patch tokens) out; normalises inside."""
 
     layers: ClassVar[tuple[str, ...]] = ()
+    mean: torch.Tensor  # buffers, registered in __init__
+    inv_std: torch.Tensor
 
     def __init__(
         self, model: nn.Module, preprocess: PreprocessConfig, *, layer: str | None, pooler: bool
     ) -> None:
         super().__init__()
-        self.model = model
+        # A transformers model of the family (CLIPModel, Dinov2Model, ...): its config and
+        # sub-modules are family-specific attributes that only exist at runtime.
+        self.model: Any = model
         self.trained_pooler = pooler
         self.layer = self._resolve_layer(layer)
         image_size = getattr(self._vision_config(), "image_size", preprocess.resolution)
@@ -455,13 +459,17 @@ class ClipFeatures(HFFeatures):
         return self.model.vision_model(pixel_values=x, interpolate_pos_encoding=self.interpolate)
 
     def pool(self, x: torch.Tensor) -> torch.Tensor:
-        cls = self._vision(x).pooler_output
-        return self.model.visual_projection(cls) if self.layer == "embeds" else cls
+        cls: torch.Tensor = self._vision(x).pooler_output
+        if self.layer == "embeds":
+            embeds: torch.Tensor = self.model.visual_projection(cls)
+            return embeds
+        return cls
 
     def tokens(self, pixels: torch.Tensor) -> torch.Tensor:
         # Normed like the class token, so patch and image vectors share one scale.
         hidden = self._vision(self.pixel_values(pixels)).last_hidden_state
-        return self.model.vision_model.post_layernorm(hidden[:, 1:])
+        normed: torch.Tensor = self.model.vision_model.post_layernorm(hidden[:, 1:])
+        return normed
 
     def output_dim(self) -> int:
         if self.layer == "embeds":
@@ -471,7 +479,8 @@ class ClipFeatures(HFFeatures):
     def text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Text embeddings in the image embedding space (``get_text_features``)."""
         out = self.model.text_model(input_ids=input_ids, attention_mask=attention_mask)
-        return self.model.text_projection(out.pooler_output)
+        embeds: torch.Tensor = self.model.text_projection(out.pooler_output)
+        return embeds
 
 
 class Dinov2Features(HFFeatures):
@@ -482,7 +491,7 @@ class Dinov2Features(HFFeatures):
     layers = ("cls", "mean", "cls+mean")
 
     def pool(self, x: torch.Tensor) -> torch.Tensor:
-        hidden = self.model(pixel_values=x).last_hidden_state
+        hidden: torch.Tensor = self.model(pixel_values=x).last_hidden_state
         cls, mean = hidden[:, 0], hidden[:, 1:].mean(dim=1)
         if self.layer == "cls":
             return cls
@@ -491,7 +500,8 @@ class Dinov2Features(HFFeatures):
         return torch.cat([cls, mean], dim=1)
 
     def tokens(self, pixels: torch.Tensor) -> torch.Tensor:
-        return self.model(pixel_values=self.pixel_values(pixels)).last_hidden_state[:, 1:]
+        hidden: torch.Tensor = self.model(pixel_values=self.pixel_values(pixels)).last_hidden_state
+        return hidden[:, 1:]
 
     def output_dim(self) -> int:
         return self.token_dim() * (2 if self.layer == "cls+mean" else 1)
@@ -511,12 +521,14 @@ class VitFeatures(HFFeatures):
     def pool(self, x: torch.Tensor) -> torch.Tensor:
         out = self._run(x)
         if self.layer == "pooler":
-            return out.pooler_output
-        hidden = out.last_hidden_state
+            pooled: torch.Tensor = out.pooler_output
+            return pooled
+        hidden: torch.Tensor = out.last_hidden_state
         return hidden[:, 0] if self.layer == "cls" else hidden[:, 1:].mean(dim=1)
 
     def tokens(self, pixels: torch.Tensor) -> torch.Tensor:
-        return self._run(self.pixel_values(pixels)).last_hidden_state[:, 1:]
+        hidden: torch.Tensor = self._run(self.pixel_values(pixels)).last_hidden_state
+        return hidden[:, 1:]
 
     def output_dim(self) -> int:
         if self.layer == "pooler":
@@ -538,17 +550,24 @@ class BeitFeatures(HFFeatures):
 
     def pool(self, x: torch.Tensor) -> torch.Tensor:
         out = self._run(x)
+        hidden: torch.Tensor
         if self.layer == "mean":
             if self._mean_pooler():
-                return out.pooler_output
-            return out.last_hidden_state[:, 1:].mean(dim=1)
-        return out.last_hidden_state[:, 0]
+                pooled: torch.Tensor = out.pooler_output
+                return pooled
+            hidden = out.last_hidden_state
+            return hidden[:, 1:].mean(dim=1)
+        hidden = out.last_hidden_state
+        return hidden[:, 0]
 
     def tokens(self, pixels: torch.Tensor) -> torch.Tensor:
-        patches = self._run(self.pixel_values(pixels)).last_hidden_state[:, 1:]
+        patches: torch.Tensor = self._run(self.pixel_values(pixels)).last_hidden_state[:, 1:]
         # With mean pooling BEiT's last norm sits after the average; apply it per token so
         # patch tokens are normed like the pooled vector.
-        return self.model.pooler.layernorm(patches) if self._mean_pooler() else patches
+        if self._mean_pooler():
+            normed: torch.Tensor = self.model.pooler.layernorm(patches)
+            return normed
+        return patches
 
     def output_dim(self) -> int:
         return self.token_dim()
@@ -574,7 +593,7 @@ def _quiet_transformers() -> Iterator[None]:
 
     Problems the reports would mention (missing weights) are checked and raised instead.
     """
-    from huggingface_hub.utils import (
+    from huggingface_hub.utils.tqdm import (
         are_progress_bars_disabled,
         disable_progress_bars,
         enable_progress_bars,
@@ -584,14 +603,15 @@ def _quiet_transformers() -> Iterator[None]:
     hub_bars = not are_progress_bars_disabled()
     bars = hf_logging.is_progress_bar_enabled()
     verbosity = hf_logging.get_verbosity()
-    hf_logging.disable_progress_bar()
-    hf_logging.set_verbosity_error()
+    # transformers leaves these two unannotated.
+    hf_logging.disable_progress_bar()  # type: ignore[no-untyped-call]
+    hf_logging.set_verbosity_error()  # type: ignore[no-untyped-call]
     try:
         yield
     finally:
         hf_logging.set_verbosity(verbosity)
         if bars:
-            hf_logging.enable_progress_bar()
+            hf_logging.enable_progress_bar()  # type: ignore[no-untyped-call]
         if hub_bars:
             enable_progress_bars()
         else:
@@ -775,6 +795,21 @@ class HFEncoder(EncoderBase):
         return self._tokenizer
 
 
-def create_hf_encoder(name: str, **options: Any) -> HFEncoder:
-    """``create_encoder`` hook for names starting with ``hf:``."""
-    return HFEncoder(name.removeprefix(PREFIX), **options)
+def create_hf_encoder(
+    name: str,
+    *,
+    layer: str | None = None,
+    normalize: bool = True,
+    runtime: str = "auto",
+    device: str = "auto",
+    threads: int | None = None,
+) -> HFEncoder:
+    """The registry's factory for names starting with ``hf:``."""
+    return HFEncoder(
+        name.removeprefix(PREFIX),
+        layer=layer,
+        normalize=normalize,
+        runtime=runtime,
+        device=device,
+        threads=threads,
+    )

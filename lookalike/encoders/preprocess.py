@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 from PIL import Image
@@ -28,7 +28,7 @@ class PreprocessConfig:
     crop_fraction: float = 0.875
     interpolation: Literal["bilinear", "bicubic"] = "bilinear"
 
-    def to_dict(self) -> dict:
+    def to_dict(self) -> dict[str, Any]:
         """Plain-JSON form, stored in the catalog next to the vectors it produced."""
         return asdict(self)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -29,7 +30,7 @@ class HeadConfig:
         if not 0.0 <= self.dropout < 1.0:
             raise FinetuneError(f"dropout must be in [0, 1), got {self.dropout}")
 
-    def to_dict(self) -> dict:
+    def to_dict(self) -> dict[str, Any]:
         """Plain-JSON form, saved next to the weights."""
         return asdict(self)
 
@@ -40,6 +41,9 @@ class ProjectionHead(nn.Module):
     The statistics are buffers, so they travel with the weights and the head needs nothing
     else to reproduce its vectors.
     """
+
+    input_mean: torch.Tensor  # buffers, registered in __init__
+    input_scale: torch.Tensor
 
     def __init__(self, config: HeadConfig) -> None:
         super().__init__()

@@ -63,12 +63,14 @@ class TorchRunner:
 
     def __init__(self, module: torch.nn.Module, device: torch.device) -> None:
         self.device = device
-        self.module = module.to(device).eval().to(memory_format=torch.channels_last)
+        # Module.to accepts memory_format at runtime, but torch's overloads do not declare it.
+        self.module = module.to(device).eval().to(memory_format=torch.channels_last)  # type: ignore[call-overload]
 
     def __call__(self, pixels: np.ndarray) -> np.ndarray:
         with torch.inference_mode():
             batch = torch.from_numpy(pixels).to(self.device)
-            return self.module(batch).float().cpu().numpy()
+            features: np.ndarray = self.module(batch).float().cpu().numpy()
+            return features
 
 
 class OnnxRunner:
@@ -103,7 +105,8 @@ class OnnxRunner:
         self.input_name = self.session.get_inputs()[0].name
 
     def __call__(self, pixels: np.ndarray) -> np.ndarray:
-        return self.session.run(None, {self.input_name: pixels})[0]
+        features: np.ndarray = self.session.run(None, {self.input_name: pixels})[0]
+        return features
 
 
 def export_onnx(module: torch.nn.Module, example: np.ndarray, path: Path) -> None:

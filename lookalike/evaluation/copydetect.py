@@ -110,7 +110,8 @@ def _blur(image: Image.Image, rng: np.random.Generator) -> Image.Image:
 
 def _away_from_one(rng: np.random.Generator, low: float, high: float) -> float:
     """A factor 1 +- [low, high]: never so close to 1 that the edit is invisible."""
-    return 1.0 + rng.uniform(low, high) * rng.choice([-1.0, 1.0])
+    sign: float = rng.choice([-1.0, 1.0])
+    return 1.0 + rng.uniform(low, high) * sign
 
 
 def _color(image: Image.Image, rng: np.random.Generator) -> Image.Image:
@@ -178,8 +179,9 @@ def _text(image: Image.Image, rng: np.random.Generator) -> Image.Image:
         if (box[2] - box[0] <= 0.95 * width and box[3] - box[1] <= 0.95 * height) or size <= 8:
             break
         size = max(8, int(size * 0.85))
-    x = int(rng.integers(0, max(0, width - (box[2] - box[0])) + 1)) - box[0]
-    y = int(rng.integers(0, max(0, height - (box[3] - box[1])) + 1)) - box[1]
+    # The bounds are whole numbers (a float high would be truncated by integers() anyway).
+    x = int(rng.integers(0, int(max(0, width - (box[2] - box[0])) + 1))) - box[0]
+    y = int(rng.integers(0, int(max(0, height - (box[3] - box[1])) + 1))) - box[1]
     fill = tuple(int(c) for c in rng.integers(0, 256, size=3))
     outline = (0, 0, 0) if sum(fill) > 384 else (255, 255, 255)
     draw.multiline_text(

@@ -111,7 +111,8 @@ class RetrievalTask:
         """[queries x database] pairs that are the same image, or None when none can be."""
         if not self.exclude_self:
             return None
-        return self.query_indices[:, None] == self.database_indices[None, :]
+        mask: np.ndarray = self.query_indices[:, None] == self.database_indices[None, :]
+        return mask
 
     def describe(self) -> dict[str, object]:
         """Plain-JSON summary for reports."""

@@ -419,7 +419,8 @@ def _one_k(
         higher_is_better=higher_is_better,
         exclude=exclude,
     )
-    return getattr(metrics, field)[k]
+    values: dict[int, float] = getattr(metrics, field)
+    return values[k]
 
 
 def precision_at_k(
@@ -512,7 +513,8 @@ def precision_recall_curve(
 def same_item_mask(query_ids: np.ndarray, database_ids: np.ndarray) -> np.ndarray:
     """The ``exclude`` mask of leave-one-out: True where a query and a database item are the
     same item (equal ids, e.g. dataset indices or paths)."""
-    return np.asarray(query_ids)[:, None] == np.asarray(database_ids)[None, :]
+    mask: np.ndarray = np.asarray(query_ids)[:, None] == np.asarray(database_ids)[None, :]
+    return mask
 
 
 def score_matrix(
@@ -550,7 +552,8 @@ def score_matrix(
 
 def _unit(vectors: np.ndarray) -> np.ndarray:
     norms = np.linalg.norm(vectors, axis=1, keepdims=True)
-    return vectors / np.maximum(norms, 1e-12)
+    unit: np.ndarray = vectors / np.maximum(norms, 1e-12)
+    return unit
 
 
 # ---------------------------------------------------------------------------------------------

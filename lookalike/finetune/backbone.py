@@ -130,6 +130,7 @@ def cache_activations(
     for decoded in decode_all(list(paths), config, workers=workers):
         if decoded.error is not None:
             raise FinetuneError(f"{decoded.path}: {decoded.error}")
+        assert decoded.pixels is not None  # a file decoded without an error has its pixels
         batch.append(decoded.pixels)
         if len(batch) == batch_size:
             flush()

@@ -7,6 +7,7 @@ import copy
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -46,7 +47,7 @@ class TrainConfig:
         if self.learning_rate <= 0 or self.backbone_learning_rate <= 0:
             raise FinetuneError("learning rates must be positive")
 
-    def to_dict(self) -> dict:
+    def to_dict(self) -> dict[str, Any]:
         """Plain-JSON form, saved with the trained encoder."""
         return asdict(self)
 

@@ -12,7 +12,13 @@ import numpy as np
 
 from lookalike.errors import HashingError
 from lookalike.hashing.head import HashHead
-from lookalike.hashing.training import DeepConfig, TrainLog, train_deep_head, weighted_pair_mean
+from lookalike.hashing.training import (
+    DeepConfig,
+    PairLoss,
+    TrainLog,
+    train_deep_head,
+    weighted_pair_mean,
+)
 
 if TYPE_CHECKING:
     import torch
@@ -26,7 +32,8 @@ def cauchy_distance(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     bits = a.shape[1]
     norms = a.norm(dim=1, keepdim=True) @ b.norm(dim=1, keepdim=True).T
     cosine = (a @ b.T) / norms.clamp(min=1e-4)
-    return bits / 2.0 * (1.0 - cosine.clamp(max=MAX_COSINE))
+    distance: torch.Tensor = bits / 2.0 * (1.0 - cosine.clamp(max=MAX_COSINE))
+    return distance
 
 
 def cauchy_cross_entropy(
@@ -51,11 +58,13 @@ def cauchy_quantization(outputs: torch.Tensor, gamma: float) -> torch.Tensor:
     return torch.log1p(distance / gamma).mean()
 
 
-def dch_loss(gamma: float, quantization: float) -> Callable:
+def dch_loss(gamma: float, quantization: float) -> PairLoss:
     """The training loss: Cauchy cross-entropy + ``quantization`` (lambda) times the Cauchy
     quantization loss."""
 
-    def loss(outputs: torch.Tensor, similar: torch.Tensor, epoch: int):
+    def loss(
+        outputs: torch.Tensor, similar: torch.Tensor, epoch: int
+    ) -> tuple[torch.Tensor, dict[str, float]]:
         value = cauchy_cross_entropy(outputs, similar, gamma)
         return value + quantization * cauchy_quantization(outputs, gamma), {}
 

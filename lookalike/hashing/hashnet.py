@@ -12,7 +12,13 @@ import numpy as np
 
 from lookalike.errors import HashingError
 from lookalike.hashing.head import HashHead
-from lookalike.hashing.training import DeepConfig, TrainLog, train_deep_head, weighted_pair_mean
+from lookalike.hashing.training import (
+    DeepConfig,
+    PairLoss,
+    TrainLog,
+    train_deep_head,
+    weighted_pair_mean,
+)
 
 if TYPE_CHECKING:
     import torch
@@ -43,11 +49,13 @@ class Continuation:
         return float((1.0 + self.growth * epoch) ** self.power)
 
 
-def hashnet_loss(alpha: float, continuation: Continuation) -> Callable:
+def hashnet_loss(alpha: float, continuation: Continuation) -> PairLoss:
     """The training loss: tanh(beta(epoch) * z) fed to :func:`hashnet_pair_loss`."""
     import torch
 
-    def loss(outputs: torch.Tensor, similar: torch.Tensor, epoch: int):
+    def loss(
+        outputs: torch.Tensor, similar: torch.Tensor, epoch: int
+    ) -> tuple[torch.Tensor, dict[str, float]]:
         beta = continuation.beta(epoch)
         return hashnet_pair_loss(torch.tanh(beta * outputs), similar, alpha), {"beta": beta}
 

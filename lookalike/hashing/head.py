@@ -32,7 +32,8 @@ METHODS: tuple[str, ...] = ("hashnet", "dch", "itq", "lsh")
 def l2_normalize(vectors: np.ndarray) -> np.ndarray:
     """Rows scaled to unit length (zero rows stay zero)."""
     norms = np.linalg.norm(vectors, axis=1, keepdims=True)
-    return vectors / np.maximum(norms, 1e-12)
+    unit: np.ndarray = vectors / np.maximum(norms, 1e-12)
+    return unit
 
 
 @dataclass(frozen=True)
@@ -53,7 +54,8 @@ class Preprocessing:
 
     def __call__(self, raw: np.ndarray) -> np.ndarray:
         unit = l2_normalize(np.asarray(raw, dtype=np.float32))
-        return ((unit - self.mean) * np.float32(self.scale)).astype(np.float32)
+        scaled: np.ndarray = ((unit - self.mean) * np.float32(self.scale)).astype(np.float32)
+        return scaled
 
 
 @dataclass(frozen=True)
@@ -151,7 +153,8 @@ class HashHead:
         partial = path.with_name(path.name + ".partial")
         try:
             with open(partial, "wb") as handle:
-                np.savez(handle, **arrays)
+                # numpy's stub also matches **kwds against its allow_pickle: bool parameter.
+                np.savez(handle, **arrays)  # type: ignore[arg-type]
             os.replace(partial, path)
         except OSError as error:
             partial.unlink(missing_ok=True)

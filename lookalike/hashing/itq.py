@@ -18,6 +18,7 @@ def itq_rotation(projected: np.ndarray, *, iterations: int = 50, seed: int = 0) 
     bits = projected.shape[1]
     rng = np.random.default_rng(seed)
     data = torch.from_numpy(np.asarray(projected, dtype=np.float64))
+    rotation: torch.Tensor
     rotation, _ = torch.linalg.qr(torch.from_numpy(rng.standard_normal((bits, bits))))
     for _ in range(iterations):
         codes = torch.where(data @ rotation >= 0, 1.0, -1.0).to(torch.float64)
@@ -30,6 +31,8 @@ def principal_directions(centred: np.ndarray, count: int) -> np.ndarray:
     """[dim, count]: the leading eigenvectors of the covariance, largest first."""
     import torch
 
+    values: torch.Tensor
+    vectors: torch.Tensor
     values, vectors = torch.linalg.eigh(torch.from_numpy(centred.T @ centred))
     return vectors[:, torch.argsort(values, descending=True)[:count]].numpy()
 

@@ -31,7 +31,8 @@ from lookalike.hashing.head import HashHead, l2_normalize
 from lookalike.knn.base import Metric
 
 if TYPE_CHECKING:
-    from lookalike.core.collection import Collection, SearchResponse
+    from lookalike.core.collection import Collection
+    from lookalike.core.results import SearchResponse, SearchResult
     from lookalike.evaluation.datasets import ImageDataset
     from lookalike.knn.binary import BinaryIndex
 
@@ -83,7 +84,6 @@ class CollectionHashing:
 
     def __init__(self, collection: Collection) -> None:
         self.collection = collection
-        self._indexes: dict[str, tuple[str, int, BinaryIndex]] = {}
 
     @property
     def model_key(self) -> str:
@@ -116,9 +116,7 @@ class CollectionHashing:
     def save(self, head: HashHead, name: str) -> Path:
         """Store ``head`` under ``name`` (replacing any head of that name)."""
         head.check_model(self.model_key)
-        path = head.save(self.head_path(name))
-        self._indexes.pop(name, None)
-        return path
+        return head.save(self.head_path(name))
 
     def load(self, name: str) -> HashHead:
         """The head stored under ``name``; ``HashingError`` names the stored ones if absent."""
@@ -126,7 +124,7 @@ class CollectionHashing:
         if not path.exists():
             stored = ", ".join(self.names()) or "none"
             raise HashingError(
-                f"no hash head {name!r} for model {self.model_key} in {self.collection.path} "
+                f"no hash head {name!r} for model {self.model_key} in this collection "
                 f"(stored: {stored}); train one with 'lookalike hash train'"
             )
         head = HashHead.load(path)
@@ -185,17 +183,14 @@ class CollectionHashing:
     # -- codes and search -------------------------------------------------------------------
 
     def code_index(self, name: str, head: HashHead | None = None) -> BinaryIndex:
-        """The packed codes of every image, up to date with the catalog and the head."""
+        """The packed codes of every image, up to date with the catalog and the head (kept
+        in the collection's derived-file store, like its vector indexes)."""
         head = head or self.load(name)
-        generation = self.collection.catalog.generation
-        cached = self._indexes.get(name)
-        if cached is not None and cached[:2] == (head.fingerprint, generation):
-            return cached[2]
-        index = self._load_codes(name, head, generation)
-        if index is None:
-            index = self._rebuild_codes(name, head, generation)
-        self._indexes[name] = (head.fingerprint, generation, index)
-        return index
+        return self.collection.derived.get(
+            ("hash-codes", self.model_key, name, head.fingerprint),
+            load=lambda generation: self._load_codes(name, head, generation),
+            build=lambda generation: self._rebuild_codes(name, head, generation),
+        )
 
     def _load_codes(self, name: str, head: HashHead, generation: int) -> BinaryIndex | None:
         from lookalike.knn import load_index, read_index_header
@@ -206,10 +201,12 @@ class CollectionHashing:
             return None
         try:
             meta = read_index_header(path).get("metadata", {})
-            if meta.get("generation") != generation or meta.get("head") != head.fingerprint:
+            if not self.collection.derived.is_current(meta, generation):
+                return None
+            if meta.get("head") != head.fingerprint:
                 return None
             index = load_index(path)
-        except (CorruptIndexError, VectorIndexError):
+        except (CorruptIndexError, VectorIndexError, OSError):
             return None  # recomputed from the stored vectors instead
         if not isinstance(index, BinaryIndex) or index.dim != head.bits:
             return None
@@ -224,7 +221,11 @@ class CollectionHashing:
             chunk = slice(start, start + _ENCODE_CHUNK)
             index.add(ids[chunk], head.encode(vectors[chunk], model_key=self.model_key))
         self.folder.mkdir(parents=True, exist_ok=True)
-        metadata = {"generation": generation, "head": head.fingerprint, "model": self.model_key}
+        metadata = {
+            **self.collection.derived.stamp(generation),
+            "head": head.fingerprint,
+            "model": self.model_key,
+        }
         index.save(self.codes_path(name), metadata=metadata)
         return index
 
@@ -241,7 +242,7 @@ class CollectionHashing:
         self, vector: np.ndarray, *, name: str, k: int = 10, rerank: int = 0
     ) -> SearchResponse:
         """Like :meth:`search` for a raw vector of the collection's encoder."""
-        from lookalike.core.collection import SearchResponse
+        from lookalike.core.results import SearchResponse
 
         if k < 1:
             raise LookalikeError(f"k must be at least 1, got {k}")
@@ -250,9 +251,7 @@ class CollectionHashing:
         head = self.load(name)
         index = self.code_index(name, head)
         if len(index) == 0:
-            raise EmptyCollectionError(
-                f"the collection at {self.collection.path} has no indexed images yet"
-            )
+            raise EmptyCollectionError("the collection has no indexed images yet")
         code = head.encode(vector, model_key=self.model_key)
         hits = index.search(code, max(k, rerank))
         ids, scores = hits.ids[0], hits.scores[0].astype(np.float64)
@@ -269,19 +268,12 @@ class CollectionHashing:
             metric = Metric.COSINE
         return SearchResponse(self._results(ids[:k], scores[:k]), metric)
 
-    def _results(self, ids: np.ndarray, scores: np.ndarray) -> list:
-        from lookalike.core.collection import SearchResult
+    def _results(self, ids: np.ndarray, scores: np.ndarray) -> list[SearchResult]:
+        from lookalike.core.results import SearchResult
 
         records = self.collection.catalog.images(ids.tolist())
         return [
-            SearchResult(
-                id=int(image_id),
-                path=records[image_id].path,
-                score=float(score),
-                metadata=dict(records[image_id].metadata),
-                width=records[image_id].width,
-                height=records[image_id].height,
-            )
+            SearchResult.from_record(records[image_id], score)
             for image_id, score in zip(ids.tolist(), scores.tolist(), strict=True)
             if image_id in records
         ]

@@ -94,7 +94,7 @@ def torch_threads(threads: int) -> Iterator[None]:
         torch.set_num_threads(before)
 
 
-def _network(dim: int, bits: int, config: DeepConfig) -> torch.nn.Module:
+def _network(dim: int, bits: int, config: DeepConfig) -> torch.nn.Sequential:
     from torch import nn
 
     if config.hidden == 0:
@@ -164,7 +164,7 @@ def _optimise(
     loss: PairLoss,
     config: DeepConfig,
     progress: Callable[[int, int], None] | None,
-) -> tuple[torch.nn.Module, TrainLog]:
+) -> tuple[torch.nn.Sequential, TrainLog]:
     """Adam on random mini-batches; similar pairs are the pairs of rows with equal labels."""
     import torch
 
@@ -179,6 +179,7 @@ def _optimise(
     log = TrainLog()
     batch = min(config.batch_size, len(inputs))
     network.train()
+    values: dict[str, float]
     for epoch in range(config.epochs):
         order = torch.from_numpy(rng.permutation(len(inputs)))
         total, batches, values = 0.0, 0, {}
@@ -189,7 +190,7 @@ def _optimise(
             similar = (rows_labels[:, None] == rows_labels[None, :]).float()
             value, values = loss(network(features[rows]), similar, epoch)
             optimizer.zero_grad()
-            value.backward()
+            value.backward()  # type: ignore[no-untyped-call]  # torch leaves it unannotated
             optimizer.step()
             total += float(value.detach())
             batches += 1

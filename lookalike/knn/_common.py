@@ -7,7 +7,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
-from typing import Any, ClassVar, TypeVar
+from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 
 import numpy as np
 
@@ -201,6 +201,14 @@ class BaseIndex:
 
     dim: int
     metric: Metric
+
+    if TYPE_CHECKING:
+        # What every backend implements (see ``Index``): its constructor takes ``dim`` and
+        # ``metric`` plus its own options as keywords.
+        def __init__(self, *, dim: int, metric: str | Metric = ..., **options: Any) -> None: ...
+        def add(self, ids: np.ndarray, vectors: np.ndarray) -> None: ...
+        def remove(self, ids: np.ndarray) -> int: ...
+        def search(self, queries: np.ndarray, k: int) -> SearchHits: ...
 
     def _setup(self, dim: int, metric: str | Metric) -> None:
         self.dim = check_int(self.backend, "dim", dim, low=1)

@@ -74,7 +74,8 @@ def _aligned(offset: int) -> int:
 
 
 def _as_bytes(array: np.ndarray) -> memoryview:
-    return memoryview(np.ascontiguousarray(array).reshape(-1).view(np.uint8))
+    # ``.data`` is ``memoryview(...)`` of the array (numpy types ``__buffer__`` for 3.12+ only).
+    return np.ascontiguousarray(array).reshape(-1).view(np.uint8).data
 
 
 def write_index_file(

@@ -133,7 +133,7 @@ class AnnoyIndex(RowStoreIndex):
         handle, name = tempfile.mkstemp(suffix=".annoy")
         try:
             with os.fdopen(handle, "wb") as out:
-                out.write(memoryview(data))
+                out.write(data.data)  # ndarray.data is memoryview(data)
             forest = _annoy_class()(self.dim, _ANNOY_METRIC[self.metric])
             if not forest.load(name, prefault=True):
                 raise CorruptIndexError("the stored annoy forest cannot be loaded")

@@ -103,7 +103,7 @@ def as_ids(ids: np.ndarray | list[int]) -> np.ndarray:
 
 def as_vectors(vectors: np.ndarray, dim: int, *, dtype: type = np.float32) -> np.ndarray:
     """Validate a [n, dim] matrix (a single vector is accepted as one row)."""
-    array = np.asarray(vectors, dtype=dtype)
+    array: np.ndarray = np.asarray(vectors, dtype=dtype)
     if array.ndim == 1:
         array = array[None, :]
     if array.ndim != 2 or array.shape[1] != dim:
@@ -118,4 +118,5 @@ def as_vectors(vectors: np.ndarray, dim: int, *, dtype: type = np.float32) -> np
 def l2_normalize(vectors: np.ndarray) -> np.ndarray:
     """Row-wise L2 normalisation; all-zero rows stay zero instead of becoming NaN."""
     norms = np.linalg.norm(vectors, axis=1, keepdims=True)
-    return (vectors / np.maximum(norms, 1e-12)).astype(np.float32, copy=False)
+    normalized: np.ndarray = (vectors / np.maximum(norms, 1e-12)).astype(np.float32, copy=False)
+    return normalized

@@ -44,10 +44,13 @@ _POPCOUNT = np.array([bin(i).count("1") for i in range(256)], dtype=np.uint8)
 
 def popcount(words: np.ndarray) -> np.ndarray:
     """Set bits per uint64 element (numpy 2 has a native popcount; older numpy a table)."""
+    counts: np.ndarray
     if hasattr(np, "bitwise_count"):
-        return np.bitwise_count(words)
+        counts = np.bitwise_count(words)
+        return counts
     counts = _POPCOUNT[words.view(np.uint8)]
-    return counts.reshape(*words.shape, 8).sum(axis=-1, dtype=np.uint8)
+    counts = counts.reshape(*words.shape, 8).sum(axis=-1, dtype=np.uint8)
+    return counts
 
 
 def hamming_matrix(queries: np.ndarray, codes: np.ndarray) -> np.ndarray:

@@ -47,17 +47,21 @@ def top_k(scores: np.ndarray, k: int, *, higher_is_better: bool) -> tuple[np.nda
 
 def score_matrix(queries: np.ndarray, database: np.ndarray, metric: Metric) -> np.ndarray:
     """Scores of every query against every database row, in the metric's convention."""
+    scores: np.ndarray
     if metric is Metric.COSINE:
-        return l2_normalize(queries) @ l2_normalize(database).T
+        scores = l2_normalize(queries) @ l2_normalize(database).T
+        return scores
     if metric is Metric.DOT:
-        return queries @ database.T
+        scores = queries @ database.T
+        return scores
     if metric is Metric.EUCLIDEAN:
         squared = (
             np.einsum("ij,ij->i", queries, queries)[:, None]
             - 2.0 * (queries @ database.T)
             + np.einsum("ij,ij->i", database, database)[None, :]
         )
-        return np.sqrt(np.maximum(squared, 0.0))
+        scores = np.sqrt(np.maximum(squared, 0.0))
+        return scores
     raise CorruptIndexError(f"the exact float index does not support metric {metric.value!r}")
 
 
@@ -66,19 +70,24 @@ def prepared_scores(
 ) -> np.ndarray:
     """Like ``score_matrix`` for rows already passed through ``faiss_ready`` (normalised for
     cosine), with their squared norms precomputed for euclidean: no per-query database pass."""
+    scores: np.ndarray
     if metric is Metric.COSINE:
-        return l2_normalize(queries) @ stored.T
+        scores = l2_normalize(queries) @ stored.T
+        return scores
     if metric is Metric.DOT:
-        return queries @ stored.T
+        scores = queries @ stored.T
+        return scores
     assert squared_norms is not None
     squared = np.einsum("ij,ij->i", queries, queries)[:, None] - 2.0 * (queries @ stored.T)
-    return np.sqrt(np.maximum(squared + squared_norms[None, :], 0.0))
+    scores = np.sqrt(np.maximum(squared + squared_norms[None, :], 0.0))
+    return scores
 
 
 def faiss_metric(metric: Metric) -> int:
     """The faiss metric type: cosine is inner product on normalised vectors."""
     faiss = import_faiss()
-    return faiss.METRIC_L2 if metric is Metric.EUCLIDEAN else faiss.METRIC_INNER_PRODUCT
+    metric_type: int = faiss.METRIC_L2 if metric is Metric.EUCLIDEAN else faiss.METRIC_INNER_PRODUCT
+    return metric_type
 
 
 def faiss_ready(vectors: np.ndarray, metric: Metric) -> np.ndarray:
@@ -89,7 +98,8 @@ def faiss_ready(vectors: np.ndarray, metric: Metric) -> np.ndarray:
 def faiss_scores(distances: np.ndarray, metric: Metric) -> np.ndarray:
     """faiss L2 indexes return squared distances; the convention is true L2."""
     if metric is Metric.EUCLIDEAN:
-        return np.sqrt(np.maximum(distances, 0.0))
+        scores: np.ndarray = np.sqrt(np.maximum(distances, 0.0))
+        return scores
     return distances
 
 

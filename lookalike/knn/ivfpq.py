@@ -56,7 +56,8 @@ _QUANTIZER_EF = 128  # its search list: finds the nprobe nearest centroids almos
 
 def train_size(nlist: int, nbits: int) -> int:
     """Vectors needed before training: 16 per centroid of the larger codebook."""
-    return _POINTS_PER_CENTROID * max(nlist, 2**nbits)
+    codebook: int = 2**nbits
+    return _POINTS_PER_CENTROID * max(nlist, codebook)
 
 
 def _training_sample(vectors: np.ndarray, most: int) -> np.ndarray:
@@ -143,9 +144,8 @@ class IVFPQIndex(BaseIndex):
         return train_size(self.nlist, self.nbits)
 
     def _training_points(self) -> int:
-        return max(
-            _COARSE_POINTS_PER_CENTROID * self.nlist, _PQ_POINTS_PER_CENTROID * 2**self.nbits
-        )
+        codebook: int = 2**self.nbits
+        return max(_COARSE_POINTS_PER_CENTROID * self.nlist, _PQ_POINTS_PER_CENTROID * codebook)
 
     def _new_ivf(self, quantizer: Any, metric: int) -> Any:
         """An untrained faiss IVF index over ``quantizer``, with its own training settings."""

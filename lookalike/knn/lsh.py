@@ -144,7 +144,7 @@ class LSHIndex(RowStoreIndex):
         return ids, scores
 
     def _state(self) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
-        arrays = {
+        arrays: dict[str, np.ndarray] = {
             "planes": self._planes,
             "ids": self._store.ids,
             "vectors": self._store["vectors"],
@@ -170,4 +170,5 @@ class LSHIndex(RowStoreIndex):
 def _concat_ranges(starts: np.ndarray, lengths: np.ndarray, total: int) -> np.ndarray:
     """``concatenate([arange(s, s + l) for s, l in zip(starts, lengths)])`` without a loop."""
     offsets = np.cumsum(lengths) - lengths
-    return np.arange(total, dtype=np.int64) - np.repeat(offsets - starts, lengths)
+    ranges: np.ndarray = np.arange(total, dtype=np.int64) - np.repeat(offsets - starts, lengths)
+    return ranges

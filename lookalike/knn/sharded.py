@@ -18,10 +18,10 @@ the best k of the union, which is the global top-k whenever each shard's own top
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 
@@ -32,6 +32,9 @@ from lookalike.knn.exact import top_k
 from lookalike.knn.ivfpq import IVFPQIndex
 
 Part = tuple[np.ndarray, np.ndarray]  # ids, vectors
+# Fills empty copies of a serialised trained index with parts: (template, parts, metric) ->
+# one serialised shard per part.
+ShardFiller = Callable[[np.ndarray, list[Part], Metric], list[np.ndarray]]
 MANIFEST_FORMAT = "lookalike.sharded"
 
 
@@ -48,8 +51,15 @@ def train_ivfpq(
     """An empty IVF-PQ index whose quantisers are trained on ``sample`` (a few hundred thousand
     vectors suffice for billions: see ``train_size``)."""
     sample = np.asarray(sample, dtype=np.float32)
-    options = {"nlist": nlist, "m": m, "nbits": nbits, "nprobe": nprobe, "rerank": rerank}
-    index = IVFPQIndex(dim=sample.shape[1], metric=metric, **options)
+    index = IVFPQIndex(
+        dim=sample.shape[1],
+        metric=metric,
+        nlist=nlist,
+        m=m,
+        nbits=nbits,
+        nprobe=nprobe,
+        rerank=rerank,
+    )
     index.train(sample)
     return index
 
@@ -66,29 +76,30 @@ def build_shards(
     trained: IVFPQIndex,
     parts: Sequence[Part],
     *,
-    parallel: Literal["threads", "ray"] = "threads",
+    fill: ShardFiller | None = None,
     workers: int | None = None,
 ) -> list[IVFPQIndex]:
     """One shard per part, each an empty copy of ``trained`` filled with that part's vectors,
-    built in parallel by ``workers`` threads or as Ray tasks (in the current Ray session, or a
-    local one started for the call). Ids must not repeat across parts."""
+    built in parallel by ``workers`` threads, or by ``fill`` (e.g.
+    :func:`lookalike.distributed.shards.fill_on_ray`, which runs them as Ray tasks). Ids must
+    not repeat across parts."""
     if not trained.is_trained or len(trained):
         raise VectorIndexError("build_shards needs a trained, empty IVF-PQ index")
     parts = [(as_ids(ids), as_vectors(vectors, trained.dim)) for ids, vectors in parts]
     _check_disjoint([ids for ids, _ in parts])
     template = import_faiss().serialize_index(trained._ivf)
-    if parallel == "ray":
-        blobs = _fill_on_ray(template, parts, trained.metric)
-    elif parallel == "threads":
+    if fill is not None:
+        blobs = fill(template, parts, trained.metric)
+    else:
         with ThreadPoolExecutor(workers or len(parts) or 1) as pool:
             jobs = [pool.submit(fill_shard, template, i, v, trained.metric) for i, v in parts]
             blobs = [job.result() for job in jobs]
-    else:
-        raise VectorIndexError(f"parallel must be 'threads' or 'ray', got {parallel!r}")
     return [_shard(trained, blob, part) for blob, part in zip(blobs, parts, strict=True)]
 
 
-def fill_shard(template: np.ndarray, ids: np.ndarray, vectors: np.ndarray, metric: Metric):
+def fill_shard(
+    template: np.ndarray, ids: np.ndarray, vectors: np.ndarray, metric: Metric
+) -> np.ndarray:
     """A serialised copy of the trained ``template`` holding these vectors (runs in a worker)."""
     from lookalike.knn.exact import faiss_ready
 
@@ -96,7 +107,8 @@ def fill_shard(template: np.ndarray, ids: np.ndarray, vectors: np.ndarray, metri
     ivf = faiss.deserialize_index(template)
     if len(ids):
         ivf.add_with_ids(faiss_ready(vectors, metric), ids)
-    return faiss.serialize_index(ivf)
+    blob: np.ndarray = faiss.serialize_index(ivf)
+    return blob
 
 
 def merge_shards(shards: Sequence[IVFPQIndex]) -> IVFPQIndex:
@@ -207,15 +219,6 @@ def _shard(trained: IVFPQIndex, blob: np.ndarray, part: Part) -> IVFPQIndex:
     if shard.rerank and len(part[0]):
         shard._store.upsert(part[0], vectors=part[1])
     return shard
-
-
-def _fill_on_ray(template: np.ndarray, parts: list[Part], metric: Metric) -> list[np.ndarray]:
-    from lookalike.distributed.ray_executor import ray_session
-
-    with ray_session(None) as ray:
-        task = ray.remote(fill_shard)
-        shared = ray.put(template)
-        return ray.get([task.remote(shared, ids, vectors, metric) for ids, vectors in parts])
 
 
 def _check_disjoint(id_lists: list[np.ndarray]) -> None:

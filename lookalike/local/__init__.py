@@ -11,7 +11,7 @@ from lookalike.local.features import (
     extract,
 )
 from lookalike.local.matching import DEFAULT_RULE, RerankRule, Verification, rerank, verify
-from lookalike.local.rerank import LocalReranker, rerank_response
+from lookalike.local.rerank import LocalReranker
 
 __all__ = [
     "DATABASE_CONFIG",
@@ -26,6 +26,5 @@ __all__ = [
     "Verification",
     "extract",
     "rerank",
-    "rerank_response",
     "verify",
 ]

@@ -222,7 +222,8 @@ def root_sift(descriptors: np.ndarray) -> np.ndarray:
     total = values.sum(axis=1, keepdims=True)
     normalised = np.sqrt(values / np.maximum(total, 1e-12))
     # sqrt of an L1-normalised vector is L2-unit, so every component is <= 1: no clipping.
-    return np.rint(normalised * 255.0).astype(np.uint8)
+    codes: np.ndarray = np.rint(normalised * 255.0).astype(np.uint8)
+    return codes
 
 
 def load_features(data: Any) -> LocalFeatures:

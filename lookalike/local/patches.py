@@ -14,16 +14,11 @@ import math
 import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import numpy as np
 
-from lookalike.images import ImageSource
 from lookalike.local.errors import CorruptLocalFeaturesError, LocalFeaturesError
 from lookalike.local.matching import RerankRule
-
-if TYPE_CHECKING:
-    from lookalike.core.collection import Collection, SearchResponse
 
 _MAGIC = b"LKPT"
 _VERSION = 1
@@ -143,61 +138,9 @@ def rerank_patches(
     )
 
 
-def rerank_patch_response(
-    collection: Collection,
-    query: ImageSource,
-    response: SearchResponse,
-    n: int,
-    *,
-    k: int | None = None,
-    threshold: float | None = None,
-    rule: RerankRule = PATCH_RULE,
-) -> SearchResponse:
-    """Like :func:`lookalike.local.rerank.rerank_response`, verifying by the patch tokens the
-    collection stores (its ViT encoder embeds the query's tokens once)."""
-    from lookalike.local.rerank import (
-        LOCAL_FEATURES_SETTING,
-        check_rerank,
-        rescore_response,
-        stored_local_features,
-    )
-
-    check_rerank(response, n)
-    kind = collection.catalog.get_setting(LOCAL_FEATURES_SETTING) or patch_kind()
-
-    def patch_scores(head: list) -> np.ndarray:
-        stored = stored_local_features(
-            collection, [r.id for r in head], kind, PatchTokens.from_bytes
-        )
-        query_tokens = PatchTokens.from_encoder_output(
-            collection.encoder.patch_tokens([query])[0], _max_tokens(kind)
-        )
-        candidates = [(r.id, r.score, t) for r, t in zip(head, stored, strict=True)]
-        return rerank_patches(query_tokens, candidates, rule)
-
-    return rescore_response(response, n, patch_scores, k=k, threshold=threshold)
-
-
-def _max_tokens(kind: str) -> int:
+def max_tokens_of(kind: str) -> int:
+    """The token bound a stored kind's name records (``patches-f16-256`` -> 256)."""
     try:
         return int(kind.rsplit("-", 1)[1])
     except (IndexError, ValueError):
         return DEFAULT_MAX_TOKENS
-
-
-def uses_patches(encoder: object) -> bool:
-    """Whether an encoder's local features are its patch tokens (ViT families)."""
-    return callable(getattr(encoder, "patch_tokens_pixels", None))
-
-
-def store_patch_tokens(
-    collection: Collection, ids: Sequence[int], pixels: np.ndarray, content_hashes: dict
-) -> None:
-    """Compute and store the patch tokens of already-resized images under ``ids``."""
-    kind = patch_kind()
-    tokens = collection.encoder.patch_tokens_pixels(pixels)  # type: ignore[attr-defined]
-    items = [
-        (int(i), kind, PatchTokens.from_encoder_output(t).to_bytes())
-        for i, t in zip(ids, tokens, strict=True)
-    ]
-    collection.catalog.store_local_features(items, content_hashes=content_hashes)

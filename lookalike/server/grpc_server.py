@@ -5,8 +5,10 @@ similar indexed images as raw RGB pixels at the same size. ``lookalike.v1.Lookal
 with encoded image files and returns ids, scores and metadata, and adds and removes images
 (with the bearer token in the ``authorization`` call metadata when the service has one).
 
-Errors become status codes; unexpected ones are logged and answered with INTERNAL and no
-details, so no traceback or server path reaches a client.
+Errors become status codes by the table the REST API uses too (lookalike.server.status): server
+faults are logged and answered with a fixed message (INTERNAL "internal server error" for
+unexpected ones, UNAVAILABLE when the catalog cannot be reached), so no traceback, server path
+or database URL reaches a client.
 """
 
 from __future__ import annotations
@@ -24,13 +26,12 @@ import grpc
 import numpy as np
 from PIL import Image
 
-from lookalike.core.collection import SearchResponse
+from lookalike.core.results import SearchResponse
 from lookalike.errors import (
-    AuthError,
-    EmptyCollectionError,
     ImageError,
     LookalikeError,
     NotFoundError,
+    PayloadTooLargeError,
     RequestError,
     VectorIndexError,
 )
@@ -40,6 +41,7 @@ from lookalike.server.protos import lookalike_v1_pb2_grpc as v1_grpc
 from lookalike.server.protos import similar_image_pb2 as classic
 from lookalike.server.protos import similar_image_pb2_grpc as classic_grpc
 from lookalike.server.service import SearchService
+from lookalike.server.status import public_message, status_of
 
 __all__ = [
     "FIND_SIMILAR_COUNT",
@@ -75,29 +77,22 @@ _Reply = TypeVar("_Reply")
 
 
 class _Failure(Exception):
-    """A request that ends with a specific status code (besides the mapped LookalikeErrors)."""
+    """A request that ends with a status code of the classic contract's own (FindSimilar's
+    "needs five images"); every other error is answered by the shared table."""
 
     def __init__(self, code: grpc.StatusCode, message: str) -> None:
         super().__init__(message)
         self.code = code
 
 
-def _status(error: LookalikeError) -> tuple[grpc.StatusCode, str]:
-    """The status code and message a client gets for a lookalike error."""
-    if isinstance(error, AuthError):
-        return grpc.StatusCode.UNAUTHENTICATED, str(error)
-    if isinstance(error, NotFoundError):
-        return grpc.StatusCode.NOT_FOUND, str(error)
-    if isinstance(error, EmptyCollectionError):
-        # The library's message names the collection's folder; the client needs no path.
-        return grpc.StatusCode.FAILED_PRECONDITION, "the collection has no indexed images yet"
-    if isinstance(error, ImageError):
-        # Named by the file's name at most: a server folder never reaches the client.
-        return grpc.StatusCode.INVALID_ARGUMENT, f"{os.path.basename(error.source)}: {error.reason}"
-    if isinstance(error, RequestError) or type(error) is LookalikeError:
-        # Plain LookalikeErrors are what searches raise for requests they cannot answer.
-        return grpc.StatusCode.INVALID_ARGUMENT, str(error)
-    raise error  # a catalog, index or encoder fault: the server's problem, not the request's
+def _status(error: Exception, service: SearchService | None) -> tuple[grpc.StatusCode, str]:
+    """The status code and message a client gets for an error, by the shared table; server
+    faults are logged here in full."""
+    entry = status_of(error)
+    if entry.server_fault:
+        _log.error("gRPC request failed: %s", error, exc_info=error)
+    private = service.private_locations() if service is not None else []
+    return entry.grpc, public_message(error, private)
 
 
 def _guarded(
@@ -108,27 +103,23 @@ def _guarded(
     @functools.wraps(method)
     def run(self: _Servicer, request: _Request, context: grpc.ServicerContext) -> _Reply:
         try:
-            try:
-                return method(self, request, context)
-            except LookalikeError as error:
-                code, message = _status(error)
+            return method(self, request, context)
         except _Failure as failure:
             code, message = failure.code, str(failure)
-        except Exception:
-            _log.exception("gRPC %s failed", method.__name__)
-            code, message = grpc.StatusCode.INTERNAL, "internal server error"
-        context.abort(code, message)  # raises
+        except Exception as error:
+            service = getattr(self, "service", None)
+            code, message = _status(error, service if isinstance(service, SearchService) else None)
+        context.abort(code, message)
+        raise AssertionError("context.abort raises")  # pragma: no cover
 
     return run
 
 
 def _check_upload_size(data: bytes, limit: int, field: str) -> None:
-    """Refuse image bytes over the upload limit with the status gRPC gives oversized messages."""
+    """Refuse image bytes over the upload limit (RESOURCE_EXHAUSTED, the status gRPC itself
+    gives oversized messages)."""
     if len(data) > limit:
-        raise _Failure(
-            grpc.StatusCode.RESOURCE_EXHAUSTED,
-            f"{field}: {len(data)} bytes exceeds the limit of {limit} bytes",
-        )
+        raise PayloadTooLargeError(f"{field}: {len(data)} bytes exceeds the limit of {limit} bytes")
 
 
 def _named(error: ImageError, field: str) -> ImageError:
@@ -146,7 +137,7 @@ def _bearer(context: grpc.ServicerContext) -> str | None:
     return None
 
 
-class SimilarImageServicer(classic_grpc.SimilarImageServicer):
+class SimilarImageServicer(classic_grpc.SimilarImageServicer):  # type: ignore[misc]
     """The classic ``SimilarImage`` service: raw square pixels in, the five nearest out."""
 
     def __init__(self, service: SearchService) -> None:
@@ -272,7 +263,7 @@ def _search_reply(response: SearchResponse) -> v1.SearchReply:
     return reply
 
 
-class LookalikeServicer(v1_grpc.LookalikeServicer):
+class LookalikeServicer(v1_grpc.LookalikeServicer):  # type: ignore[misc]
     """The ``lookalike.v1.Lookalike`` service: search, add, remove and stats."""
 
     def __init__(self, service: SearchService) -> None:

@@ -7,9 +7,10 @@ in a request is fetched.
 from __future__ import annotations
 
 import json
+import logging
 import mimetypes
 import os
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from importlib import resources
 from pathlib import Path
@@ -21,17 +22,20 @@ from fastapi.responses import FileResponse, HTMLResponse, JSONResponse
 from pydantic import BaseModel, Field
 from starlette.concurrency import run_in_threadpool
 
-from lookalike.core.collection import Collection, SearchResponse, parse_where
+from lookalike.core.collection import Collection
+from lookalike.core.filters import parse_where
+from lookalike.core.results import SearchResponse
 from lookalike.errors import (
-    AuthError,
-    DecompressionBombError,
-    EmptyCollectionError,
     ImageError,
     LookalikeError,
     NotFoundError,
+    PayloadTooLargeError,
     RequestError,
 )
 from lookalike.server.service import SearchService, ServiceLimits
+from lookalike.server.status import public_message, status_of
+
+_log = logging.getLogger(__name__)
 
 # Catalog ids are positive SQLite integers.
 ImageId = Annotated[int, PathParam(ge=1, le=2**63 - 1, description="catalog id of an image")]
@@ -69,18 +73,17 @@ class Added(BaseModel):
     id: int
 
 
-def _status(error: LookalikeError) -> int:
-    if isinstance(error, AuthError):
-        return 401
-    if isinstance(error, NotFoundError):
-        return 404
-    if isinstance(error, EmptyCollectionError):
-        return 409
-    if isinstance(error, DecompressionBombError) or (
-        isinstance(error, RequestError) and "exceeds the limit" in str(error)
-    ):
-        return 413
-    return 400  # malformed request, undecodable image, bad k or metric
+def _error_reply(error: BaseException, service: SearchService) -> JSONResponse:
+    """The answer to an error, by the shared table (lookalike.server.status): server faults
+    are logged in full and answered with a fixed message, client errors with their own text
+    scrubbed of server paths and database URLs."""
+    entry = status_of(error)
+    if entry.server_fault:
+        _log.error("request failed: %s", error, exc_info=error)
+    return JSONResponse(
+        {"detail": public_message(error, service.private_locations())},
+        status_code=entry.http,
+    )
 
 
 def _reply(response: SearchResponse) -> SearchReply:
@@ -114,7 +117,7 @@ def _bearer(authorization: str | None) -> str | None:
 async def _read_upload(upload: UploadFile, limits: ServiceLimits) -> bytes:
     data = await upload.read(limits.max_upload_bytes + 1)
     if len(data) > limits.max_upload_bytes:
-        raise RequestError(
+        raise PayloadTooLargeError(
             f"{upload.filename or 'upload'}: exceeds the limit of {limits.max_upload_bytes} bytes"
         )
     return data
@@ -138,26 +141,35 @@ def create_app(service: SearchService) -> FastAPI:
     page = resources.files("lookalike.server").joinpath("web/index.html").read_text("utf-8")
 
     @app.middleware("http")
-    async def refuse_oversized_bodies(request: Request, call_next):
+    async def refuse_oversized_bodies(
+        request: Request, call_next: Callable[[Request], Awaitable[Response]]
+    ) -> Response:
         length = request.headers.get("content-length")
         if length and length.isdigit() and int(length) > limits.max_upload_bytes + _FORM_OVERHEAD:
-            return JSONResponse(
-                {"detail": f"request body exceeds {limits.max_upload_bytes} bytes"}, 413
+            too_large = PayloadTooLargeError(
+                f"request body exceeds {limits.max_upload_bytes} bytes"
             )
+            return _error_reply(too_large, service)
         return await call_next(request)
 
     @app.exception_handler(LookalikeError)
-    async def lookalike_error(_: Request, error: LookalikeError) -> JSONResponse:
-        return JSONResponse({"detail": str(error)}, status_code=_status(error))
+    async def lookalike_error(_: Request, error: Exception) -> JSONResponse:
+        return _error_reply(error, service)
+
+    @app.exception_handler(Exception)
+    async def unexpected_error(_: Request, error: Exception) -> JSONResponse:
+        # Anything else is a fault of the server: logged here, "internal server error" there.
+        return _error_reply(error, service)
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     def web_page() -> str:
         return page
 
-    @app.get("/health")
-    def health() -> dict[str, str]:
-        """Liveness: the process answers."""
-        return {"status": "ok"}
+    @app.get("/health", responses={503: {"description": "the catalog cannot be reached"}})
+    def health() -> JSONResponse:
+        """Readiness: the process answers and its catalog can be read (503 when not)."""
+        state = service.health()
+        return JSONResponse(state, status_code=200 if state["status"] == "ok" else 503)
 
     @app.get("/stats")
     def stats() -> dict[str, Any]:

@@ -21,7 +21,9 @@ import numpy as np
 from PIL import Image
 
 from lookalike.catalog import ImageRecord
-from lookalike.core.collection import Collection, SearchResponse
+from lookalike.core.collection import Collection
+from lookalike.core.results import SearchResponse
+from lookalike.core.search import Searcher, SearchOptions
 from lookalike.errors import AuthError, NotFoundError, RequestError
 from lookalike.images import ImageSource, load_image
 from lookalike.knn.base import Metric
@@ -79,11 +81,13 @@ class SearchService:
 
     def decode(self, source: ImageSource, *, name: str = "<upload>") -> Image.Image:
         """A request's image as RGB pixels, within the size and pixel limits."""
+        from lookalike.errors import PayloadTooLargeError
+
         if isinstance(source, bytes | bytearray):
             if not source:
                 raise RequestError(f"{name}: the image is empty")
             if len(source) > self.limits.max_upload_bytes:
-                raise RequestError(
+                raise PayloadTooLargeError(
                     f"{name}: {len(source)} bytes exceeds the limit of "
                     f"{self.limits.max_upload_bytes} bytes"
                 )
@@ -95,6 +99,23 @@ class SearchService:
             raise RequestError(f"k must be between 1 and {self.limits.max_k}, got {k}")
         return k
 
+    def _options(self, **options: Any) -> SearchOptions:
+        """Search options within this server's limits."""
+        self.check_k(options["k"])
+        rerank = options.get("rerank", 0)
+        if not 0 <= rerank <= self.limits.max_k:
+            raise RequestError(f"rerank must be between 0 and {self.limits.max_k}, got {rerank}")
+        expansion = options.get("query_expansion", 0)
+        if not 0 <= expansion <= MAX_QUERY_EXPANSION:
+            raise RequestError(
+                f"query_expansion must be between 0 and {MAX_QUERY_EXPANSION}, got {expansion}"
+            )
+        return SearchOptions(**options)
+
+    def _searcher(self) -> Searcher:
+        with self._lock:
+            return self.collection.searcher
+
     def search(
         self,
         image: Image.Image,
@@ -105,31 +126,23 @@ class SearchService:
         where: dict[str, Any] | None = None,
         query_expansion: int = 0,
         rerank: int = 0,
+        multi_crop: bool = False,
     ) -> SearchResponse:
-        """The k images most like an already decoded query image; ``rerank=n`` verifies the
-        n best candidates by local-feature matching (0 to ``max_k``)."""
-        self.check_k(k)
-        if not 0 <= rerank <= self.limits.max_k:
-            raise RequestError(f"rerank must be between 0 and {self.limits.max_k}, got {rerank}")
-        if not 0 <= query_expansion <= MAX_QUERY_EXPANSION:
-            raise RequestError(
-                f"query_expansion must be between 0 and {MAX_QUERY_EXPANSION}, "
-                f"got {query_expansion}"
-            )
-        metric = Metric.parse(metric)
-        vector = self.collection.encoder.embed([image])[0]
+        """The k images most like an already decoded query image, through the collection's
+        one search path; ``rerank=n`` verifies the n best candidates by local features."""
+        options = self._options(
+            k=k,
+            metric=Metric.parse(metric),
+            threshold=threshold,
+            where=where,
+            query_expansion=query_expansion,
+            rerank=rerank,
+            multi_crop=multi_crop,
+        )
+        searcher = self._searcher()
+        views = searcher.image_views(image, options)  # the slow part, outside the lock
         with self._lock:
-            response = self.collection.search_vector(
-                vector,
-                k=max(k, rerank),
-                metric=metric,
-                threshold=None if rerank else threshold,
-                where=where,
-                query_expansion=query_expansion,
-            )
-            if not rerank:
-                return response
-            return self.collection.rerank(image, response, rerank, k=k, threshold=threshold)
+            return searcher.search_views(views, options, query_image=image)
 
     def search_by_id(
         self,
@@ -139,19 +152,19 @@ class SearchService:
         metric: str | Metric = Metric.COSINE,
         threshold: float | None = None,
         where: dict[str, Any] | None = None,
+        query_expansion: int = 0,
     ) -> SearchResponse:
         """The k images most like an indexed image, from its stored vector (no decoding)."""
-        self.check_k(k)
-        metric = Metric.parse(metric)
+        options = self._options(
+            k=k,
+            metric=Metric.parse(metric),
+            threshold=threshold,
+            where=where,
+            query_expansion=query_expansion,
+        )
         with self._lock:
-            collection = self.collection
             self._record(image_id)
-            vector = collection.catalog.vector(image_id, collection.model_id)
-            if vector is None:
-                raise NotFoundError(f"no image with id {image_id}")
-            return collection.search_vector(
-                vector, k=k, metric=metric, threshold=threshold, where=where
-            )
+            return self.collection.searcher.search_id(image_id, options)
 
     def add(
         self, data: bytes, *, filename: str = "", metadata: dict[str, Any] | None = None
@@ -244,3 +257,36 @@ class SearchService:
             "index_kind": index.index.spec if index is not None else None,
             "schema_version": info.schema_version,
         }
+
+    # -- health and error answers ---------------------------------------------------------
+
+    def health(self) -> dict[str, Any]:
+        """Whether the catalog answers, by one cheap query: ``{"status": "ok", "catalog": "ok",
+        "images": n}``, or ``{"status": "unavailable", "catalog": "unavailable"}`` when its
+        database cannot be reached (``"catalog": "error"`` when it answers with an error)."""
+        import logging
+
+        from lookalike.errors import CatalogUnavailableError
+
+        log = logging.getLogger(__name__)
+        try:
+            with self._lock:
+                images = self.collection.catalog.count()
+        except CatalogUnavailableError as error:
+            log.warning("health: the catalog is unavailable: %s", error)
+            return {"status": "unavailable", "catalog": "unavailable"}
+        except Exception:
+            log.exception("health: the catalog cannot be read")
+            return {"status": "unavailable", "catalog": "error"}
+        return {"status": "ok", "catalog": "ok", "images": images}
+
+    def private_locations(self) -> list[str]:
+        """Where this server keeps its data (the collection folder, the catalog): what an
+        answer to a client must never name (see :func:`lookalike.server.status.scrub`)."""
+        from lookalike.server.status import private_locations
+
+        locations = private_locations(self.collection.path)
+        catalog = getattr(self.collection.catalog, "location", None)
+        if isinstance(catalog, str) and catalog:
+            locations.append(catalog)
+        return locations

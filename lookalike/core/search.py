@@ -1,0 +1,291 @@
+"""The one query path: every interface (library, CLI, REST, both gRPC services) searches here.
+
+A query is one or more vectors (an image's, its crops', a text's, or a stored image's); the
+:class:`Searcher` takes it through the same steps whatever asked:
+
+1. candidates from the vector index of the metric (centred/whitened as the index was built);
+2. alpha query expansion when asked (cosine only);
+3. metadata filters, widening the candidate list until ``k`` pass or every image was seen;
+4. multi-crop views merged, each image keeping its best score;
+5. re-ranking by local features (SIFT or patch tokens) when asked (cosine only);
+6. the cut to ``k`` and the threshold (:func:`lookalike.core.results.cut`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import numpy as np
+from PIL import Image
+
+from lookalike.catalog import ImageRecord
+from lookalike.core.filters import Where, matches
+from lookalike.core.local_store import LocalFeatureStore
+from lookalike.core.results import SearchResponse, SearchResult, best_first, cut
+from lookalike.core.transform import PreparedIndex
+from lookalike.encoders.base import Encoder
+from lookalike.errors import (
+    EmptyCollectionError,
+    EncoderError,
+    ModelMismatchError,
+    NotFoundError,
+    RequestError,
+)
+from lookalike.images import ImageSource, load_image
+from lookalike.knn.base import Metric
+
+
+@dataclass(frozen=True)
+class SearchOptions:
+    """How to search. ``threshold`` keeps results with score >= threshold for cosine and dot,
+    distance <= threshold for euclidean. ``where`` keeps images whose metadata has these
+    values. ``query_expansion=n`` ranks by the query averaged with its n nearest images
+    (alpha-QE, cosine only). ``rerank=n`` verifies the n best candidates by local features
+    (cosine only). ``multi_crop`` also searches with the query's centre and corner crops."""
+
+    k: int = 10
+    metric: Metric = Metric.COSINE
+    threshold: float | None = None
+    where: Where | None = None
+    query_expansion: int = 0
+    rerank: int = 0
+    multi_crop: bool = False
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "metric", Metric.parse(self.metric))
+        if self.metric is Metric.HAMMING:
+            raise RequestError("hamming search needs binary codes; use cosine, euclidean or dot")
+        if self.k < 1:
+            raise RequestError(f"k must be at least 1, got {self.k}")
+        if self.threshold is not None and not math.isfinite(self.threshold):
+            raise RequestError(f"threshold must be a finite number, got {self.threshold}")
+        if self.query_expansion < 0:
+            raise RequestError(f"query_expansion must be 0 or more, got {self.query_expansion}")
+        if self.rerank < 0:
+            raise RequestError(f"rerank must be 0 or more, got {self.rerank}")
+        if self.query_expansion and self.metric is not Metric.COSINE:
+            raise RequestError("query expansion applies to cosine search only")
+        if self.rerank and self.metric is not Metric.COSINE:
+            raise RequestError(
+                f"re-ranking needs cosine scores; this search used {self.metric.value}"
+            )
+
+    @property
+    def depth(self) -> int:
+        """How many ranked candidates the steps before the cut need."""
+        return max(self.k, self.rerank)
+
+
+class SearchCatalog(Protocol):
+    """What search needs of a catalog: records and stored vectors by id."""
+
+    def images(self, ids: Sequence[int]) -> dict[int, ImageRecord]: ...
+
+    def vectors_for(self, ids: Sequence[int], model_id: int) -> np.ndarray: ...
+
+    def vector(self, image_id: int, model_id: int) -> np.ndarray | None: ...
+
+
+class Searcher:
+    """Runs queries against one collection's active model."""
+
+    def __init__(
+        self,
+        *,
+        encoder: Encoder,
+        catalog: SearchCatalog,
+        model_id: int,
+        index_for: Callable[[Metric], PreparedIndex],
+        local_store: LocalFeatureStore,
+    ) -> None:
+        self.encoder = encoder
+        self.catalog = catalog
+        self.model_id = model_id
+        self.index_for = index_for
+        self.local_store = local_store
+
+    # -- turning a query into vectors (no catalog or index access: safe outside a lock) ------
+
+    def image_views(self, query: ImageSource, options: SearchOptions) -> np.ndarray:
+        """The query vectors of an image: its own (decoded as indexed images are, so an
+        indexed file finds itself at similarity 1), plus its crops' with ``multi_crop``."""
+        if not options.multi_crop:
+            return self.encoder.embed([query])
+        from lookalike.core.multicrop import query_crops
+
+        image = query if isinstance(query, Image.Image) else load_image(query)
+        return self.encoder.embed(query_crops(image))
+
+    def text_vector(self, text: str) -> np.ndarray:
+        """The query vector of a text (encoders with ``capabilities.text`` only)."""
+        if not text.strip():
+            raise RequestError("the text query is empty")
+        if not self.encoder.capabilities.text:
+            raise EncoderError(
+                f"the collection's model {self.encoder.identity.model} cannot embed text; text "
+                "search needs a CLIP model, e.g. --model hf:openai/clip-vit-base-patch32"
+            )
+        return self.encoder.encode_text([text])[0:1]
+
+    def stored_vector(self, image_id: int) -> np.ndarray:
+        """The stored vector of an indexed image, as a query."""
+        vector = self.catalog.vector(image_id, self.model_id) if image_id > 0 else None
+        if vector is None:
+            raise NotFoundError(f"no image with id {image_id}")
+        return np.asarray(vector, dtype=np.float32).reshape(1, -1)
+
+    # -- searching ---------------------------------------------------------------------------
+
+    def search_image(self, query: ImageSource, options: SearchOptions) -> SearchResponse:
+        """The images most like ``query`` (any image, indexed or not)."""
+        if hasattr(query, "read"):
+            query = query.read()  # a file object reads once; the encoder and re-ranking decode
+        image = None
+        if options.rerank:
+            image = query if isinstance(query, Image.Image) else load_image(query)
+        return self.search_views(self.image_views(query, options), options, query_image=image)
+
+    def search_text(self, text: str, options: SearchOptions) -> SearchResponse:
+        """The images that best match a text (cosine)."""
+        if options.metric is not Metric.COSINE:
+            raise RequestError("text search ranks by cosine")
+        if options.rerank:
+            raise RequestError("re-ranking compares images; a text query has none")
+        return self.search_views(self.text_vector(text), options)
+
+    def search_id(self, image_id: int, options: SearchOptions) -> SearchResponse:
+        """The images most like an indexed one, from its stored vector (no decoding)."""
+        if options.rerank:
+            raise RequestError("re-ranking by id needs the image itself; search with the file")
+        return self.search_views(self.stored_vector(image_id), options)
+
+    def search_views(
+        self,
+        views: np.ndarray,
+        options: SearchOptions,
+        *,
+        query_image: Image.Image | None = None,
+    ) -> SearchResponse:
+        """Search with one or more query vectors of the same query (``views``: [n, dim]); each
+        image keeps its best score over the views. ``query_image`` is needed to re-rank."""
+        if options.rerank and query_image is None:
+            raise RequestError("re-ranking needs the query image")
+        index = self.index_for(options.metric)
+        if len(index) == 0:
+            raise EmptyCollectionError("the collection has no indexed images yet")
+        views = np.asarray(views, dtype=np.float32)
+        views = views.reshape(-1, views.shape[-1]) if views.ndim else views.reshape(1, -1)
+        if views.shape[1] != index.input_dim:
+            raise ModelMismatchError(
+                f"query vector has dim {views.shape[1]}, the collection's model has "
+                f"{index.input_dim}"
+            )
+        per_view = [self._ranked(index, view[None, :], options) for view in views]
+        ranked = per_view[0] if len(per_view) == 1 else _merge_views(per_view, options.metric)
+        ranked = ranked[: options.depth]
+        if options.rerank and query_image is not None:
+            ranked = self._reranked(query_image, ranked, options.rerank)
+        return cut(ranked, options.metric, options.k, options.threshold)
+
+    def _ranked(
+        self, index: PreparedIndex, query: np.ndarray, options: SearchOptions
+    ) -> list[SearchResult]:
+        """The ``options.depth`` best images for one query vector that pass the filters."""
+        prepared = index.transform(query)
+        rescore = None
+        if options.query_expansion:
+            original = prepared[0]
+            prepared = self._expand(index, prepared, options.query_expansion)
+
+            def rescore(ids: list[int]) -> np.ndarray:
+                # Scores stay the plain similarity to the query, so thresholds keep their
+                # meaning even though the order follows the expanded query.
+                raw = self.catalog.vectors_for(ids, self.model_id)
+                return np.asarray(index.transform(raw) @ original)
+
+        return self._filtered(index, prepared, options.depth, options.where, rescore)
+
+    def _expand(self, index: PreparedIndex, prepared: np.ndarray, n: int) -> np.ndarray:
+        return expand_query(
+            index, prepared, n, lambda ids: self.catalog.vectors_for(ids, self.model_id)
+        )
+
+    def _filtered(
+        self,
+        index: PreparedIndex,
+        prepared: np.ndarray,
+        depth: int,
+        where: Where | None,
+        rescore: Callable[[list[int]], np.ndarray] | None,
+    ) -> list[SearchResult]:
+        # Filters apply after ranking: widen the candidate list until enough pass or every
+        # image was seen, so a filter never silently cuts the result count.
+        fetch = depth if not where else max(10 * depth, 100)
+        while True:
+            hits = index.index.search(prepared, fetch)
+            ids, scores = hits.ids[0], hits.scores[0]
+            valid = ids >= 0
+            ids, scores = ids[valid], scores[valid]
+            if rescore is not None and len(ids):
+                scores = rescore(ids.tolist())
+            records = self.catalog.images(ids.tolist())
+            results = []
+            for image_id, score in zip(ids.tolist(), scores.tolist(), strict=True):
+                record = records.get(image_id)
+                if record is not None and matches(record, where):
+                    results.append(SearchResult.from_record(record, score))
+                    if len(results) == depth:
+                        return results
+            if fetch >= len(index):
+                return results
+            fetch = min(len(index), fetch * 8)
+
+    def _reranked(
+        self, query: Image.Image, ranked: list[SearchResult], n: int
+    ) -> list[SearchResult]:
+        """``ranked`` with its first ``n`` re-scored by local-feature verification and
+        re-sorted (verification only raises scores, so the rest stays in order after them)."""
+        head, tail = ranked[:n], ranked[n:]
+        if not head:
+            return ranked
+        scores = self.local_store.rescore(self.encoder, query, [(r.id, r.score) for r in head])
+        order = np.argsort(-scores, kind="stable")
+        head = [dataclasses.replace(head[i], score=float(scores[i])) for i in order]
+        return head + tail
+
+
+def expand_query(
+    index: PreparedIndex,
+    prepared: np.ndarray,
+    n: int,
+    vectors_for: Callable[[list[int]], np.ndarray],
+) -> np.ndarray:
+    """Alpha query expansion: the (prepared) query plus its ``n`` nearest images, each
+    weighted by its similarity clipped at 0, renormalised. Measured +4 points of class-level
+    mAP on clothing-small."""
+    hits = index.index.search(prepared, n)
+    ids = [i for i in hits.ids[0].tolist() if i >= 0]
+    if not ids:
+        return prepared
+    neighbours = index.transform(vectors_for(ids))
+    weights = np.clip(neighbours @ prepared[0], 0.0, None)
+    expanded = prepared[0] + weights @ neighbours
+    return (expanded / max(float(np.linalg.norm(expanded)), 1e-12))[None, :]
+
+
+def _merge_views(per_view: list[list[SearchResult]], metric: Metric) -> list[SearchResult]:
+    best: dict[int, SearchResult] = {}
+    for result in (r for results in per_view for r in results):
+        kept = best.get(result.id)
+        if kept is None or (result.score > kept.score) == metric.higher_is_better:
+            best[result.id] = result
+    return best_first(list(best.values()), metric)
+
+
+def search_options(**options: Any) -> SearchOptions:
+    """``SearchOptions`` from keyword arguments, ignoring those left as None."""
+    return SearchOptions(**{k: v for k, v in options.items() if v is not None})
