@@ -39,6 +39,21 @@ class CatalogUnavailableError(CatalogError):
     HTTP 503 / UNAVAILABLE, and a retry may succeed."""
 
 
+class CatalogCorruptError(CatalogError):
+    """The catalog's database file is damaged (a corrupt page, a truncated file): restore a
+    backup, or run ``lookalike check --repair``. The message names the file."""
+
+
+class CorruptVectorError(CatalogError):
+    """Stored vectors no longer match their checksums (changed outside lookalike, or damaged
+    on disk); ``ids`` are the images whose vectors failed. ``lookalike check --repair``
+    re-embeds them."""
+
+    def __init__(self, message: str, ids: tuple[int, ...] | list[int] = ()) -> None:
+        super().__init__(message)
+        self.ids = [int(i) for i in ids]
+
+
 class ModelMismatchError(CatalogError):
     """Vectors of one model/layer were about to be mixed with vectors of another."""
 

@@ -162,7 +162,7 @@ def test_a_batch_naming_a_path_twice_keeps_the_last(catalog: Catalog) -> None:
     assert catalog.images([ids[0]])[ids[0]].content_hash == "h2"
 
 
-def test_storing_drops_other_models_vectors_and_new_content_drops_local_features(
+def test_new_content_drops_other_models_vectors_and_local_features(
     catalog: Catalog,
 ) -> None:
     small = catalog.register_model(identity("small", 7))
@@ -179,8 +179,10 @@ def test_storing_drops_other_models_vectors_and_new_content_drops_local_features
     assert catalog.vector(image_id, big) is not None
     catalog.store([record("/a.jpg", "h1")], np.full((1, 7), 2.0), small)  # same content
     assert catalog.local_features([image_id], "sift") == {image_id: b"old"}
-    assert catalog.vector(image_id, big) is None  # storing for one model drops the others'
+    # An unchanged file keeps every model's vectors (a model switch builds beside them)...
+    assert catalog.vector(image_id, big) is not None
     catalog.store([record("/a.jpg", "h2")], np.full((1, 7), 3.0), small)  # new content
+    assert catalog.vector(image_id, big) is None  # ... new content drops the others'
     assert catalog.local_features([image_id], "sift") == {}
     assert catalog.ids_missing_local_features("sift") == [(image_id, "/a.jpg")]
     with pytest.raises(CatalogError, match="no images with ids"):

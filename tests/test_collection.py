@@ -25,7 +25,7 @@ def folder(photo_dir: Path, tmp_path: Path) -> Path:
 @pytest.fixture
 def collection(tmp_path: Path, encoder, catalog_db):
     with Collection(tmp_path / "collection", db=catalog_db()) as opened:
-        opened._encoder = encoder  # share the session's encoder; building one takes seconds
+        opened.use_encoder(encoder)  # share the session's encoder; building one takes seconds
         yield opened
 
 
@@ -154,7 +154,7 @@ def test_switching_model_never_mixes_vectors(
     tmp_path: Path, folder: Path, encoder, catalog_db
 ) -> None:
     with Collection(tmp_path / "c", db=catalog_db()) as collection:
-        collection._encoder = encoder
+        collection.use_encoder(encoder)
         collection.index(folder, workers=0)
     with Collection(tmp_path / "c", layer="stage6") as mid:
         assert mid.info().models[0]["vectors"] == 6

@@ -23,7 +23,7 @@ def folder(photo_dir: Path, tmp_path: Path) -> Path:
 
 def open_collection(path: Path, encoder, **options) -> Collection:
     collection = Collection(path, **options)
-    collection._encoder = encoder
+    collection.use_encoder(encoder)
     return collection
 
 

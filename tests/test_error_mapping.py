@@ -237,7 +237,7 @@ def test_uploads_over_the_limit_are_413_and_resource_exhausted(
 def test_an_empty_collection_search_names_no_server_folder(tmp_path: Path, encoder) -> None:
     folder = tmp_path / "server-side" / "empty-collection"
     collection = Collection(folder)
-    collection._encoder = encoder
+    collection.use_encoder(encoder)
     fronts = Fronts(SearchService(collection))
     try:
         query = jpeg(photo("astronaut"))
@@ -311,7 +311,7 @@ def test_a_postgres_outage_is_503_and_unavailable_then_recovers(
     where = url.split("@", 1)[1]  # host, port and database name
     folder = tmp_path / "server-side" / "collection"
     collection = Collection(folder, db=url)
-    collection._encoder = encoder
+    collection.use_encoder(encoder)
     collection.index(photo_dir, workers=0)
     fronts = Fronts(SearchService(collection))
     query = jpeg(photo("coffee"))

@@ -103,10 +103,13 @@ def test_a_collection_remembers_its_pooling_and_never_mixes_vectors(
         best = reopened.search(next(photo_dir.rglob("coffee.jpg")), k=1)[0]
         assert best.path.endswith("coffee.jpg") and best.score > 0.99
     with Collection(folder, pooling="avg") as switched:
+        # A switch: GeM keeps answering until average pooling covers every image.
+        assert switched.encoder.identity.key == gem_key
+        report = switched.index(photo_dir, workers=0)
+        assert report.updated == 6 and report.switch == "done"  # embedded again, not reused
         assert not switched.encoder.identity.key.endswith("/gem")
-        assert switched.index(photo_dir, workers=0).updated == 6  # embedded again, not reused
         models = {m["key"]: m["vectors"] for m in switched.catalog.models()}
-        # Re-embedding a file replaces its vectors: none of the GeM ones is left to mix in.
+        # The switch drops the old vectors: none of the GeM ones is left to mix in.
         assert models[gem_key] == 0 and models[switched.encoder.identity.key] == 6
 
 
@@ -167,7 +170,7 @@ def test_multi_crop_search_finds_a_photo_inside_a_larger_scene(
     photo_dir: Path, tmp_path: Path, encoder
 ) -> None:
     with Collection(tmp_path / "collection") as collection:
-        collection._encoder = encoder
+        collection.use_encoder(encoder)
         collection.index(photo_dir, workers=0)
         scene = Image.new("RGB", (800, 800), (40, 90, 40))
         scene.paste(photo("coffee").resize((560, 420)), (0, 0))  # the top-left corner's crop

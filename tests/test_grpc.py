@@ -82,7 +82,7 @@ class Served:
 
 def indexed(folder: Path, collection_dir: Path, encoder) -> Collection:
     collection = Collection(collection_dir)
-    collection._encoder = encoder  # share the session's encoder; building one takes seconds
+    collection.use_encoder(encoder)  # share the session's encoder; building one takes seconds
     csv_path = collection_dir.parent / "meta.csv"
     csv_path.write_text("file,title,year\nastronaut.jpg,Astronaut,1984\n")
     collection.index(folder, workers=0, metadata_csv=csv_path, local_features=True)
@@ -277,7 +277,7 @@ def test_find_similar_needs_five_images_and_says_so(
     for path in sorted(photo_dir.rglob("*.jpg"))[:3]:
         shutil.copy(path, folder / path.name)
     empty = Collection(tmp_path / "empty")
-    empty._encoder = encoder
+    empty.use_encoder(encoder)
     three = indexed(folder, tmp_path / "collection", encoder)
     servers = [Served(SearchService(three)), Served(SearchService(empty))]
     try:

@@ -22,7 +22,7 @@ def api_url(photo_dir: Path, tmp_path_factory: pytest.TempPathFactory, encoder) 
     folder = tmp_path_factory.mktemp("fuzz") / "photos"
     shutil.copytree(photo_dir, folder)
     collection = Collection(folder.parent / "collection")
-    collection._encoder = encoder
+    collection.use_encoder(encoder)
     collection.index(folder, workers=0)
     limits = ServiceLimits(max_upload_bytes=1_000_000, max_pixels=2_000_000, max_k=50)
     with LiveServer(create_app(SearchService(collection, token=TOKEN, limits=limits))) as server:

@@ -99,7 +99,7 @@ def test_a_vit_collection_stores_patch_tokens_and_search_reranks_with_them(
     from lookalike.local.patches import patch_kind
 
     collection = Collection(tmp_path / "collection", model=vit.folder_name)
-    collection._encoder = vit
+    collection.use_encoder(vit)
     collection.index(photo_dir, workers=0, local_features=True)
     stored = collection.catalog.local_features(range(1, 7), patch_kind())
     assert len(stored) == 6  # tokens for every photo, no SIFT

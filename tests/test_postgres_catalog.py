@@ -189,7 +189,8 @@ def test_two_folders_sharing_one_catalog_search_alike_and_see_each_other(
         Collection(tmp_path / "one", db=url) as one,
         Collection(tmp_path / "two", db=url) as two,
     ):
-        one._encoder = two._encoder = encoder
+        one.use_encoder(encoder)
+        two.use_encoder(encoder)
         one.index(photo_dir, workers=0)
         for name in ("astronaut", "coffee"):
             expected = one.search(photo(name), k=6)
@@ -218,7 +219,7 @@ def test_pgvector_and_bytea_catalogs_give_identical_results(
     for storage in ("pgvector", "bytea"):
         catalog = PostgresCatalog(postgres.create_database(), vector_storage=storage)
         with Collection(tmp_path / storage, db=catalog) as collection:
-            collection._encoder = encoder
+            collection.use_encoder(encoder)
             collection.index(photo_dir, workers=0)
             response = collection.search(photo("chelsea"), k=6, metric="euclidean")
             responses.append([(r.id, r.path, r.score) for r in response])
@@ -231,7 +232,7 @@ def test_the_folder_remembers_its_catalog_but_not_the_password(
     url = postgres.create_database()
     with_password = url.replace("postgres@", "postgres:hunter2@", 1)
     with Collection(tmp_path / "c", db=with_password) as collection:
-        collection._encoder = encoder
+        collection.use_encoder(encoder)
         collection.index(photo_dir, workers=0)
     link = (tmp_path / "c" / CATALOG_LINK).read_text()
     assert link.strip() == url and "hunter2" not in link
@@ -250,15 +251,15 @@ def test_a_folder_switched_to_another_catalog_never_uses_the_old_index(
         photo(name).save(few / f"{name}.jpg")
     big, small = postgres.create_database(), postgres.create_database()
     with Collection(tmp_path / "other", db=small) as other:
-        other._encoder = encoder
+        other.use_encoder(encoder)
         other.index(few, workers=0)  # one batch: generation 1, as in the big catalog
     with Collection(tmp_path / "c", db=big) as collection:
-        collection._encoder = encoder
+        collection.use_encoder(encoder)
         collection.index(photo_dir, workers=0)
         generation = collection.catalog.generation
         collection.search(photo("coffee"), k=1)
     with Collection(tmp_path / "c", db=small) as switched:
-        switched._encoder = encoder
+        switched.use_encoder(encoder)
         assert switched.catalog.generation == generation
         found = switched.search(photo("coffee"), k=10)
         assert sorted(Path(r.path).name for r in found) == [
@@ -299,7 +300,7 @@ def test_cli_and_a_multi_worker_server_share_the_catalog_with_a_library_user(
         with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=120) as http:
             _wait_healthy(http, server)
             with Collection(tmp_path / "library", db=url) as library:
-                library._encoder = collection_encoder
+                library.use_encoder(collection_encoder)
                 (image_id,) = library.catalog.ids_for_paths(
                     [str((photo_dir / "astronaut.jpg").resolve())]
                 ).values()

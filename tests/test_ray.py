@@ -183,3 +183,70 @@ def test_bad_options_are_refused():
         RayOptions(workers=0)
     with pytest.raises(DistributedError, match="threads"):
         RayOptions(threads=0)
+
+
+@pytest.fixture(scope="module")
+def tiny_vit(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """A tiny random-weight ViT checkpoint (32 px, 16 patches) saved to a folder, as hf:NAME."""
+    import torch
+    import transformers
+    from transformers.models.vit.image_processing_pil_vit import ViTImageProcessorPil
+
+    from lookalike.encoders.hf import _quiet_transformers
+
+    folder = tmp_path_factory.mktemp("vit-tiny")
+    torch.manual_seed(2)
+    config = transformers.ViTConfig(
+        image_size=32,
+        patch_size=8,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+    )
+    with _quiet_transformers():
+        transformers.ViTModel(config).save_pretrained(folder)
+        ViTImageProcessorPil(size={"height": 32, "width": 32}).save_pretrained(folder)
+    return f"hf:{folder}"
+
+
+@pytest.fixture(scope="module")
+def three_photos(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("three")
+    for name in PHOTO_NAMES[:3]:
+        photo(name).save(root / f"{name}.jpg", quality=90)
+    return root
+
+
+def _patch_tokens_of_every_image(collection: Collection) -> None:
+    kind = collection.local_store.kind()
+    assert kind is not None and kind.patch_tokens
+    ids = sorted(collection.catalog.paths().values())
+    stored = collection.catalog.local_features(ids, kind.name)
+    assert sorted(stored) == ids and all(stored.values())
+
+
+def test_vit_patch_tokens_are_extracted_on_ray_workers(
+    ray_cluster, tiny_vit, three_photos, tmp_path
+):
+    with Collection(tmp_path, model=tiny_vit) as collection:
+        report = collection.index(
+            three_photos, local_features=True, executor=RayExecutor(RayOptions(workers=1))
+        )
+        assert (report.added, report.failed) == (3, [])
+        _patch_tokens_of_every_image(collection)
+        hits = collection.search(three_photos / "chelsea.jpg", k=3, rerank=3)
+        assert hits[0].path == str((three_photos / "chelsea.jpg").resolve())
+        assert len(hits) == 3
+    assert ray.util.list_named_actors() == []
+
+
+def test_cli_ray_index_with_vit_and_local_features(ray_cluster, tiny_vit, three_photos, tmp_path):
+    command = [sys.executable, "-m", "lookalike.cli", "-c", str(tmp_path), "index"]
+    command += [str(three_photos), "--model", tiny_vit, "--local-features", "--quiet"]
+    command += ["--ray", ray_cluster, "--ray-workers", "1"]
+    done = subprocess.run(command, capture_output=True, text=True, env=os.environ, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "3 added" in done.stdout and "0 failed" in done.stdout
+    with Collection(tmp_path) as collection:
+        _patch_tokens_of_every_image(collection)

@@ -94,7 +94,7 @@ def test_centring_and_query_expansion_raise_class_level_map(tmp_path: Path, enco
         rows = list(csv.DictReader(handle))
     queries = [r for r in rows if r["split"] == "test"]
     with Collection(tmp_path / "train") as collection:
-        collection._encoder = encoder
+        collection.use_encoder(encoder)
         collection.index(root / "train", metadata_csv=root / "labels.csv")
         index = collection.vector_index()
         assert index.center is not None  # 3,068 images: centred

@@ -69,7 +69,7 @@ def served(photo_dir: Path, tmp_path_factory: pytest.TempPathFactory, encoder) -
     folder = tmp_path_factory.mktemp("served") / "photos"
     shutil.copytree(photo_dir, folder)
     collection = Collection(folder.parent / "collection")
-    collection._encoder = encoder
+    collection.use_encoder(encoder)
     csv_path = folder.parent / "meta.csv"
     csv_path.write_text("file,title\nastronaut.jpg,Astronaut\n")
     collection.index(folder, workers=0, metadata_csv=csv_path, local_features=True)

@@ -37,7 +37,7 @@ def test_class_level_map_on_clothing(tmp_path: Path, encoder) -> None:
     """Test split against train split, relevant = same class, exact cosine search."""
     root = require_dataset()
     with Collection(tmp_path / "clothing") as collection:
-        collection._encoder = encoder
+        collection.use_encoder(encoder)
         report = collection.index(root, metadata_csv=root / "labels.csv", batch_size=32)
         assert report.failed == [] and report.added == 3781
         ids, vectors = collection.catalog.vectors(collection.model_id)

@@ -30,7 +30,7 @@ CHROMIUM_FLAGS = [
 @pytest.fixture(scope="module")
 def page_url(photo_dir: Path, tmp_path_factory: pytest.TempPathFactory, encoder) -> Iterator[str]:
     collection = Collection(tmp_path_factory.mktemp("web") / "collection")
-    collection._encoder = encoder
+    collection.use_encoder(encoder)
     collection.index(photo_dir, workers=0)
     with LiveServer(create_app(SearchService(collection))) as server:
         yield server.url

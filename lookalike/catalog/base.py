@@ -7,6 +7,7 @@ through the same versioned migrations, and answer the same calls the same way.
 
 from __future__ import annotations
 
+import zlib
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,7 +16,7 @@ from typing import Any, Protocol, TypeVar, runtime_checkable
 import numpy as np
 
 from lookalike.encoders.base import EncoderIdentity
-from lookalike.errors import CatalogError, ModelMismatchError
+from lookalike.errors import CatalogError, CorruptVectorError, ModelMismatchError
 
 POSTGRES_SCHEMES = ("postgresql://", "postgres://")
 
@@ -52,10 +53,24 @@ class Catalog(Protocol):
 
     ``generation`` is bumped by every change to images or vectors, by any process sharing the
     catalog; ``last_written_generation`` is the value this object's own latest change set,
-    so a caller can tell whether anyone else wrote in between.
+    so a caller can tell whether anyone else wrote in between. ``state`` is the generation
+    with a random token drawn afresh in the same transaction as every bump: a catalog restored
+    from a backup and changed again reaches an old generation number, never an old state, so
+    files derived from the catalog should be stamped with the whole state.
+    ``last_written_state`` is the state this object's own latest change set.
+
+    Every vector is stored with a checksum (CRC32 of its little-endian float32 bytes) that
+    every read verifies: vectors changed outside lookalike or damaged on disk raise
+    ``CorruptVectorError`` instead of being returned. ``verify_vectors`` lists them,
+    ``drop_vectors`` forgets them so that they are embedded again, and ``integrity`` reports
+    every problem found.
+
+    Paths are any ``str``, including file names that are not valid UTF-8 (surrogate escapes,
+    as ``os.fsdecode`` gives them): see :mod:`lookalike.catalog.paths`.
     """
 
     last_written_generation: int | None
+    last_written_state: tuple[int, str] | None
 
     def close(self) -> None: ...
     def __enter__(self) -> Catalog: ...
@@ -66,8 +81,11 @@ class Catalog(Protocol):
     def schema_version(self) -> int: ...
     @property
     def generation(self) -> int: ...
+    @property
+    def state(self) -> tuple[int, str]: ...
     def get_setting(self, key: str, default: str | None = None) -> str | None: ...
     def set_setting(self, key: str, value: str) -> None: ...
+    def set_settings(self, values: Mapping[str, str | None]) -> None: ...
     def register_model(self, identity: EncoderIdentity) -> int: ...
     def models(self) -> list[dict[str, Any]]: ...
     def model_dim(self, model_id: int) -> int: ...
@@ -83,6 +101,10 @@ class Catalog(Protocol):
     def vectors(self, model_id: int) -> tuple[np.ndarray, np.ndarray]: ...
     def vector(self, image_id: int, model_id: int) -> np.ndarray | None: ...
     def vectors_for(self, ids: Sequence[int], model_id: int) -> np.ndarray: ...
+    def verify_vectors(self, model_id: int | None = None) -> list[int]: ...
+    def drop_vectors(self, ids: Iterable[int], model_id: int) -> int: ...
+    def drop_vectors_except(self, model_id: int) -> int: ...
+    def integrity(self) -> list[str]: ...
     def count(self) -> int: ...
     def update_metadata(self, image_id: int, metadata: dict[str, Any]) -> None: ...
     def paths(self) -> dict[str, int]: ...
@@ -130,6 +152,75 @@ def checked_vectors(records: Sequence[ImageRecord], vectors: np.ndarray, dim: in
             f"expected {len(records)} vectors of dim {dim} for this model, got {vectors.shape}"
         )
     return vectors
+
+
+def vector_checksum(vector: np.ndarray) -> int:
+    """The checksum stored with a vector: CRC32 of its little-endian float32 bytes."""
+    return zlib.crc32(np.ascontiguousarray(vector, dtype="<f4").data)
+
+
+def decode_checked(
+    blobs: Sequence[bytes],
+    checksums: Sequence[int],
+    dim: int,
+    *,
+    header: int = 0,
+    byte_order: str = "<",
+) -> tuple[np.ndarray, np.ndarray]:
+    """(float32 [n, dim], bool [n]): stored vector values decoded, and which of them fail:
+    a wrong length, or a checksum (-1 for none) other than the values'. Values are ``header``
+    bytes, then ``dim`` float32 in ``byte_order``; rows that fail may hold anything.
+
+    One pass of CRC32 over the values, from C: about a quarter of the cost of reading them."""
+    count = len(blobs)
+    width = header + 4 * dim
+    expected = np.fromiter(checksums, dtype=np.int64, count=count)
+    sized = np.fromiter(map(len, blobs), dtype=np.int64, count=count) == width
+    good = blobs if sized.all() else [b for b, ok in zip(blobs, sized, strict=True) if ok]
+    # Copied row by row into one uninitialised buffer: faster than joining the values into
+    # one bytes object and copying that again into a writable array.
+    buffer = np.empty(len(good) * width, dtype=np.uint8)
+    view = buffer.data
+    for row, blob in enumerate(good):
+        view[row * width : (row + 1) * width] = blob
+    words = buffer.view(f"{byte_order}f4").reshape(len(good), width // 4)
+    values = words[:, header // 4 :]
+    matrix = values if header == 0 and values.dtype == np.float32 else values.astype(np.float32)
+    # Raw little-endian float32 values are their own checksum input; else the decoded rows.
+    raw = header == 0 and byte_order == "<"
+    source = good if raw else np.ascontiguousarray(matrix, dtype="<f4")
+    computed = np.fromiter(map(zlib.crc32, source), dtype=np.int64, count=len(good))
+    failed = ~sized
+    if len(good) == count:
+        return matrix, computed != expected
+    failed[sized] = computed != expected[sized]
+    full = np.zeros((count, dim), dtype=np.float32)
+    full[sized] = matrix
+    return full, failed
+
+
+def corrupt_vectors(location: str, ids: Iterable[int], model_id: int | None) -> CorruptVectorError:
+    """The error for vectors of ``ids`` that failed their checksum."""
+    bad = sorted({int(i) for i in ids})
+    shown = ", ".join(map(str, bad[:10])) + (f" and {len(bad) - 10} more" if len(bad) > 10 else "")
+    model = "" if model_id is None else f" of model {model_id}"
+    return CorruptVectorError(
+        f"{location}: the stored vectors{model} of {len(bad)} image(s) (ids {shown}) fail "
+        "their checksum: they were changed outside lookalike or damaged on disk; run "
+        "`lookalike check --repair` to re-embed them",
+        bad,
+    )
+
+
+def checksum_summary(bad: Sequence[int]) -> list[str]:
+    """What :meth:`Catalog.integrity` reports of images whose vectors fail their checksum."""
+    if not bad:
+        return []
+    shown = ", ".join(map(str, bad[:10])) + (" ..." if len(bad) > 10 else "")
+    return [
+        f"vectors of {len(bad)} image(s) fail their checksum (ids {shown}); run "
+        "`lookalike check --repair` to re-embed them"
+    ]
 
 
 def model_summaries(rows: Iterable[Sequence[Any]]) -> list[dict[str, Any]]:

@@ -17,6 +17,8 @@ import json
 import struct
 import threading
 import time
+import uuid
+import zlib
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar
 from urllib.parse import urlsplit, urlunsplit
@@ -27,12 +29,17 @@ from lookalike.catalog.base import (
     FileState,
     ImageRecord,
     checked_vectors,
+    checksum_summary,
+    corrupt_vectors,
+    decode_checked,
     fresh_local_feature_rows,
     local_feature_rows,
     model_summaries,
+    vector_checksum,
 )
+from lookalike.catalog.paths import from_catalog, remapped, to_catalog
 from lookalike.catalog.postgres_schema import MIGRATIONS, VERSION_TABLE
-from lookalike.catalog.schema import SCHEMA_VERSION
+from lookalike.catalog.schema import PYTHON_STEPS, SCHEMA_VERSION
 from lookalike.encoders.base import EncoderIdentity
 from lookalike.errors import CatalogError, CatalogUnavailableError, ModelMismatchError
 
@@ -46,6 +53,7 @@ VECTOR_STORAGES = ("auto", "pgvector", "bytea")
 # Any fixed number: lookalike processes migrating the same database take turns on it.
 _MIGRATION_LOCK = 0x6C6F6F6B
 _WRITE_ATTEMPTS = 5
+_VERIFY_PAGE = 5000  # vectors checked per statement by verify_vectors and migration 4
 
 
 class PostgresCatalog:
@@ -64,6 +72,7 @@ class PostgresCatalog:
             )
         self._url = url
         self.last_written_generation: int | None = None
+        self.last_written_state: tuple[int, str] | None = None
         self._lock = threading.RLock()
         self._db = self._connect()
         try:
@@ -157,9 +166,44 @@ class PostgresCatalog:
                     if "{vector_type}" in script:
                         script = script.replace("{vector_type}", self._vector_type(vector_storage))
                     db.execute(script)
+                    if number + 1 in PYTHON_STEPS:
+                        self._python_step(db, number + 1)
                     db.execute(f"UPDATE {VERSION_TABLE} SET version = %s", (number + 1,))
         except psycopg.Error as error:
             raise self._failure(error, f"not a usable lookalike catalog ({error})") from error
+
+    def _python_step(self, db: psycopg.Connection, version: int) -> None:
+        """What migration ``version`` computes in Python (see ``schema.PYTHON_STEPS``), in the
+        migration's transaction; pgvector values come as raw binary here (no loader yet)."""
+        if version != 4:
+            raise AssertionError(f"no Python step for version {version}")
+        typname = db.execute(
+            "SELECT t.typname FROM pg_attribute a JOIN pg_type t ON t.oid = a.atttypid "
+            "WHERE a.attrelid = 'vectors'::regclass AND a.attname = 'vector'"
+        ).fetchone()
+        pgvector = typname is not None and typname[0] == "vector"
+        last: tuple[int, int] = (-1, -1)
+        while rows := db.execute(
+            "SELECT model_id, image_id, vector FROM vectors WHERE (model_id, image_id) > (%s, %s)"
+            " ORDER BY model_id, image_id LIMIT %s",
+            (*last, _VERIFY_PAGE),
+            binary=True,
+        ).fetchall():
+            with db.cursor() as cursor:
+                cursor.executemany(
+                    "UPDATE vectors SET checksum = %s WHERE model_id = %s AND image_id = %s",
+                    [(stored_checksum(blob, pgvector), m, i) for m, i, blob in rows],
+                )
+            last = (int(rows[-1][0]), int(rows[-1][1]))
+        with db.cursor() as cursor:
+            images: list[tuple[str, int]] = remapped(
+                db.execute("SELECT id, path FROM images").fetchall()
+            )
+            cursor.executemany("UPDATE images SET path = %s WHERE id = %s", images)
+            failed: list[tuple[str, str]] = remapped(
+                db.execute("SELECT path, path FROM failures").fetchall()
+            )
+            cursor.executemany("UPDATE failures SET path = %s WHERE path = %s", failed)
 
     def _vector_type(self, vector_storage: str) -> str:
         """The column type for vectors in a new catalog (inside the migration transaction)."""
@@ -201,10 +245,11 @@ class PostgresCatalog:
         info = TypeInfo.fetch(self._db, "vector")
         if info is None:
             raise CatalogError(f"{self.location}: the pgvector extension is gone")
+        vector_oid = info.oid  # a class body does not see the narrowing of ``info``
 
         class VectorDumper(Dumper):
             format = Format.BINARY
-            oid = info.oid
+            oid = vector_oid
 
             def dump(self, obj: np.ndarray) -> bytes:
                 return encode_pgvector(obj)
@@ -220,7 +265,9 @@ class PostgresCatalog:
 
     # -- statements ------------------------------------------------------------------------
 
-    def _rows(self, sql: str, params: Sequence[Any] = (), *, binary: bool = False) -> list[tuple]:
+    def _rows(
+        self, sql: str, params: Sequence[Any] = (), *, binary: bool = False
+    ) -> list[tuple[Any, ...]]:
         import psycopg
 
         with self._lock:
@@ -229,7 +276,7 @@ class PostgresCatalog:
             except psycopg.Error as error:
                 raise self._failure(error) from error
 
-    def _one(self, sql: str, params: Sequence[Any] = ()) -> tuple:
+    def _one(self, sql: str, params: Sequence[Any] = ()) -> tuple[Any, ...]:
         rows = self._rows(sql, params)
         return rows[0] if rows else ()
 
@@ -270,12 +317,31 @@ class PostgresCatalog:
             )
         )
 
+    def set_settings(self, values: Mapping[str, str | None]) -> None:
+        """Set (or, for None, delete) several settings in one transaction that also bumps the
+        generation, so every process sees them change together and notices."""
+
+        def work(db: psycopg.Connection) -> None:
+            with db.cursor() as cursor:
+                for key, value in values.items():
+                    if value is None:
+                        cursor.execute("DELETE FROM settings WHERE key = %s", (key,))
+                    else:
+                        cursor.execute(
+                            "INSERT INTO settings (key, value) VALUES (%s, %s) "
+                            "ON CONFLICT (key) DO UPDATE SET value = EXCLUDED.value",
+                            (key, value),
+                        )
+                self._bump_generation(cursor)
+
+        self._write(work)
+
     def register_model(self, identity: EncoderIdentity) -> int:
         """The id under which vectors of this encoder identity are stored (created if new)."""
         row = self._one("SELECT id, dim FROM models WHERE key = %s", (identity.key,))
         if not row:
 
-            def insert(db: psycopg.Connection) -> tuple:
+            def insert(db: psycopg.Connection) -> tuple[Any, ...]:
                 # Two servers registering the same model at once end up with the same id.
                 db.execute(
                     "INSERT INTO models (key, name, layer, dim, weights_sha256, preprocess,"
@@ -290,9 +356,11 @@ class PostgresCatalog:
                         time.time(),
                     ),
                 )
-                return db.execute(
+                found = db.execute(
                     "SELECT id, dim FROM models WHERE key = %s", (identity.key,)
                 ).fetchone()
+                assert found is not None  # inserted just now, or by the other server
+                return found
 
             row = self._write(insert)
         if row[1] != identity.dim:
@@ -320,25 +388,31 @@ class PostgresCatalog:
         """Path -> stored state, for every image whose path starts with ``prefix``."""
         rows = self._rows(
             "SELECT path, id, size, mtime, content_hash FROM images WHERE starts_with(path, %s)",
-            (prefix,),
+            (to_catalog(prefix),),
         )
-        return {path: FileState(i, size, mtime, h) for path, i, size, mtime, h in rows}
+        return {
+            from_catalog(path): FileState(i, size, mtime, h) for path, i, size, mtime, h in rows
+        }
 
     def store(
         self, records: Sequence[ImageRecord], vectors: np.ndarray, model_id: int
     ) -> list[int]:
-        """Insert or update images by path together with their vectors, in one transaction."""
+        """Insert or update images by path together with their vectors, in one transaction.
+
+        A file whose content hash changed loses every model's vectors of it (the schema's
+        trigger); storing an unchanged file for one model keeps the other models' vectors."""
         from psycopg.types.json import Jsonb
 
         vectors = checked_vectors(records, vectors, self.model_dim(model_id))
         if not records:
             return []
+        paths = [to_catalog(r.path) for r in records]
         # Rows are locked in path order, the same in every writer, so writers never deadlock.
-        order = sorted(range(len(records)), key=lambda i: records[i].path)
+        order = sorted(range(len(records)), key=lambda i: paths[i])
         now = time.time()
         image_rows = [
-            (r.path, r.content_hash, r.size, r.mtime, r.width, r.height, Jsonb(r.metadata), now)
-            for r in (records[i] for i in order)
+            (paths[i], r.content_hash, r.size, r.mtime, r.width, r.height, Jsonb(r.metadata), now)
+            for i, r in ((i, records[i]) for i in order)
         ]
         model_id = int(model_id)
 
@@ -355,22 +429,20 @@ class PostgresCatalog:
                     returning=True,
                 )
                 for position in order:
-                    ids[position] = int(cursor.fetchone()[0])
+                    inserted = cursor.fetchone()
+                    assert inserted is not None  # RETURNING gives each row's id
+                    ids[position] = int(inserted[0])
                     cursor.nextset()
-                # A changed file invalidates the vectors every other model made of it.
-                cursor.execute(
-                    "DELETE FROM vectors WHERE image_id = ANY(%s::bigint[]) AND model_id <> %s",
-                    (sorted(set(ids)), model_id),
-                )
                 cursor.executemany(
-                    "INSERT INTO vectors (image_id, model_id, vector) VALUES (%s, %s, %s) "
-                    "ON CONFLICT (model_id, image_id) DO UPDATE SET vector = EXCLUDED.vector",
-                    [(ids[i], model_id, self._encode(vectors[i])) for i in order],
+                    "INSERT INTO vectors (image_id, model_id, vector, checksum)"
+                    " VALUES (%s, %s, %s, %s) ON CONFLICT (model_id, image_id) DO UPDATE"
+                    " SET vector = EXCLUDED.vector, checksum = EXCLUDED.checksum",
+                    [
+                        (ids[i], model_id, self._encode(vectors[i]), vector_checksum(vectors[i]))
+                        for i in order
+                    ],
                 )
-                cursor.execute(
-                    "DELETE FROM failures WHERE path = ANY(%s::text[])",
-                    ([r.path for r in records],),
-                )
+                cursor.execute("DELETE FROM failures WHERE path = ANY(%s::text[])", (paths,))
                 self._bump_generation(cursor)
             return ids
 
@@ -403,11 +475,13 @@ class PostgresCatalog:
 
     def ids_for_paths(self, paths: Iterable[str]) -> dict[str, int]:
         """Path -> id for the given paths that are in the catalog."""
-        paths = list(paths)
-        if not paths:
+        asked = {to_catalog(p): p for p in paths}
+        if not asked:
             return {}
-        rows = self._rows("SELECT path, id FROM images WHERE path = ANY(%s::text[])", (paths,))
-        return dict(rows)
+        rows = self._rows(
+            "SELECT path, id FROM images WHERE path = ANY(%s::text[])", (list(asked),)
+        )
+        return {asked[path]: int(i) for path, i in rows}
 
     def images(self, ids: Sequence[int]) -> dict[int, ImageRecord]:
         """Records of the given ids (unknown ids are left out)."""
@@ -420,7 +494,7 @@ class PostgresCatalog:
             (ids,),
         )
         return {
-            i: ImageRecord(path, h, size, mtime, w, hgt, meta, id=i)
+            i: ImageRecord(from_catalog(path), h, size, mtime, w, hgt, meta, id=i)
             for i, path, h, size, mtime, w, hgt, meta in rows
         }
 
@@ -431,47 +505,126 @@ class PostgresCatalog:
             "(SELECT 1 FROM vectors v WHERE v.image_id = i.id AND v.model_id = %s) ORDER BY i.id",
             (int(model_id),),
         )
-        return [(int(i), p) for i, p in rows]
+        return [(int(i), from_catalog(p)) for i, p in rows]
 
     def vectors(self, model_id: int) -> tuple[np.ndarray, np.ndarray]:
-        """(ids int64 [n], vectors float32 [n, dim]) of every image this model embedded."""
+        """(ids int64 [n], vectors float32 [n, dim]) of every image this model embedded;
+        ``CorruptVectorError`` when any fails its checksum."""
         dim = self.model_dim(model_id)
         rows = self._rows(
-            "SELECT image_id, vector FROM vectors WHERE model_id = %s ORDER BY image_id",
+            "SELECT image_id, vector, COALESCE(checksum, -1) FROM vectors WHERE model_id = %s"
+            " ORDER BY image_id",
             (int(model_id),),
             binary=True,
         )
-        ids = np.fromiter((r[0] for r in rows), dtype=np.int64, count=len(rows))
-        return ids, self._decode([r[1] for r in rows], dim)
+        ids, blobs, checksums = zip(*rows, strict=True) if rows else ((), (), ())
+        matrix, failed = self._decode_checked(blobs, checksums, dim)
+        found = np.array(ids, dtype=np.int64)
+        if failed.any():
+            raise corrupt_vectors(self.location, found[failed].tolist(), model_id)
+        return found, matrix
 
     def vector(self, image_id: int, model_id: int) -> np.ndarray | None:
-        """One image's vector from one model, or None when it has none."""
+        """One image's vector from one model, or None when it has none;
+        ``CorruptVectorError`` when it fails its checksum."""
         rows = self._rows(
-            "SELECT vector FROM vectors WHERE image_id = %s AND model_id = %s",
+            "SELECT vector, COALESCE(checksum, -1) FROM vectors"
+            " WHERE image_id = %s AND model_id = %s",
             (int(image_id), int(model_id)),
             binary=True,
         )
         if not rows:
             return None
-        blob = rows[0][0]
+        blob, checksum = rows[0]
         dim = (len(blob) - 4) // 4 if self.vector_storage == "pgvector" else len(blob) // 4
-        return self._decode([blob], dim)[0]
+        matrix, failed = self._decode_checked([blob], [checksum], dim)
+        if failed.any():
+            raise corrupt_vectors(self.location, [image_id], model_id)
+        vector: np.ndarray = matrix[0]
+        return vector
 
     def vectors_for(self, ids: Sequence[int], model_id: int) -> np.ndarray:
-        """float32 [len(ids), dim]: the vectors of these images in the given order."""
+        """float32 [len(ids), dim]: the vectors of these images in the given order;
+        ``CorruptVectorError`` when any fails its checksum."""
         dim = self.model_dim(model_id)
         wanted = [int(i) for i in ids]
         rows = self._rows(
-            "SELECT image_id, vector FROM vectors WHERE model_id = %s "
+            "SELECT image_id, vector, COALESCE(checksum, -1) FROM vectors WHERE model_id = %s "
             "AND image_id = ANY(%s::bigint[])",
             (int(model_id), wanted),
             binary=True,
         )
-        found = dict(rows)
+        found = {int(i): (blob, checksum) for i, blob, checksum in rows}
         missing = [i for i in wanted if i not in found]
         if missing:
             raise CatalogError(f"no vectors stored for images {missing[:5]}")
-        return self._decode([found[i] for i in wanted], dim)
+        matrix, failed = self._decode_checked(
+            [found[i][0] for i in wanted], [found[i][1] for i in wanted], dim
+        )
+        if failed.any():
+            raise corrupt_vectors(self.location, np.array(wanted)[failed].tolist(), model_id)
+        return matrix
+
+    def verify_vectors(self, model_id: int | None = None) -> list[int]:
+        """Ids of the images whose stored vectors (of ``model_id``, else of every model) fail
+        their checksum or have the wrong length, in order; reads every vector once."""
+        if model_id is None:
+            models = [(int(m), int(d)) for m, d in self._rows("SELECT id, dim FROM models")]
+        else:
+            models = [(int(model_id), self.model_dim(model_id))]
+        bad: set[int] = set()
+        for model, dim in models:
+            last = -1
+            while rows := self._rows(
+                "SELECT image_id, vector, COALESCE(checksum, -1) FROM vectors"
+                " WHERE model_id = %s AND image_id > %s ORDER BY image_id LIMIT %s",
+                (model, last, _VERIFY_PAGE),
+                binary=True,
+            ):
+                ids, blobs, checksums = zip(*rows, strict=True)
+                _, failed = self._decode_checked(blobs, checksums, dim)
+                bad.update(np.array(ids, dtype=np.int64)[failed].tolist())
+                last = int(ids[-1])
+        return sorted(bad)
+
+    def drop_vectors(self, ids: Iterable[int], model_id: int) -> int:
+        """Forget these images' vectors of one model (so that they are embedded again, as
+        ``ids_missing_vectors`` then lists them); returns how many were stored."""
+        ids = sorted({int(i) for i in ids})
+        if not ids:
+            return 0
+
+        def work(db: psycopg.Connection) -> int:
+            with db.cursor() as cursor:
+                cursor.execute(
+                    "DELETE FROM vectors WHERE model_id = %s AND image_id = ANY(%s::bigint[])",
+                    (int(model_id), ids),
+                )
+                dropped = cursor.rowcount
+                if dropped:
+                    self._bump_generation(cursor)
+            return dropped
+
+        return self._write(work)
+
+    def drop_vectors_except(self, model_id: int) -> int:
+        """Forget the vectors of every model but ``model_id`` (after a model switch);
+        returns how many were stored."""
+
+        def work(db: psycopg.Connection) -> int:
+            with db.cursor() as cursor:
+                cursor.execute("DELETE FROM vectors WHERE model_id != %s", (int(model_id),))
+                dropped = cursor.rowcount
+                if dropped:
+                    self._bump_generation(cursor)
+            return dropped
+
+        return self._write(work)
+
+    def integrity(self) -> list[str]:
+        """Problems found: vectors that fail their checksum; empty when the catalog is
+        healthy (the server itself keeps its pages consistent)."""
+        return checksum_summary(self.verify_vectors())
 
     def count(self) -> int:
         """Number of images in the catalog."""
@@ -494,7 +647,7 @@ class PostgresCatalog:
 
     def paths(self) -> dict[str, int]:
         """Path -> id of every image."""
-        return dict(self._rows("SELECT path, id FROM images"))
+        return {from_catalog(path): int(i) for path, i in self._rows("SELECT path, id FROM images")}
 
     # -- local features --------------------------------------------------------------------
 
@@ -511,7 +664,7 @@ class PostgresCatalog:
 
         def work(db: psycopg.Connection) -> int:
             # The share lock keeps another writer from changing the content in between.
-            current = dict(
+            current: dict[int, str] = dict(
                 db.execute(
                     "SELECT id, content_hash FROM images WHERE id = ANY(%s::bigint[]) "
                     "ORDER BY id FOR SHARE",
@@ -549,7 +702,7 @@ class PostgresCatalog:
             " WHERE f.image_id = i.id AND f.kind = %s) ORDER BY i.id",
             (kind,),
         )
-        return [(int(i), p) for i, p in rows]
+        return [(int(i), from_catalog(p)) for i, p in rows]
 
     def local_features_summary(self) -> dict[str, tuple[int, int]]:
         """Kind -> (images, total bytes) of the stored local features."""
@@ -567,17 +720,18 @@ class PostgresCatalog:
             lambda db: db.execute(
                 "INSERT INTO failures (path, reason, at) VALUES (%s, %s, %s) "
                 "ON CONFLICT (path) DO UPDATE SET reason = EXCLUDED.reason, at = EXCLUDED.at",
-                (path, reason, time.time()),
+                (to_catalog(path), reason, time.time()),
             )
         )
 
     def failures(self) -> list[tuple[str, str]]:
         """(path, reason) of every file that failed in its latest attempt."""
-        return [tuple(row) for row in self._rows("SELECT path, reason FROM failures ORDER BY path")]
+        rows = self._rows("SELECT path, reason FROM failures ORDER BY path")
+        return [(from_catalog(path), reason) for path, reason in rows]
 
     def clear_failures(self, paths: Iterable[str]) -> None:
         """Forget failures of files that are gone."""
-        paths = list(paths)
+        paths = [to_catalog(p) for p in paths]
         if paths:
             self._write(
                 lambda db: db.execute("DELETE FROM failures WHERE path = ANY(%s::text[])", (paths,))
@@ -589,6 +743,16 @@ class PostgresCatalog:
         catalog; indexes compare it to know whether they are stale."""
         return int(self.get_setting("generation", "0") or 0)
 
+    @property
+    def state(self) -> tuple[int, str]:
+        """(generation, token), read together by one statement: the token is drawn afresh
+        with every generation bump, so a catalog restored from a backup and changed again,
+        whose generation may equal an older one, still has a state of its own."""
+        rows = dict(
+            self._rows("SELECT key, value FROM settings WHERE key IN ('generation', 'state')")
+        )
+        return int(rows.get("generation") or 0), str(rows.get("state") or "")
+
     def _bump_generation(self, cursor: psycopg.Cursor) -> None:
         # The row lock taken here is held until commit, so concurrent writers get consecutive,
         # distinct generations in commit order.
@@ -596,7 +760,15 @@ class PostgresCatalog:
             "INSERT INTO settings (key, value) VALUES ('generation', '1') ON CONFLICT (key) "
             "DO UPDATE SET value = (settings.value::bigint + 1)::text RETURNING value"
         ).fetchone()
+        assert row is not None  # the upsert always returns its row
+        token = uuid.uuid4().hex
+        cursor.execute(
+            "INSERT INTO settings (key, value) VALUES ('state', %s) ON CONFLICT (key) "
+            "DO UPDATE SET value = EXCLUDED.value",
+            (token,),
+        )
         self.last_written_generation = int(row[0])
+        self.last_written_state = (int(row[0]), token)
 
     # -- vectors in and out ----------------------------------------------------------------
 
@@ -605,12 +777,14 @@ class PostgresCatalog:
             return vector  # dumped by the registered binary dumper
         return np.ascontiguousarray(vector, dtype="<f4").tobytes()
 
-    def _decode(self, blobs: list[bytes], dim: int) -> np.ndarray:
-        """float32 [len(blobs), dim] from column values as the server sent them in binary."""
+    def _decode_checked(
+        self, blobs: Sequence[bytes], checksums: Sequence[int], dim: int
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """(float32 [len(blobs), dim], bool [len(blobs)] failing their checksum) from column
+        values as the server sent them in binary."""
         if self.vector_storage == "pgvector":
-            return decode_pgvectors(blobs, dim)
-        matrix = np.frombuffer(b"".join(blobs), dtype="<f4").reshape(len(blobs), dim)
-        return matrix.astype(np.float32)
+            return decode_checked(blobs, checksums, dim, header=4, byte_order=">")
+        return decode_checked(blobs, checksums, dim)
 
 
 def encode_pgvector(vector: np.ndarray) -> bytes:
@@ -620,13 +794,12 @@ def encode_pgvector(vector: np.ndarray) -> bytes:
     return struct.pack(">HH", len(values), 0) + values.tobytes()
 
 
-def decode_pgvectors(blobs: list[bytes], dim: int) -> np.ndarray:
-    """float32 [n, dim] from pgvector binary values, all of dimension ``dim``."""
-    if any(len(blob) != 4 + 4 * dim for blob in blobs):
-        raise CatalogError(f"stored vectors do not have the model's dimension {dim}")
-    # The 4-byte header has the size of one value: drop it as a column.
-    matrix = np.frombuffer(b"".join(blobs), dtype=">f4").reshape(len(blobs), dim + 1)
-    return matrix[:, 1:].astype(np.float32)
+def stored_checksum(blob: bytes, pgvector: bool) -> int:
+    """The checksum of a stored vector value as the server sends it in binary: CRC32 of its
+    float32 values, little-endian (a pgvector value is a header and big-endian values)."""
+    if not pgvector:
+        return zlib.crc32(blob)
+    return zlib.crc32(np.frombuffer(blob, dtype=">f4", offset=4).astype("<f4").tobytes())
 
 
 def _unreachable(error: Exception) -> bool:

@@ -77,4 +77,23 @@ MIGRATIONS: tuple[str, ...] = (
     """
     CREATE INDEX vectors_image ON vectors (image_id);
     """,
+    # 4: a changed file drops every model's vectors of it (the trigger), storing for one model
+    # keeps the others'; each vector's checksum (CRC32 of its float32 values, little-endian,
+    # filled for existing rows by the Python step, see ``schema.PYTHON_STEPS``); the "state"
+    # token, drawn afresh with every generation bump.
+    """
+    ALTER TABLE vectors ADD COLUMN checksum BIGINT;
+    CREATE FUNCTION lookalike_drop_stale_vectors() RETURNS trigger
+    LANGUAGE plpgsql AS $$
+    BEGIN
+        DELETE FROM vectors WHERE image_id = NEW.id;
+        RETURN NULL;
+    END
+    $$;
+    CREATE TRIGGER vectors_stale AFTER UPDATE OF content_hash ON images
+    FOR EACH ROW WHEN (OLD.content_hash IS DISTINCT FROM NEW.content_hash)
+    EXECUTE FUNCTION lookalike_drop_stale_vectors();
+    INSERT INTO settings (key, value) VALUES ('state', replace(gen_random_uuid()::text, '-', ''))
+    ON CONFLICT (key) DO UPDATE SET value = EXCLUDED.value;
+    """,
 )

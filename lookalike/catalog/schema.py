@@ -68,6 +68,28 @@ MIGRATIONS: tuple[str, ...] = (
     """
     CREATE INDEX vectors_image ON vectors (image_id);
     """,
+    # 4: integrity. Storing a file for one model no longer drops the other models' vectors of
+    # it; the trigger drops every model's vectors when its content changes. Each vector has a
+    # checksum, CRC32 of its little-endian float32 bytes, verified on every read (filled for
+    # existing rows by the migration's Python step, see ``PYTHON_STEPS``). The "state" setting
+    # is a random token drawn afresh with every generation bump, so a catalog restored from a
+    # backup never repeats an old state.
+    """
+    ALTER TABLE vectors ADD COLUMN checksum INTEGER;
+    CREATE TRIGGER vectors_stale AFTER UPDATE OF content_hash ON images
+    WHEN old.content_hash IS NOT new.content_hash
+    BEGIN
+        DELETE FROM vectors WHERE image_id = new.id;
+    END;
+    INSERT INTO settings (key, value) VALUES ('state', lower(hex(randomblob(16))))
+    ON CONFLICT (key) DO UPDATE SET value = excluded.value;
+    """,
 )
 
 SCHEMA_VERSION = len(MIGRATIONS)
+
+PYTHON_STEPS = frozenset({4})
+"""Versions whose migration ends with a step run from Python, in the same transaction, in both
+dialects, for what SQL alone cannot compute. 4: fill the checksum of every stored vector, and
+store paths that hold characters of the private-use block of :mod:`lookalike.catalog.paths`
+as that module maps them (paths never held surrogates or NUL before)."""

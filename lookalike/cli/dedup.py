@@ -17,9 +17,10 @@ import csv
 import json
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from lookalike.dedup.finder import (
     DEFAULT_METHOD,
@@ -29,6 +30,9 @@ from lookalike.dedup.finder import (
     Method,
 )
 from lookalike.dedup.moving import Move
+
+if TYPE_CHECKING:
+    from lookalike.core.collection import Collection
 
 _CSV_FIELDS = ("group", "role", "path", "width", "height", "size", "mtime", "score", "inliers")
 
@@ -85,8 +89,8 @@ def run_dedup(args: argparse.Namespace) -> int:
 
     if args.apply and not args.move_to:
         raise DedupError("--apply carries out --move-to; give --move-to DIR too")
-    folder, collection_path = _target(args, collection_path)
-    with Collection(collection_path, db=database_url(args), runtime=args.runtime) as collection:
+    folder, location = _target(args, collection_path)
+    with Collection(location, db=database_url(args), runtime=args.runtime) as collection:
         if folder is not None:
             _index(collection, folder, args)
         report = find_duplicates(
@@ -107,7 +111,9 @@ def run_dedup(args: argparse.Namespace) -> int:
     return 0
 
 
-def _target(args: argparse.Namespace, collection_path: Any) -> tuple[Path | None, Path]:
+def _target(
+    args: argparse.Namespace, collection_path: Callable[[str | None], Path]
+) -> tuple[Path | None, Path]:
     """(folder to index and deduplicate or None, collection folder) from the arguments."""
     target = args.target
     if target is None:
@@ -122,7 +128,7 @@ def _target(args: argparse.Namespace, collection_path: Any) -> tuple[Path | None
     return None, collection_path(target)
 
 
-def _index(collection: Any, folder: Path, args: argparse.Namespace) -> None:
+def _index(collection: Collection, folder: Path, args: argparse.Namespace) -> None:
     from lookalike.cli.common import ProgressBars
 
     with ProgressBars(quiet=args.quiet) as bars:

@@ -1,4 +1,4 @@
-"""The ``lookalike`` command: a thin layer over the library. Only this module prints."""
+"""The ``lookalike`` command: a thin layer over the library. Only lookalike.cli prints."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import argparse
 import json
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict
 from typing import TYPE_CHECKING
 
@@ -47,6 +47,13 @@ def _cmd_index(args: argparse.Namespace) -> int:
     )
     for path, reason in report.failed:
         print(f"  skipped {path}: {reason}")
+    if report.switch == "done":
+        print(f"switched to {collection.model_name}: searches use it from now on")
+    elif report.switch == "pending":
+        print(
+            "the model switch is not finished: images in other folders lack the new model's "
+            "vectors; index those folders too (searches use the old model until then)"
+        )
     return 0
 
 
@@ -324,8 +331,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``lookalike`` command."""
     args = build_parser().parse_args(argv)
+    run: Callable[[argparse.Namespace], int] = args.run
     try:
-        return args.run(args)
+        return run(args)
     except LookalikeError as error:
         print(f"lookalike: error: {error}", file=sys.stderr)
         return 1

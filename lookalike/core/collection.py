@@ -34,11 +34,19 @@ from lookalike.core.ingest import (
 )
 from lookalike.core.local_store import LocalFeatureStore
 from lookalike.core.metadata import match_metadata, read_metadata_csv
+from lookalike.core.models import (
+    DEFAULT_MODEL,
+    SWITCH_SETTING,
+    ModelChoice,
+    ModelView,
+    active_choice,
+    pending_switch,
+    requested_choice,
+)
 from lookalike.core.results import SearchResponse, SearchResult
 from lookalike.core.search import Searcher, SearchOptions
 from lookalike.core.transform import WHITENING_SETTING, PreparedIndex, parse_whitening
 from lookalike.encoders.base import Encoder
-from lookalike.encoders.registry import accepted_options, supported_options
 from lookalike.errors import LookalikeError, NotAnImageError
 from lookalike.images import ImageSource
 from lookalike.knn.base import Metric
@@ -54,14 +62,9 @@ __all__ = [
     "default_collection_dir",
 ]
 
-DEFAULT_MODEL = "efficientnet-lite0"
-DEFAULT_LAYER = "head"
-DEFAULT_POOLING = "gem"
 CATALOG_FILE = "catalog.sqlite"
 # Names the catalog a collection folder uses when it is not the folder's own SQLite file.
 CATALOG_LINK = "catalog.url"
-# Fine-tuned encoders saved with a collection live here (looked for before the user's own).
-ENCODERS_DIR = "encoders"
 
 
 def default_collection_dir(name: str = "default") -> Path:
@@ -122,10 +125,30 @@ class Collection:
         self.path = Path(path)
         self.catalog = _open_catalog(self.path, db)
         settings = self.catalog.get_setting
-        self.model_name = model or settings("model") or DEFAULT_MODEL
-        self.layer = layer or settings("layer") or DEFAULT_LAYER
-        self.pooling = pooling or settings("pooling") or None
-        self.scales = scales or settings("scales") or None
+        self._runtime_options: dict[str, Any] = {
+            "runtime": runtime,
+            "device": device,
+            "threads": threads,
+        }
+        active = active_choice(self.catalog)
+        requested = requested_choice(
+            active, model=model, layer=layer, pooling=pooling, scales=scales
+        )
+        if active is None:
+            # A new collection: the model asked for is active from the start.
+            self._active = self._view(requested, encoder=encoder)
+            self._target: ModelView | None = None
+        else:
+            legacy = settings("pooling") is None
+            self._active = self._view(active, legacy_pooling=legacy)
+            if requested != active:
+                self._target = self._view(requested, encoder=encoder)
+            else:
+                pending = pending_switch(self.catalog)
+                self._target = self._view(pending) if pending else None
+                if encoder is not None:
+                    self._active.use_encoder(encoder)
+        self._checked_generation = self.catalog.generation
         if index_spec is not None and index_spec != AUTO:
             from lookalike.knn import parse_spec
 
@@ -142,13 +165,6 @@ class Collection:
             whitening=parse_whitening(settings(WHITENING_SETTING)),
         )
         self.local_store = LocalFeatureStore(self.catalog)
-        self._runtime_options: dict[str, Any] = {
-            "runtime": runtime,
-            "device": device,
-            "threads": threads,
-        }
-        self._encoder: Encoder | None = encoder
-        self._model_id: int | None = None
 
     def close(self) -> None:
         """Release the catalog connection."""
@@ -160,55 +176,92 @@ class Collection:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    # -- the encoder ----------------------------------------------------------------------
+    # -- the model ----------------------------------------------------------------------
+
+    def _view(
+        self, choice: ModelChoice, *, legacy_pooling: bool = False, encoder: Encoder | None = None
+    ) -> ModelView:
+        return ModelView(
+            choice,
+            self.catalog,
+            self.path,
+            self._runtime_options,
+            legacy_pooling=legacy_pooling,
+            encoder=encoder,
+        )
+
+    @property
+    def model_name(self) -> str:
+        """The registry name of the model searches use."""
+        return self._active.choice.name
+
+    @property
+    def layer(self) -> str:
+        return self._active.choice.layer
+
+    @property
+    def pooling(self) -> str | None:
+        return self._active.choice.pooling
+
+    @property
+    def scales(self) -> str | None:
+        return self._active.choice.scales
+
+    @property
+    def switching_to(self) -> ModelChoice | None:
+        """The model this collection is switching to (built by ``index``), if any."""
+        return self._target.choice if self._target is not None else None
 
     @property
     def encoder(self) -> Encoder:
-        """The collection's encoder, built on first use (it loads a model)."""
-        if self._encoder is None:
-            self._encoder = self.encoder_recipe().build()
-        return self._encoder
+        """The encoder searches use, built on first use (it loads a model)."""
+        return self._active.encoder
+
+    def use_encoder(self, encoder: Encoder) -> None:
+        """Use an already built encoder for the model this collection indexes next (the
+        target of a switch, else the active model)."""
+        (self._target or self._active).use_encoder(encoder)
 
     def encoder_recipe(self) -> EncoderRecipe:
-        """How to build this collection's encoder, here or in another process."""
-        return EncoderRecipe(self.model_name, self.encoder_options())
+        """How to build the active encoder, here or in another process."""
+        return self._active.recipe()
 
     def encoder_options(self) -> dict[str, Any]:
-        """The options this collection's encoder is built with (those its family takes)."""
-        wanted: dict[str, Any] = {
-            "layer": self.layer,
-            # Raw vectors are stored; cosine search normalises, so both views stay available.
-            "normalize": False,
-            "pooling": self.pooling or self._default_pooling(),
-            "scales": self.scales,
-            "search_dirs": [self.path / ENCODERS_DIR],
-            **self._runtime_options,
-        }
-        return supported_options(self.model_name, wanted)
-
-    def _default_pooling(self) -> str | None:
-        """GeM for a new collection whose encoder takes a pooling (it measured better on
-        class-level and copy-detection retrieval at the same cost, see
-        benchmarks/results/features.md); average pooling for one indexed before pooling was
-        an option, so its stored vectors stay valid."""
-        accepted = accepted_options(self.model_name)
-        if accepted is not None and "pooling" not in accepted:
-            return None
-        return "avg" if self.catalog.get_setting("model") else DEFAULT_POOLING
+        """The options the active encoder is built with (those its family takes)."""
+        return self._active.options()
 
     @property
     def model_id(self) -> int:
-        """Catalog id of the active encoder identity; makes it the collection's active model."""
-        if self._model_id is None:
-            identity = self.encoder.identity
-            self._model_id = self.catalog.register_model(identity)
-            self.catalog.set_setting("model", self.model_name)
-            self.catalog.set_setting("layer", self.layer)
-            if "pooling" in self.encoder_options():
-                self.catalog.set_setting("pooling", identity.pooling)
-            if self.scales is not None:
-                self.catalog.set_setting("scales", self.scales)
-        return self._model_id
+        """Catalog id of the active encoder identity (a new collection records it as its
+        model on first use)."""
+        model_id = self._active.model_id
+        if active_choice(self.catalog) is None:
+            self._record_active(self._active)
+        return model_id
+
+    def _record_active(self, view: ModelView) -> None:
+        """Make ``view`` the active model in one catalog transaction (which also ends a
+        switch to it); other processes follow at their next ``refresh``."""
+        view.choice = view.resolved()
+        values: dict[str, str | None] = dict(view.choice.settings())
+        values[SWITCH_SETTING] = None
+        self.catalog.set_settings(values)
+
+    def refresh(self) -> bool:
+        """Follow a model switch made by another process (a finished ``index --model``):
+        when the catalog names another active model, searches use it from now on. Cheap when
+        nothing was written. Returns whether the model changed."""
+        generation = self.catalog.generation
+        if generation == self._checked_generation:
+            return False
+        self._checked_generation = generation
+        active = active_choice(self.catalog)
+        if active is None or active == self._active.choice:
+            return False
+        self._active = self._view(active)
+        self._target = None
+        self.indexes.forget()
+        return True
 
     # -- the parts --------------------------------------------------------------------------
 
@@ -223,13 +276,13 @@ class Collection:
             local_store=self.local_store,
         )
 
-    def _pipeline(self) -> IngestPipeline:
+    def _pipeline(self, view: ModelView) -> IngestPipeline:
         return IngestPipeline(
             self.catalog,
             self.indexes,
             self.local_store,
-            model_id=self.model_id,
-            model_key=self.encoder.identity.key,
+            model_id=view.model_id,
+            model_key=view.encoder.identity.key,
         )
 
     # -- indexing -------------------------------------------------------------------------
@@ -263,8 +316,13 @@ class Collection:
             raise LookalikeError(f"{folder}: not a folder")
         if batch_size < 1:
             raise LookalikeError(f"batch size must be at least 1, got {batch_size}")
-        encoder = self.encoder
-        model_id = self.model_id
+        if self._target is None:
+            _ = self.model_id  # a new collection records its model now
+        view = self._target or self._active
+        if self._target is not None:
+            # Recorded first, so a run killed before the switch completes resumes it.
+            self.catalog.set_setting(SWITCH_SETTING, self._target.choice.to_json())
+        encoder = view.encoder
         local = self.local_store.choose(local_features, encoder)
         report = IndexReport()
 
@@ -277,8 +335,8 @@ class Collection:
         self.catalog.clear_failures(
             p for p, _ in self.catalog.failures() if p.startswith(prefix) and p not in on_disk
         )
-        missing = {i for i, _ in self.catalog.ids_missing_vectors(model_id)}
-        missing |= self.local_store.missing()
+        missing_vectors = dict(self.catalog.ids_missing_vectors(view.model_id))
+        missing = set(missing_vectors) | self.local_store.missing()
         todo = []
         for path, stat in on_disk.items():
             state = known.get(path)
@@ -286,18 +344,24 @@ class Collection:
                 todo.append(path)
             else:
                 report.unchanged += 1
+        if self._target is not None:
+            # A switch covers every image of the collection, also those of other folders.
+            elsewhere = [p for p in missing_vectors.values() if not p.startswith(prefix)]
+            todo += [p for p in elsewhere if os.path.isfile(p)]
 
         executor = executor or ThreadExecutor(workers)
         batches = executor.batches(
             todo,
             encoder=encoder,
-            recipe=self.encoder_recipe(),
+            recipe=view.recipe(),
             local=local,
             batch_size=batch_size,
         )
-        self._pipeline().run(
+        self._pipeline(view).run(
             batches, known, report, local=local, total=len(todo), progress=progress
         )
+        if self._target is not None:
+            report.switch = self._finish_switch()
         if metadata_csv is not None:
             self.import_metadata(metadata_csv)
         report.seconds = time.perf_counter() - started
@@ -309,6 +373,7 @@ class Collection:
         Raises ``ImageError`` naming the file when it cannot be decoded; nothing is stored then.
         """
         resolved = str(Path(path).resolve())
+        _ = self.model_id  # a new collection records its model now
         encoder = self.encoder
         local = self.local_store.choose(None, encoder)
         decoded = decode_file(resolved, encoder.preprocess, local.sift if local else None)
@@ -316,7 +381,7 @@ class Collection:
             raise NotAnImageError(resolved, decoded.error)
         known = self.catalog.file_states(resolved)
         self.indexes.load_existing(encoder.identity.key, encoder.dim)
-        pipeline = self._pipeline()
+        pipeline = self._pipeline(self._active)
         (image_id,) = pipeline.store(
             embed_batch(encoder, [decoded], local), known, IndexReport(), local
         )
@@ -324,6 +389,22 @@ class Collection:
         if metadata:
             self.catalog.update_metadata(image_id, metadata)
         return image_id
+
+    def _finish_switch(self) -> str:
+        """Make the switch target active if it covers every image: "done", else "pending"
+        (the old model keeps answering; the next ``index`` run goes on)."""
+        target = self._target
+        assert target is not None
+        if self.catalog.ids_missing_vectors(target.model_id):
+            return "pending"
+        previous = self._active
+        self._record_active(target)  # one transaction: the new model answers from now on
+        self._active, self._target = target, None
+        if previous.choice != target.choice:
+            self.catalog.drop_vectors_except(target.model_id)
+            self.indexes.forget()
+        self._checked_generation = self.catalog.generation
+        return "done"
 
     def import_metadata(self, csv_path: str | Path, *, key: str | None = None) -> int:
         """Attach CSV columns to images whose relative path or file name is in the key column.
@@ -338,18 +419,21 @@ class Collection:
         ids = [t for t in targets if isinstance(t, int)]
         paths = [str(Path(t).resolve()) for t in targets if not isinstance(t, int)]
         ids += self.catalog.ids_for_paths(paths).values()
+        # Loaded first, so the removal updates the index files instead of forcing a rebuild.
         self.indexes.load_existing(self.encoder.identity.key, self.encoder.dim)
         removed = self._remove_ids(ids)
         self.indexes.flush()
         return removed
 
     def _remove_ids(self, ids: list[int]) -> int:
-        before = self.catalog.generation
+        """Remove images from the catalog and from every loaded index (whichever model: a
+        removal applies to all, so it needs no encoder)."""
+        before = self.catalog.state
         removed = self.catalog.remove(ids)
         self.indexes.apply(
-            self.encoder.identity.key,
+            "",
             before=before,
-            after=self.catalog.last_written_generation if removed else None,
+            after=self.catalog.last_written_state if removed else None,
             changes=1 if removed else 0,
             removed=np.asarray(ids, dtype=np.int64),
         )
@@ -359,7 +443,8 @@ class Collection:
 
     def embed(self, query: ImageSource) -> np.ndarray:
         """The raw vector of one image, as stored for indexed images."""
-        return self.encoder.embed([query])[0]
+        vector: np.ndarray = self.encoder.embed([query])[0]
+        return vector
 
     def search(
         self,

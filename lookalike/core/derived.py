@@ -1,8 +1,10 @@
 """Files derived from the catalog (vector indexes, hash codes), kept in step with it.
 
-Every derived file carries a stamp: the catalog's random identity and the generation it
-reflects. A file whose stamp differs from the catalog's (an older state, another catalog, a
-crash, a copied folder) is rebuilt from the catalog rather than trusted; a corrupt one too.
+Every derived file carries a stamp: the catalog's random identity and the state it reflects
+(the generation, and a random token the catalog draws afresh with every change). A file whose
+stamp differs from the catalog's (an older state, another catalog, a crash, a restored
+backup whose generation happens to match) is rebuilt from the catalog rather than trusted; a
+corrupt one too.
 :class:`DerivedFileStore` holds that rule and the in-memory copies for every kind of derived
 file; :class:`VectorIndexes` is the kind that serves vector search, applying the collection's
 own writes to the loaded indexes incrementally.
@@ -37,11 +39,14 @@ CATALOG_ID_SETTING = "catalog_id"
 T = TypeVar("T")
 
 
+State = tuple[int, str]  # a catalog's (generation, token)
+
+
 class CatalogState(Protocol):
-    """What derived files need of a catalog: its generation and its settings."""
+    """What derived files need of a catalog: its state and its settings."""
 
     @property
-    def generation(self) -> int: ...
+    def state(self) -> State: ...
 
     def get_setting(self, key: str) -> str | None: ...
 
@@ -55,10 +60,10 @@ def safe_name(name: str) -> str:
 
 @dataclass
 class Loaded(Generic[T]):
-    """A derived object in memory and the catalog generation it reflects."""
+    """A derived object in memory and the catalog state it reflects."""
 
     value: T
-    generation: int
+    state: State
     dirty: bool = False
 
 
@@ -84,39 +89,39 @@ class DerivedFileStore:
             value = self.catalog.get_setting(CATALOG_ID_SETTING) or ""
         return value
 
-    def stamp(self, generation: int) -> dict[str, Any]:
-        """What a derived file saved for ``generation`` records about its catalog."""
-        return {"catalog": self.catalog_id(), "generation": generation}
+    def stamp(self, state: State) -> dict[str, Any]:
+        """What a derived file saved at catalog ``state`` records about its catalog."""
+        return {"catalog": self.catalog_id(), "generation": state[0], "state": state[1]}
 
-    def is_current(self, metadata: Mapping[str, Any], generation: int) -> bool:
-        """Whether a file's recorded stamp matches the catalog at ``generation``."""
-        return all(metadata.get(k) == v for k, v in self.stamp(generation).items())
+    def is_current(self, metadata: Mapping[str, Any], state: State) -> bool:
+        """Whether a file's recorded stamp matches the catalog at ``state``."""
+        return all(metadata.get(k) == v for k, v in self.stamp(state).items())
 
     def get(
         self,
         key: Any,
         *,
-        load: Callable[[int], T | None],
-        build: Callable[[int], T],
+        load: Callable[[State], T | None],
+        build: Callable[[State], T],
         still_valid: Callable[[T], bool] = lambda _: True,
     ) -> T:
-        """The derived object ``key`` as of the catalog's generation now: the copy in memory
-        if it is current, else ``load(generation)`` (which returns None for a stale or corrupt
-        file), else ``build(generation)``."""
-        generation = self.catalog.generation
+        """The derived object ``key`` as of the catalog's state now: the copy in memory if it
+        is current, else ``load(state)`` (which returns None for a stale or corrupt file),
+        else ``build(state)``."""
+        state = self.catalog.state
         loaded = self._loaded.get(key)
-        if loaded is not None and loaded.generation == generation and still_valid(loaded.value):
+        if loaded is not None and loaded.state == state and still_valid(loaded.value):
             return loaded.value  # type: ignore[no-any-return]
-        value = load(generation)
+        value = load(state)
         if value is None:
-            value = build(generation)
+            value = build(state)
             self.builds += 1
-        self._loaded[key] = Loaded(value, generation)
+        self._loaded[key] = Loaded(value, state)
         return value
 
-    def keep(self, key: Any, value: object, generation: int) -> None:
-        """Hold ``value`` in memory as ``key`` at ``generation``."""
-        self._loaded[key] = Loaded(value, generation)
+    def keep(self, key: Any, value: object, state: State) -> None:
+        """Hold ``value`` in memory as ``key`` at catalog ``state``."""
+        self._loaded[key] = Loaded(value, state)
 
     def loaded(self) -> dict[Any, Loaded[Any]]:
         """The objects in memory, by key (the dict itself: callers may drop entries)."""
@@ -180,13 +185,13 @@ class VectorIndexes:
         whitening = self.whitening_dims(dim)
         return self.store.get(
             (model_key, metric),
-            load=lambda generation: self._load_fresh(model_key, dim, metric, generation),
-            build=lambda generation: self._rebuild(model_id, model_key, dim, metric, generation),
+            load=lambda state: self._load_fresh(model_key, dim, metric, state),
+            build=lambda state: self._rebuild(model_id, model_key, dim, metric, state),
             still_valid=lambda index: not index.needs_relearning(len(index), whitening),
         )
 
     def _load_fresh(
-        self, model_key: str, dim: int, metric: Metric, generation: int
+        self, model_key: str, dim: int, metric: Metric, state: State
     ) -> PreparedIndex | None:
         path = self.path(model_key, metric)
         if not path.exists():
@@ -194,7 +199,7 @@ class VectorIndexes:
         try:
             header = read_index_header(path)
             meta = header.get("metadata", {})
-            if not self.store.is_current(meta, generation):
+            if not self.store.is_current(meta, state):
                 return None
             if meta.get("model") != model_key or meta.get("configured_spec") != self.spec:
                 return None
@@ -212,7 +217,7 @@ class VectorIndexes:
             return None  # rebuilt from the catalog instead of being trusted
 
     def _rebuild(
-        self, model_id: int, model_key: str, dim: int, metric: Metric, generation: int
+        self, model_id: int, model_key: str, dim: int, metric: Metric, state: State
     ) -> PreparedIndex:
         ids, vectors = self.vectors(model_id)
         center = whitening = None
@@ -229,16 +234,16 @@ class VectorIndexes:
         )
         if len(ids):
             index.add(ids, vectors)
-        self._save(index, model_key, metric, generation, spec)
+        self._save(index, model_key, metric, state, spec)
         return index
 
     def _save(
-        self, index: PreparedIndex, model_key: str, metric: Metric, generation: int, spec: str
+        self, index: PreparedIndex, model_key: str, metric: Metric, state: State, spec: str
     ) -> None:
         path = self.path(model_key, metric)
         path.parent.mkdir(parents=True, exist_ok=True)
         metadata = {
-            **self.store.stamp(generation),
+            **self.store.stamp(state),
             "model": model_key,
             "configured_spec": self.spec,
             "spec": spec,
@@ -249,16 +254,16 @@ class VectorIndexes:
         self,
         model_key: str,
         *,
-        before: int,
-        after: int | None,
+        before: State,
+        after: State | None,
         changes: int,
         added: tuple[np.ndarray, np.ndarray] | None = None,
         removed: np.ndarray | None = None,
     ) -> None:
-        """Bring loaded indexes from generation ``before`` to ``after`` by replaying our own
-        ``changes`` catalog writes: ``added`` vectors of ``model_key`` and ``removed`` image
-        ids. If anyone else wrote meanwhile, the indexes are forgotten and rebuilt on next use.
-        """
+        """Bring loaded indexes from catalog state ``before`` to ``after`` by replaying our
+        own ``changes`` catalog writes: ``added`` vectors of ``model_key`` and ``removed``
+        image ids. If anyone else wrote meanwhile (the generation moved by more than our own
+        changes), the indexes are forgotten and rebuilt on next use."""
         if changes == 0 or after is None:
             return
         added_ids = added[0] if added is not None else np.empty(0, dtype=np.int64)
@@ -267,7 +272,7 @@ class VectorIndexes:
         for key, loaded in list(loaded_indexes.items()):
             if not _is_index_key(key):
                 continue
-            if loaded.generation != before or after != before + changes:
+            if loaded.state != before or after[0] != before[0] + changes:
                 del loaded_indexes[key]
                 continue
             index: PreparedIndex = loaded.value
@@ -278,26 +283,26 @@ class VectorIndexes:
             else:
                 # Storing a changed file drops the vectors other models made of it.
                 index.remove(np.concatenate([removed, added_ids]))
-            loaded.generation = after
+            loaded.state = after
             loaded.dirty = True
 
     def load_existing(self, model_key: str, dim: int) -> None:
         """Load the up-to-date index files of a model, so that changes about to be made are
         applied to them incrementally instead of forcing a rebuild later."""
-        generation = self.store.catalog.generation
+        state = self.store.catalog.state
         loaded = self.store.loaded()
         for metric in Metric:
             if (model_key, metric) not in loaded:
-                index = self._load_fresh(model_key, dim, metric, generation)
+                index = self._load_fresh(model_key, dim, metric, state)
                 if index is not None:
-                    self.store.keep((model_key, metric), index, generation)
+                    self.store.keep((model_key, metric), index, state)
 
     def flush(self) -> None:
         """Save every index changed in memory since it was loaded or last saved."""
         for key, loaded in self.store.loaded().items():
             if _is_index_key(key) and loaded.dirty:
                 index: PreparedIndex = loaded.value
-                self._save(index, key[0], key[1], loaded.generation, index.index.spec)
+                self._save(index, key[0], key[1], loaded.state, index.index.spec)
                 loaded.dirty = False
 
     def forget(self) -> None:

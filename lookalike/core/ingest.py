@@ -48,6 +48,9 @@ class IndexReport:
     unchanged: int = 0
     failed: list[tuple[str, str]] = field(default_factory=list)
     seconds: float = 0.0
+    # A model switch this run worked on: "done" (the new model answers now), "pending" (images
+    # of the collection still lack its vectors; the old model keeps answering), or None.
+    switch: str | None = None
 
     @property
     def embedded(self) -> int:
@@ -296,12 +299,12 @@ class IngestPipeline:
         if not batch.decoded:
             return []
         records = [d.record for d in batch.decoded if d.record is not None]
-        before = self.catalog.generation
+        before = self.catalog.state
         ids = self.catalog.store(records, batch.vectors, self.model_id)
         self.indexes.apply(
             self.model_key,
             before=before,
-            after=self.catalog.last_written_generation,
+            after=self.catalog.last_written_state,
             changes=1,
             added=(np.asarray(ids, dtype=np.int64), batch.vectors),
         )

@@ -274,7 +274,8 @@ def expand_query(
     neighbours = index.transform(vectors_for(ids))
     weights = np.clip(neighbours @ prepared[0], 0.0, None)
     expanded = prepared[0] + weights @ neighbours
-    return (expanded / max(float(np.linalg.norm(expanded)), 1e-12))[None, :]
+    normalised: np.ndarray = (expanded / max(float(np.linalg.norm(expanded)), 1e-12))[None, :]
+    return normalised
 
 
 def _merge_views(per_view: list[list[SearchResult]], metric: Metric) -> list[SearchResult]:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import os
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -31,7 +32,8 @@ def learn_whitening(vectors: np.ndarray, dims: int) -> np.ndarray:
     eigenvalues, eigenvectors = np.linalg.eigh(covariance.astype(np.float64))
     top = np.argsort(eigenvalues)[::-1][:dims]
     scale = 1.0 / np.sqrt(np.maximum(eigenvalues[top], 1e-12))
-    return (eigenvectors[:, top] * scale).astype(np.float32)
+    projection: np.ndarray = (eigenvectors[:, top] * scale).astype(np.float32)
+    return projection
 
 
 def parse_whitening(value: str | int | None) -> int:
@@ -39,7 +41,7 @@ def parse_whitening(value: str | int | None) -> int:
     if value in (None, "", "none", "0", 0):
         return 0
     try:
-        dims = int(value)  # type: ignore[arg-type]
+        dims = int(value)
     except (TypeError, ValueError):
         raise VectorIndexError(f"whitening takes a number of dimensions, got {value!r}") from None
     if dims < 1:
@@ -101,7 +103,7 @@ class PreparedIndex:
     def remove(self, ids: np.ndarray) -> int:
         return self.index.remove(ids)
 
-    def save(self, path: Path, metadata: dict) -> None:
+    def save(self, path: Path, metadata: dict[str, Any]) -> None:
         center = None if self.center is None else self.center.tolist()
         whitening = None
         if self.whitening is not None:
@@ -118,7 +120,7 @@ class PreparedIndex:
         )
 
     @classmethod
-    def from_file(cls, path: Path, metadata: dict) -> PreparedIndex:
+    def from_file(cls, path: Path, metadata: dict[str, Any]) -> PreparedIndex:
         """Load an index file and the transform its metadata holds."""
         index = load_index(path)
         center = metadata.get("center")

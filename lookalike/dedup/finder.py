@@ -24,10 +24,10 @@ import contextlib
 import enum
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol, cast
 
 import numpy as np
 
@@ -207,7 +207,9 @@ def _scope(collection: Collection, under: str | Path | None) -> _Scope:
     return _Scope(states, failures)
 
 
-def _image(record: ImageRecord, score: float | None = None, inliers: int | None = None):
+def _image(
+    record: ImageRecord, score: float | None = None, inliers: int | None = None
+) -> DuplicateImage:
     return DuplicateImage(
         id=int(record.id or 0),
         path=record.path,
@@ -240,12 +242,17 @@ def _groups_from_pairs(
         return []
     positions = np.searchsorted(ids, np.asarray(pairs, dtype=np.int64))
     records = collection.catalog.images(ids.tolist())
-    groups = []
+    groups: list[DuplicateGroup] = []
     for component in union_find_groups(len(ids), map(tuple, positions)):
         ordered = keeper_order([records[int(ids[p])] for p in component if int(ids[p]) in records])
         extras: dict[int, int | None] = {}
 
-        def judge(keeper: int, others: np.ndarray, ordered=ordered, extras=extras):
+        def judge(
+            keeper: int,
+            others: np.ndarray,
+            ordered: list[ImageRecord] = ordered,
+            extras: dict[int, int | None] = extras,
+        ) -> tuple[np.ndarray, np.ndarray]:
             keeper_id = int(ordered[keeper].id or 0)
             other_ids = np.array([int(ordered[o].id or 0) for o in others], dtype=np.int64)
             mask, scores, inliers = match(keeper_id, other_ids)
@@ -277,13 +284,20 @@ def _sorted_groups(groups: list[DuplicateGroup]) -> list[DuplicateGroup]:
 # -- exact ------------------------------------------------------------------------------------
 
 
-def _exact(collection, scope, threshold, min_inliers, workers, failed) -> list[DuplicateGroup]:
+def _exact(
+    collection: Collection,
+    scope: _Scope,
+    threshold: float | None,
+    min_inliers: int | None,
+    workers: int | None,
+    failed: list[tuple[str, str]],
+) -> list[DuplicateGroup]:
     by_hash: dict[str, list[int]] = {}
     for state in scope.states.values():
         by_hash.setdefault(state.content_hash, []).append(state.id)
     sets = [ids for ids in by_hash.values() if len(ids) > 1]
     records = collection.catalog.images([i for ids in sets for i in ids])
-    groups = []
+    groups: list[DuplicateGroup] = []
     for ids in sets:
         ordered = keeper_order([records[i] for i in ids if i in records])
         if len(ordered) > 1:
@@ -294,10 +308,18 @@ def _exact(collection, scope, threshold, min_inliers, workers, failed) -> list[D
 # -- perceptual -------------------------------------------------------------------------------
 
 
-def _perceptual(collection, scope, threshold, min_inliers, workers, failed):
+def _perceptual(
+    collection: Collection,
+    scope: _Scope,
+    threshold: float | None,
+    min_inliers: int | None,
+    workers: int | None,
+    failed: list[tuple[str, str]],
+) -> list[DuplicateGroup]:
     from lookalike.dedup.perceptual import CACHE_FILE, PerceptualHashCache, hash_files
     from lookalike.knn.binary import popcount
 
+    assert threshold is not None  # every method but exact has one (see _check_threshold)
     files = sorted((path, state.content_hash) for path, state in scope.states.items())
     cache = PerceptualHashCache(Path(collection.path) / CACHE_FILE)
     ids, codes, mirrored = [], [], []
@@ -320,7 +342,7 @@ def _perceptual(collection, scope, threshold, min_inliers, workers, failed):
     words = code_matrix.view(">u8").reshape(-1)
     mirror_words = mirror_matrix.view(">u8").reshape(-1)
 
-    def match(keeper: int, others: np.ndarray):
+    def match(keeper: int, others: np.ndarray) -> tuple[np.ndarray, np.ndarray, None]:
         rows = np.array([row_of[int(o)] for o in others], dtype=np.int64)
         here = row_of[keeper]
         bits = np.minimum(
@@ -333,6 +355,12 @@ def _perceptual(collection, scope, threshold, min_inliers, workers, failed):
 
 
 # -- embedding and verified -------------------------------------------------------------------
+
+
+class _SearchList(Protocol):
+    """An index backend with an HNSW search list (``ef``)."""
+
+    ef: int
 
 
 class _Embeddings:
@@ -354,7 +382,10 @@ class _Embeddings:
         return np.searchsorted(self.ids, np.asarray(ids, dtype=np.int64))
 
     def cosine(self, keeper: int, others: np.ndarray) -> np.ndarray:
-        return self.unit[self.rows(others)] @ self.unit[self.rows(np.array([keeper]))[0]]
+        cosine: np.ndarray = (
+            self.unit[self.rows(others)] @ self.unit[self.rows(np.array([keeper]))[0]]
+        )
+        return cosine
 
     def candidate_pairs(self, threshold: float) -> list[tuple[int, int]]:
         """Pairs of scope images (catalog ids) at cosine >= threshold, from k-NN searches of
@@ -373,12 +404,12 @@ class _Embeddings:
 
         queries = np.flatnonzero(self.scope)
         backend = index.index
-        default_ef = getattr(backend, "ef", None)
+        default_ef: int | None = getattr(backend, "ef", None)
         if default_ef is not None:
             # Near-duplicates are each other's nearest neighbours by a wide margin, so a short
             # HNSW candidate list finds them, at a fraction of the search-quality default's
             # cost (planted-pair recall in benchmarks/dedup.py).
-            backend.ef = min(default_ef, DEDUP_EF)
+            cast("_SearchList", backend).ef = min(default_ef, DEDUP_EF)
         try:
             pairs = neighbour_pairs(
                 search,
@@ -390,24 +421,41 @@ class _Embeddings:
             )
         finally:
             if default_ef is not None:
-                backend.ef = default_ef
+                cast("_SearchList", backend).ef = default_ef
         inside = set(self.ids[queries].tolist())
         return [(a, b) for a, b in pairs if a in inside and b in inside]
 
 
-def _embedding(collection, scope, threshold, min_inliers, workers, failed):
+def _embedding(
+    collection: Collection,
+    scope: _Scope,
+    threshold: float | None,
+    min_inliers: int | None,
+    workers: int | None,
+    failed: list[tuple[str, str]],
+) -> list[DuplicateGroup]:
+    assert threshold is not None  # every method but exact has one (see _check_threshold)
     embeddings = _Embeddings(collection, scope)
     if len(embeddings.ids) < 2:
         return []
 
-    def match(keeper: int, others: np.ndarray):
+    def match(keeper: int, others: np.ndarray) -> tuple[np.ndarray, np.ndarray, None]:
         cosine = embeddings.cosine(keeper, others)
         return cosine >= threshold, cosine, None
 
     return _groups_from_pairs(collection, embeddings.candidate_pairs(threshold), match)
 
 
-def _verified(collection, scope, threshold, min_inliers, workers, failed):
+def _verified(
+    collection: Collection,
+    scope: _Scope,
+    threshold: float | None,
+    min_inliers: int | None,
+    workers: int | None,
+    failed: list[tuple[str, str]],
+) -> list[DuplicateGroup]:
+    # Both are set for the verified method (see _check_threshold and find_duplicates).
+    assert threshold is not None and min_inliers is not None
     embeddings = _Embeddings(collection, scope)
     if len(embeddings.ids) < 2:
         return []
@@ -416,7 +464,7 @@ def _verified(collection, scope, threshold, min_inliers, workers, failed):
     verifier.prefetch(sorted({i for pair in candidates for i in pair}), workers)
     confirmed = [(a, b) for a, b in candidates if verifier.inliers(a, b) >= min_inliers]
 
-    def match(keeper: int, others: np.ndarray):
+    def match(keeper: int, others: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         cosine = embeddings.cosine(keeper, others)
         inliers = np.array(
             [
@@ -455,7 +503,9 @@ class _Verifier:
     """Inliers of image pairs by SIFT matching and RANSAC, the mirror image of the first
     tried too; features from the catalog when stored, else extracted from the file once."""
 
-    def __init__(self, collection: Collection, min_inliers: int, failed: list) -> None:
+    def __init__(
+        self, collection: Collection, min_inliers: int, failed: list[tuple[str, str]]
+    ) -> None:
         self.collection = collection
         self.min_inliers = min_inliers
         self.failed = failed
@@ -481,6 +531,7 @@ class _Verifier:
             return 0
         best = 0
         for view in (source, self.mirrored(a)):
+            assert view is not None  # the mirror of features that exist
             found = verify(
                 view,
                 target,
@@ -530,7 +581,9 @@ class _Verifier:
         with ThreadPoolExecutor(workers, thread_name_prefix="lookalike-sift") as pool:
             self._store(pool.map(_extract_file, paths))
 
-    def _store(self, extracted) -> None:
+    def _store(
+        self, extracted: Iterable[tuple[int, str, LocalFeatures | None, str | None]]
+    ) -> None:
         for image_id, path, features, error in extracted:
             self._features[image_id] = features
             if error is not None:

@@ -241,7 +241,7 @@ def load_pretrained(variant: LiteVariant) -> EfficientNetLite:
 # classes; "logits" is the classifier output, used to check the preprocessing is right.
 LAYERS = ("head", "stage7", "stage6", "stage5", "stage4", "logits")
 # The pooling an encoder uses unless told otherwise (collections choose GeM for new indexes,
-# see lookalike.core.collection.DEFAULT_POOLING and benchmarks/results/features.md).
+# see lookalike.core.models.DEFAULT_POOLING and benchmarks/results/features.md).
 DEFAULT_POOLING = "avg"
 
 

@@ -29,6 +29,7 @@ from lookalike.errors import FinetuneError
 from lookalike.finetune.train import EpochCallback, TrainConfig, TrainResult, train_embedding
 
 if TYPE_CHECKING:
+    from lookalike.core.collection import Collection
     from lookalike.evaluation.datasets import ImageDataset
     from lookalike.labelled import LabelledFeatures
 
@@ -230,7 +231,7 @@ def finetune_collection(
     return FinetuneReport(saved, result, splits, identity.key, cache_seconds, installed)
 
 
-def _paths(collection, features: LabelledFeatures) -> dict[int, str]:
+def _paths(collection: Collection, features: LabelledFeatures) -> dict[int, str]:
     records = collection.catalog.images(features.ids.tolist())
     return {int(i): records[int(i)].path for i in features.ids}
 

@@ -2,7 +2,7 @@
 
 Layout: ``<collection>/hashing/<model key>/<name>.npz`` holds a head trained on that model's
 vectors; ``<name>.codes.lkx`` beside it holds the packed codes of every image of the collection
-(a ``binary:packed=true`` index). The codes file records the catalog generation and the head's
+(a ``binary:packed=true`` index). The codes file records the catalog state and the head's
 fingerprint, so after images are added or removed, or the head is retrained, the codes are
 recomputed from the stored vectors instead of being trusted. Heads of a model the collection no
 longer uses stay in their own folder and are never applied to another model's vectors.
@@ -32,6 +32,7 @@ from lookalike.knn.base import Metric
 
 if TYPE_CHECKING:
     from lookalike.core.collection import Collection
+    from lookalike.core.derived import State
     from lookalike.core.results import SearchResponse, SearchResult
     from lookalike.evaluation.datasets import ImageDataset
     from lookalike.knn.binary import BinaryIndex
@@ -188,11 +189,11 @@ class CollectionHashing:
         head = head or self.load(name)
         return self.collection.derived.get(
             ("hash-codes", self.model_key, name, head.fingerprint),
-            load=lambda generation: self._load_codes(name, head, generation),
-            build=lambda generation: self._rebuild_codes(name, head, generation),
+            load=lambda state: self._load_codes(name, head, state),
+            build=lambda state: self._rebuild_codes(name, head, state),
         )
 
-    def _load_codes(self, name: str, head: HashHead, generation: int) -> BinaryIndex | None:
+    def _load_codes(self, name: str, head: HashHead, state: State) -> BinaryIndex | None:
         from lookalike.knn import load_index, read_index_header
         from lookalike.knn.binary import BinaryIndex
 
@@ -201,7 +202,7 @@ class CollectionHashing:
             return None
         try:
             meta = read_index_header(path).get("metadata", {})
-            if not self.collection.derived.is_current(meta, generation):
+            if not self.collection.derived.is_current(meta, state):
                 return None
             if meta.get("head") != head.fingerprint:
                 return None
@@ -212,7 +213,7 @@ class CollectionHashing:
             return None
         return index
 
-    def _rebuild_codes(self, name: str, head: HashHead, generation: int) -> BinaryIndex:
+    def _rebuild_codes(self, name: str, head: HashHead, state: State) -> BinaryIndex:
         from lookalike.knn.binary import BinaryIndex
 
         ids, vectors = self.collection.catalog.vectors(self.collection.model_id)
@@ -222,7 +223,7 @@ class CollectionHashing:
             index.add(ids[chunk], head.encode(vectors[chunk], model_key=self.model_key))
         self.folder.mkdir(parents=True, exist_ok=True)
         metadata = {
-            **self.collection.derived.stamp(generation),
+            **self.collection.derived.stamp(state),
             "head": head.fingerprint,
             "model": self.model_key,
         }

@@ -42,7 +42,8 @@ def rerank_candidates(
 ) -> np.ndarray:
     """``rerank`` with the best of several query views (e.g. the query and its mirror)."""
     scores = [rerank(view, candidates, rule=rule) for view in queries]
-    return np.max(np.stack(scores), axis=0)
+    best: np.ndarray = np.max(np.stack(scores), axis=0)
+    return best
 
 
 class LocalReranker:

@@ -290,6 +290,7 @@ class LookalikeServicer(v1_grpc.LookalikeServicer):  # type: ignore[misc]
             where=dict(request.where),
             query_expansion=request.query_expansion,
             rerank=request.rerank,
+            multi_crop=request.multi_crop,
         )
         return _search_reply(response)
 

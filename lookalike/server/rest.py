@@ -187,6 +187,9 @@ def create_app(service: SearchService) -> FastAPI:
         rerank: Annotated[
             int, Form(ge=0, description="verify the best N by local features (0 to max k)")
         ] = 0,
+        multi_crop: Annotated[
+            bool, Form(description="also search with the query's centre and corner crops")
+        ] = False,
     ) -> SearchReply:
         """The k indexed images most like the uploaded one."""
         data = await _read_upload(image, limits)
@@ -202,6 +205,7 @@ def create_app(service: SearchService) -> FastAPI:
                 where=filters,
                 query_expansion=query_expansion,
                 rerank=rerank,
+                multi_crop=multi_crop,
             )
 
         # Decoding and inference are CPU work: off the event loop, so it keeps accepting.

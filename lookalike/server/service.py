@@ -113,7 +113,10 @@ class SearchService:
         return SearchOptions(**options)
 
     def _searcher(self) -> Searcher:
+        """The collection's search path, following a model switch another process finished
+        (the first search after one loads the new model)."""
         with self._lock:
+            self.collection.refresh()
             return self.collection.searcher
 
     def search(
@@ -162,9 +165,10 @@ class SearchService:
             where=where,
             query_expansion=query_expansion,
         )
+        searcher = self._searcher()
         with self._lock:
             self._record(image_id)
-            return self.collection.searcher.search_id(image_id, options)
+            return searcher.search_id(image_id, options)
 
     def add(
         self, data: bytes, *, filename: str = "", metadata: dict[str, Any] | None = None
@@ -246,6 +250,7 @@ class SearchService:
     def stats(self) -> dict[str, Any]:
         """Counts and what the collection runs on."""
         with self._lock:
+            self.collection.refresh()
             info = self.collection.info()
             index = self.collection.vector_index(Metric.COSINE) if info.images else None
         return {

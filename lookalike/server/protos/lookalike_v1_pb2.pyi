@@ -9,7 +9,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class SearchRequest(_message.Message):
-    __slots__ = ("image", "k", "metric", "threshold", "where", "rerank", "query_expansion")
+    __slots__ = ("image", "k", "metric", "threshold", "where", "rerank", "query_expansion", "multi_crop")
     class WhereEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -24,6 +24,7 @@ class SearchRequest(_message.Message):
     WHERE_FIELD_NUMBER: _ClassVar[int]
     RERANK_FIELD_NUMBER: _ClassVar[int]
     QUERY_EXPANSION_FIELD_NUMBER: _ClassVar[int]
+    MULTI_CROP_FIELD_NUMBER: _ClassVar[int]
     image: bytes
     k: int
     metric: str
@@ -31,7 +32,8 @@ class SearchRequest(_message.Message):
     where: _containers.ScalarMap[str, str]
     rerank: int
     query_expansion: int
-    def __init__(self, image: _Optional[bytes] = ..., k: _Optional[int] = ..., metric: _Optional[str] = ..., threshold: _Optional[float] = ..., where: _Optional[_Mapping[str, str]] = ..., rerank: _Optional[int] = ..., query_expansion: _Optional[int] = ...) -> None: ...
+    multi_crop: bool
+    def __init__(self, image: _Optional[bytes] = ..., k: _Optional[int] = ..., metric: _Optional[str] = ..., threshold: _Optional[float] = ..., where: _Optional[_Mapping[str, str]] = ..., rerank: _Optional[int] = ..., query_expansion: _Optional[int] = ..., multi_crop: _Optional[bool] = ...) -> None: ...
 
 class Match(_message.Message):
     __slots__ = ("id", "path", "score", "metadata", "width", "height")
