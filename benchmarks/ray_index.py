@@ -1,7 +1,8 @@
 """Indexing on Ray against the single-process path, on the same machine and data, in one run.
 
 single process: ``Collection.index`` (decoding threads, ONNX Runtime with all cores, SQLite).
-Ray: ``Collection.index(executor=RayExecutor(RayOptions(...)))`` on a local Ray cluster with this machine's CPUs:
+Ray: ``Collection.index(executor=RayExecutor(RayOptions(...)))`` on a local Ray cluster with
+this machine's CPUs:
 encoder actors decode and embed chunks of files by path, the driver stores each chunk. Ray's
 time includes starting the workers and loading one model per worker (a cost a long run
 amortises); starting the cluster itself is reported apart. Every configuration indexes into a

@@ -398,6 +398,8 @@ def every_call(ids: list[int], dim: int) -> dict[str, Callable[[SqliteCatalog], 
         "state": lambda c: c.state,
         "verify_vectors": lambda c: c.verify_vectors(),
         "drop_vectors": lambda c: c.drop_vectors(ids[195:205], 1),
+        "drop_vectors_except": lambda c: c.drop_vectors_except(1),
+        "set_settings": lambda c: c.set_settings({"a": "1", "b": None}),
         "schema_version": lambda c: c.schema_version,
         "generation": lambda c: c.generation,
     }

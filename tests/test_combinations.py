@@ -613,18 +613,17 @@ class CaseBook:
 
 
 @pytest.fixture(scope="module")
-def cases(sqlite_side: Side) -> CaseBook:
-    return CaseBook(sqlite_side)
+def cases(sqlite_side: Side, request: pytest.FixtureRequest) -> CaseBook:
+    book = CaseBook(sqlite_side)
+    if any("[cli" in item.name for item in request.session.items):
+        # The command-line runs (a process and a model load each) start now, in the
+        # background, two at a time, while the other interfaces are tested.
+        sqlite_side.prefetch_cli(book.cli_cases())
+    return book
 
 
 def _queries_of(interface: str) -> tuple[str, ...]:
     return CLI_QUERIES if interface == "cli" else QUERIES
-
-
-def _answer(side: Side, cases: CaseBook, interface: str, case: Case) -> Answer:
-    if interface == "cli":
-        side.prefetch_cli(cases.cli_cases())  # all of them at once, two at a time
-    return side.answer(interface, case)
 
 
 # -- the collections are what the options need ---------------------------------------------
@@ -719,7 +718,7 @@ def test_every_interface_gives_the_library_answer(
 ) -> None:
     case = cases.case(option, query)
     want = sqlite_side.answer("library", case)
-    got = _answer(sqlite_side, cases, interface, case)
+    got = sqlite_side.answer(interface, case)
     assert_agree(got, want, f"{interface} vs library, {case}")
 
 
@@ -729,10 +728,10 @@ def test_an_interface_that_ignored_an_option_would_be_caught(
 ) -> None:
     changed = {option: False for option in OPTIONS[1:]}
     for query in _queries_of(interface):
-        plain = _answer(sqlite_side, cases, interface, cases.case("plain", query))
+        plain = sqlite_side.answer(interface, cases.case("plain", query))
         assert len(plain.hits) == K  # k was honoured
         for option in changed:
-            answer = _answer(sqlite_side, cases, interface, cases.case(option, query))
+            answer = sqlite_side.answer(interface, cases.case(option, query))
             changed[option] |= answer.differs_from(plain)
             if option == "threshold":
                 assert len(answer.hits) < K
@@ -749,7 +748,7 @@ def test_no_close_match_is_reported_alike(
     assert want.no_close_match and not want.hits
     assert want.best_score is not None and want.best_score < NO_MATCH_THRESHOLD
     assert want.best_score == pytest.approx(cases.ranking("edited")[0].score, abs=1e-5)
-    got = _answer(sqlite_side, cases, interface, cases.no_match())
+    got = sqlite_side.answer(interface, cases.no_match())
     assert_agree(got, want, f"{interface}: no close match")
 
 
