@@ -101,22 +101,6 @@ RECALL_AT = 10
 RECALL_QUERIES = 30
 MIN_RECALL = 0.9
 
-IVF_FILTER_BUG = (
-    "Searcher._filtered widens a filtered search until `fetch >= len(index)` and then takes "
-    "it that every image was seen, but an IVF index only returns the vectors of its nprobe "
-    "nearest clusters (ivf:nlist=8,nprobe=4 over 300 images answers k=300 with 150-200 "
-    "ids): a `where` filter whose matches lie in other clusters silently gets fewer than k "
-    "results, here none for 11 of 30 queries, although 25 images match (exact, HNSW and "
-    "Annoy return all k)"
-)
-DRAFT_DECODING_BUG = (
-    "the library and the CLI embed a query file through Encoder.embed, which decodes a JPEG "
-    "with libjpeg draft scaling (load_image(draft_size=224)), while REST and gRPC decode the "
-    "upload at full size (SearchService.decode) and embed that: for a JPEG with both sides "
-    ">= 448 px the same query gets another vector, and scores differ by up to ~8e-3 "
-    "(a 512 x 512 query, rank 3: 0.8646 as a file, 0.8566 uploaded)"
-)
-
 
 # -- the corpus ----------------------------------------------------------------------------
 
@@ -761,7 +745,6 @@ def test_uploads_of_a_large_jpeg_agree_with_each_other(sqlite_side: Side) -> Non
     assert_agree(sqlite_side.answer("grpc", case), sqlite_side.answer("rest", case), "uploads")
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=DRAFT_DECODING_BUG)
 def test_a_large_jpeg_query_scores_alike_as_a_file_and_as_an_upload(sqlite_side: Side) -> None:
     case = Case("large")
     library = sqlite_side.answer("library", case)
@@ -810,15 +793,7 @@ def _family_options(option: str, exact: Collection, image_id: int, label: str) -
 
 
 FAMILY_CELLS = [
-    pytest.param(
-        catalog,
-        family,
-        option,
-        id=f"{catalog}-{family}-{option}",
-        marks=[pytest.mark.xfail(strict=True, raises=AssertionError, reason=IVF_FILTER_BUG)]
-        if (family, option) == ("ivf", "where")
-        else [],
-    )
+    pytest.param(catalog, family, option, id=f"{catalog}-{family}-{option}")
     for catalog in ("sqlite", "postgresql")
     for family in FAMILIES
     for option in FAMILY_OPTIONS

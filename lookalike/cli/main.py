@@ -37,16 +37,18 @@ def _cmd_index(args: argparse.Namespace) -> int:
                 progress=bars.stage(),
                 local_features=args.local_features,
                 executor=_ray_executor(args),
+                follow_symlinks=args.follow_symlinks,
+                max_file_bytes=args.max_file_size,
             )
         total = len(collection)
     print(
-        f"indexed {args.folder}: {report.added} added, {report.updated} updated, "
+        f"indexed {_shown(args.folder)}: {report.added} added, {report.updated} updated, "
         f"{report.removed} removed, {report.unchanged} unchanged, {len(report.failed)} failed "
         f"in {report.seconds:.1f}s ({report.images_per_second:.1f} images/s); "
         f"{total} images in the collection"
     )
     for path, reason in report.failed:
-        print(f"  skipped {path}: {reason}")
+        print(f"  skipped {_shown(path)}: {_shown(reason)}")
     if report.switch == "done":
         print(f"switched to {collection.model_name}: searches use it from now on")
     elif report.switch == "pending":
@@ -55,6 +57,25 @@ def _cmd_index(args: argparse.Namespace) -> int:
             "vectors; index those folders too (searches use the old model until then)"
         )
     return 0
+
+
+def _shown(text: str) -> str:
+    """``text`` printable on any terminal: the bytes of a file name that is not valid UTF-8
+    (surrogate escapes) are shown as ``\\xe9`` instead of failing the print."""
+    return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
+def _file_size(text: str) -> int | None:
+    """``--max-file-size``: bytes, or a number with K, M or G (powers of 1024); ``none``
+    for no limit."""
+    if text.strip().lower() in ("none", "unlimited"):
+        return None
+    from lookalike.core.ingest import parse_size
+
+    try:
+        return parse_size(text)
+    except LookalikeError as error:
+        raise argparse.ArgumentTypeError(str(error)) from error
 
 
 def _ray_executor(args: argparse.Namespace) -> IngestExecutor | None:
@@ -251,6 +272,21 @@ def build_parser() -> argparse.ArgumentParser:
     )
     index.add_argument(
         "--ray-workers", type=int, default=None, help="Ray encoder workers (default: one per CPU)"
+    )
+    index.add_argument(
+        "--max-file-size",
+        type=_file_size,
+        default="256M",
+        metavar="SIZE",
+        help="skip (and report) files larger than SIZE: bytes, or with K, M or G (powers of "
+        "1024), e.g. 50MB; 'none' for no limit (default: 256M)",
+    )
+    index.add_argument(
+        "--follow-symlinks",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="index the files and folders symlinks point to (default); with "
+        "--no-follow-symlinks they are skipped and reported",
     )
     index.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
     index.set_defaults(run=_cmd_index)

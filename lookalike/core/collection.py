@@ -22,6 +22,7 @@ from lookalike.catalog import Catalog, FileState, SqliteCatalog, open_catalog
 from lookalike.core.derived import AUTO, DerivedFileStore, VectorIndexes
 from lookalike.core.filters import Where
 from lookalike.core.ingest import (
+    DEFAULT_MAX_FILE_BYTES,
     EncoderRecipe,
     IndexReport,
     IngestExecutor,
@@ -30,7 +31,7 @@ from lookalike.core.ingest import (
     ThreadExecutor,
     decode_file,
     embed_batch,
-    scan_folder,
+    scan_images,
 )
 from lookalike.core.local_store import LocalFeatureStore
 from lookalike.core.metadata import match_metadata, read_metadata_csv
@@ -297,9 +298,15 @@ class Collection:
         progress: ProgressCallback | None = None,
         local_features: bool | None = None,
         executor: IngestExecutor | None = None,
+        follow_symlinks: bool = True,
+        max_file_bytes: int | None = DEFAULT_MAX_FILE_BYTES,
     ) -> IndexReport:
         """Bring the collection in line with ``folder``: embed new and changed images, drop
-        deleted ones, keep the rest. Unreadable files are skipped and listed in the report.
+        deleted ones, keep the rest. Entries that cannot be indexed never stop the run: they
+        are listed with the reason in the report's ``failed`` and in ``info`` (files that do
+        not decode, dangling symlinks, symlink loops, FIFOs and devices, files larger than
+        ``max_file_bytes``, None for no limit). Symlinks to files and folders are followed
+        unless ``follow_symlinks=False`` (then they are listed as not followed).
 
         ``local_features=True`` also stores local features of every image (SIFT, or patch
         tokens with a ViT-family encoder), for ``search(..., rerank=n)``; the choice is
@@ -326,15 +333,23 @@ class Collection:
         local = self.local_store.choose(local_features, encoder)
         report = IndexReport()
 
-        on_disk = {str(p): p.stat() for p in scan_folder(root)}
+        scan = scan_images(root, follow_symlinks=follow_symlinks, max_file_bytes=max_file_bytes)
+        on_disk = scan.files
         prefix = str(root) + os.sep
         known = self.catalog.file_states(prefix)
         self.indexes.load_existing(encoder.identity.key, encoder.dim)
         gone = [state.id for path, state in known.items() if path not in on_disk]
         report.removed = self._remove_ids(gone)
+        # Failures of files gone are forgotten; those of the scan are recorded again now, and
+        # files read below forget theirs when they are stored.
+        still_failing = {path for path, _ in scan.failed}
         self.catalog.clear_failures(
-            p for p, _ in self.catalog.failures() if p.startswith(prefix) and p not in on_disk
+            p
+            for p, _ in self.catalog.failures()
+            if p.startswith(prefix) and p not in on_disk and p not in still_failing
         )
+        pipeline = self._pipeline(view)
+        pipeline.record_failures(scan.failed, report)
         missing_vectors = dict(self.catalog.ids_missing_vectors(view.model_id))
         missing = set(missing_vectors) | self.local_store.missing()
         todo = []
@@ -357,9 +372,7 @@ class Collection:
             local=local,
             batch_size=batch_size,
         )
-        self._pipeline(view).run(
-            batches, known, report, local=local, total=len(todo), progress=progress
-        )
+        pipeline.run(batches, known, report, local=local, total=len(todo), progress=progress)
         if self._target is not None:
             report.switch = self._finish_switch()
         if metadata_csv is not None:

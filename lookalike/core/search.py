@@ -37,6 +37,10 @@ from lookalike.errors import (
 )
 from lookalike.images import ImageSource, load_image
 from lookalike.knn.base import Metric
+from lookalike.knn.exact import score_matrix
+
+# Records are fetched this many at a time when every image is ranked exactly.
+_EXHAUSTIVE_CHUNK = 1024
 
 
 @dataclass(frozen=True)
@@ -88,6 +92,8 @@ class SearchCatalog(Protocol):
     def vectors_for(self, ids: Sequence[int], model_id: int) -> np.ndarray: ...
 
     def vector(self, image_id: int, model_id: int) -> np.ndarray | None: ...
+
+    def vectors(self, model_id: int) -> tuple[np.ndarray, np.ndarray]: ...
 
 
 class Searcher:
@@ -241,8 +247,44 @@ class Searcher:
                     if len(results) == depth:
                         return results
             if fetch >= len(index):
+                if where and len(results) < depth and len(ids) < len(index):
+                    # An approximate index (IVF probes a few lists) may leave images out even
+                    # when asked for all of them: rank every image exactly instead.
+                    return self._exhaustive(index, prepared, depth, where, rescore)
                 return results
             fetch = min(len(index), fetch * 8)
+
+    def _exhaustive(
+        self,
+        index: PreparedIndex,
+        prepared: np.ndarray,
+        depth: int,
+        where: Where,
+        rescore: Callable[[list[int]], np.ndarray] | None,
+    ) -> list[SearchResult]:
+        """The ``depth`` best images that pass ``where``, scored against every stored
+        vector (the fallback when the index cannot enumerate the collection)."""
+        ids, raw = self.catalog.vectors(self.model_id)
+        scores = score_matrix(prepared, index.transform(raw), index.metric)[0]
+        order = np.argsort(-scores if index.metric.higher_is_better else scores, kind="stable")
+        kept: list[tuple[ImageRecord, float]] = []
+        for start in range(0, len(order), _EXHAUSTIVE_CHUNK):
+            chunk = order[start : start + _EXHAUSTIVE_CHUNK]
+            records = self.catalog.images(ids[chunk].tolist())
+            for position in chunk.tolist():
+                record = records.get(int(ids[position]))
+                if record is not None and matches(record, where):
+                    kept.append((record, float(scores[position])))
+            if len(kept) >= depth:
+                break
+        kept = kept[:depth]
+        values = [score for _, score in kept]
+        if rescore is not None and kept:
+            values = rescore([int(record.id or 0) for record, _ in kept]).tolist()
+        return [
+            SearchResult.from_record(record, score)
+            for (record, _), score in zip(kept, values, strict=True)
+        ]
 
     def _reranked(
         self, query: Image.Image, ranked: list[SearchResult], n: int

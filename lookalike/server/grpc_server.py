@@ -279,19 +279,19 @@ class LookalikeServicer(v1_grpc.LookalikeServicer):  # type: ignore[misc]
         if threshold is not None and not math.isfinite(threshold):
             raise RequestError(f"threshold must be a finite number, got {threshold}")
         try:
-            image = self.service.decode(request.image, name="image")
+            response = self.service.search(
+                request.image,
+                name="image",
+                k=k,
+                metric=metric,
+                threshold=threshold,
+                where=dict(request.where),
+                query_expansion=request.query_expansion,
+                rerank=request.rerank,
+                multi_crop=request.multi_crop,
+            )
         except ImageError as error:
             raise _named(error, "image") from None
-        response = self.service.search(
-            image,
-            k=k,
-            metric=metric,
-            threshold=threshold,
-            where=dict(request.where),
-            query_expansion=request.query_expansion,
-            rerank=request.rerank,
-            multi_crop=request.multi_crop,
-        )
         return _search_reply(response)
 
     @_guarded

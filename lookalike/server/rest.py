@@ -196,9 +196,9 @@ def create_app(service: SearchService) -> FastAPI:
         filters = parse_where(where)
 
         def run() -> SearchResponse:
-            decoded = service.decode(data, name=image.filename or "upload")
             return service.search(
-                decoded,
+                data,
+                name=image.filename or "upload",
                 k=k,
                 metric=metric,
                 threshold=threshold,

@@ -11,11 +11,13 @@ import hashlib
 import hmac
 import io
 import os
+import re
+import stat
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 from PIL import Image
@@ -29,6 +31,18 @@ from lookalike.images import ImageSource, load_image
 from lookalike.knn.base import Metric
 
 UPLOADS = "uploads"
+
+# A catalog setting per folder that holds uploads (the key ends with a digest of the folder's
+# path, the value is the path): any server sharing the catalog can tell an uploaded file from
+# a user's own one, whichever server's folder it was stored in.
+UPLOAD_FOLDER_SETTING = "upload_folder:"
+
+# How uploads are named: the first 32 hex digits of their SHA-256, and the image's extension.
+_UPLOAD_NAME = re.compile(r"[0-9a-f]{32}\.(?:jpg|png|gif|webp|img)")
+
+# How far a file's modification time may be from the catalog's record (seconds) and still
+# be the file that was indexed (file systems that round their timestamps).
+MTIME_TOLERANCE = 0.01
 
 
 # The most neighbours one query may be expanded with.
@@ -44,6 +58,17 @@ class ServiceLimits:
     max_k: int = 100
     thumbnail_size: int = 256
     thumbnail_cache: int = 2048
+    # The largest image_size of the classic gRPC FindSimilar, whose reply holds five RGB
+    # images of that size: 512 keeps it at 3.9 MB, within the 4 MiB a gRPC client accepts by
+    # default (1024 would be 15.7 MB, 2600 101 MB).
+    max_find_similar_size: int = 512
+
+
+class FileChangedError(NotFoundError):
+    """An image's file is on disk but is no longer the file that was indexed: modified, not a
+    regular file any more, or a link to a file outside the indexed folders. Its bytes are not
+    served; indexing its folder again brings the catalog in line. The REST routes that serve
+    files answer it 409 (Conflict); elsewhere it answers as a NotFoundError."""
 
 
 class SearchService:
@@ -79,8 +104,11 @@ class SearchService:
         if presented is None or not hmac.compare_digest(presented.encode(), self.token.encode()):
             raise AuthError("this server requires a bearer token for changes")
 
-    def decode(self, source: ImageSource, *, name: str = "<upload>") -> Image.Image:
-        """A request's image as RGB pixels, within the size and pixel limits."""
+    def decode(
+        self, source: ImageSource, *, name: str = "<upload>", draft_size: int | None = None
+    ) -> Image.Image:
+        """A request's image as RGB pixels, within the size and pixel limits (``draft_size``
+        lets a JPEG decode at a reduced scale, as ``load_image`` says)."""
         from lookalike.errors import PayloadTooLargeError
 
         if isinstance(source, bytes | bytearray):
@@ -91,7 +119,7 @@ class SearchService:
                     f"{name}: {len(source)} bytes exceeds the limit of "
                     f"{self.limits.max_upload_bytes} bytes"
                 )
-        return load_image(source, max_pixels=self.limits.max_pixels)
+        return load_image(source, max_pixels=self.limits.max_pixels, draft_size=draft_size)
 
     def check_k(self, k: int) -> int:
         """k within 1..max_k."""
@@ -121,8 +149,9 @@ class SearchService:
 
     def search(
         self,
-        image: Image.Image,
+        query: bytes | Image.Image,
         *,
+        name: str = "<upload>",
         k: int = 10,
         metric: str | Metric = Metric.COSINE,
         threshold: float | None = None,
@@ -131,8 +160,10 @@ class SearchService:
         rerank: int = 0,
         multi_crop: bool = False,
     ) -> SearchResponse:
-        """The k images most like an already decoded query image, through the collection's
-        one search path; ``rerank=n`` verifies the n best candidates by local features."""
+        """The k images most like an uploaded image file (or decoded pixels), through the
+        collection's one search path; ``rerank=n`` verifies the n best candidates by local
+        features. An upload is embedded from its bytes exactly as the library embeds a file
+        (JPEG draft decoding included), so both give the same scores."""
         options = self._options(
             k=k,
             metric=Metric.parse(metric),
@@ -143,7 +174,13 @@ class SearchService:
             multi_crop=multi_crop,
         )
         searcher = self._searcher()
-        views = searcher.image_views(image, options)  # the slow part, outside the lock
+        if not isinstance(query, Image.Image):
+            # Within the limits, and an image: checked before anything else decodes it.
+            self.decode(query, name=name, draft_size=searcher.encoder.preprocess.resolution)
+        views = searcher.image_views(query, options)  # the slow part, outside the lock
+        image = None
+        if options.rerank:
+            image = query if isinstance(query, Image.Image) else self.decode(query, name=name)
         with self._lock:
             return searcher.search_views(views, options, query_image=image)
 
@@ -181,6 +218,7 @@ class SearchService:
         del image
         folder = self.collection.path / UPLOADS
         folder.mkdir(parents=True, exist_ok=True)
+        self._register_uploads(folder.resolve())
         # Named by content: the same upload twice is the same file, and no client-chosen name
         # ever becomes a path.
         target = folder / (hashlib.sha256(data).hexdigest()[:32] + extension)
@@ -195,13 +233,31 @@ class SearchService:
             return self.collection.add_file(target, metadata=meta)
 
     def remove(self, image_id: int) -> None:
-        """Remove an image; an uploaded file is deleted too, a user's own file never is."""
+        """Remove an image; an uploaded file is deleted too (also one another server sharing
+        the catalog stored, where this one can reach it), a user's own file never is."""
         with self._lock:
             record = self._record(image_id)
             self.collection.remove([image_id])
-        path = Path(record.path)
-        if path.parent == (self.collection.path / UPLOADS).resolve():
-            path.unlink(missing_ok=True)
+            upload = self._is_upload(Path(record.path))
+        if upload:
+            Path(record.path).unlink(missing_ok=True)
+
+    def _register_uploads(self, folder: Path) -> None:
+        """Record in the catalog that ``folder`` holds uploads (once; no generation bump)."""
+        key = _upload_key(folder)
+        with self._lock:
+            if self.collection.catalog.get_setting(key) != str(folder):
+                self.collection.catalog.set_setting(key, str(folder))
+
+    def _is_upload(self, path: Path) -> bool:
+        """Whether ``path`` is a file some server stored as an upload: named by content, in
+        this server's uploads folder or in one the catalog records as an uploads folder."""
+        if not _UPLOAD_NAME.fullmatch(path.name):
+            return False
+        folder = path.parent
+        if folder == (self.collection.path / UPLOADS).resolve():
+            return True  # also uploads stored before folders were recorded
+        return self.collection.catalog.get_setting(_upload_key(folder)) == str(folder)
 
     def record(self, image_id: int) -> ImageRecord:
         """The catalog record of an image id."""
@@ -216,18 +272,92 @@ class SearchService:
             raise NotFoundError(f"no image with id {image_id}")
         return record
 
-    def thumbnail(self, image_id: int) -> bytes:
-        """A JPEG of at most thumbnail_size pixels a side, cached in memory by content."""
+    def open_file(self, image_id: int) -> tuple[ImageRecord, BinaryIO]:
+        """An indexed image's file, opened for reading, if it is still the file the catalog
+        records: a regular file of the recorded size and modification time whose real path
+        (every link resolved) is a path the catalog holds, so inside the folders that were
+        indexed. Raises NotFoundError when it is gone, FileChangedError when it changed.
+
+        The checks run on the opened file itself, so what is read is what was checked."""
         record = self.record(image_id)
-        key = (image_id, record.content_hash)
+        return record, self._open_indexed(image_id, record)
+
+    def _open_indexed(self, image_id: int, record: ImageRecord) -> BinaryIO:
+        gone = NotFoundError(f"the file of image {image_id} is no longer on disk")
+        try:
+            real = os.path.realpath(record.path, strict=True)
+        except FileNotFoundError:
+            raise gone from None
+        except OSError:  # a loop of links, a folder that cannot be searched
+            raise FileChangedError(
+                f"the file of image {image_id} can no longer be reached as it was indexed; "
+                "index its folder again"
+            ) from None
+        if real != record.path and not self._catalogued(real):
+            # Catalogued paths are real paths inside the indexed folders (or links there that
+            # lead to another indexed file): a link to anywhere else is never followed.
+            raise FileChangedError(
+                f"the file of image {image_id} is now a link to a file outside the indexed "
+                "folders; it is not served (index its folder again)"
+            )
+        flags = os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOFOLLOW", 0)
+        try:
+            descriptor = os.open(real, flags | getattr(os, "O_CLOEXEC", 0))
+        except FileNotFoundError:
+            raise gone from None
+        except OSError:  # swapped for a link meanwhile (O_NOFOLLOW), or unreadable
+            raise FileChangedError(
+                f"the file of image {image_id} changed since it was indexed; index again"
+            ) from None
+        try:
+            status = os.fstat(descriptor)
+            if not stat.S_ISREG(status.st_mode):
+                kind = "a folder" if stat.S_ISDIR(status.st_mode) else "not a regular file"
+                raise FileChangedError(
+                    f"the file of image {image_id} is {kind} now; it changed since it was "
+                    "indexed; index again"
+                )
+            if (
+                status.st_size != record.size
+                or abs(status.st_mtime - record.mtime) > MTIME_TOLERANCE
+            ):
+                raise FileChangedError(
+                    f"the file of image {image_id} changed since it was indexed; index again"
+                )
+            return os.fdopen(descriptor, "rb")
+        except BaseException:
+            os.close(descriptor)
+            raise
+
+    def _catalogued(self, path: str) -> bool:
+        """Whether the catalog holds a file at ``path``."""
         with self._lock:
-            cached = self._thumbnails.get(key)
-            if cached is not None:
-                self._thumbnails.move_to_end(key)
-                return cached
-        image = load_image(
-            record.path, max_pixels=max(self.limits.max_pixels, record.width * record.height)
-        )
+            return bool(self.collection.catalog.ids_for_paths([path]))
+
+    def _load(self, image_id: int) -> tuple[ImageRecord, Image.Image]:
+        """An indexed image's record and pixels, read from its checked file."""
+        record, handle = self.open_file(image_id)
+        with handle:
+            image = load_image(
+                handle, max_pixels=max(self.limits.max_pixels, record.width * record.height)
+            )
+        return record, image
+
+    def thumbnail(self, image_id: int) -> bytes:
+        """A JPEG of at most thumbnail_size pixels a side, cached in memory by content (the
+        file is checked on every request, so a changed file is never answered from the
+        cache)."""
+        record, handle = self.open_file(image_id)
+        key = (image_id, record.content_hash)
+        with handle:
+            with self._lock:
+                cached = self._thumbnails.get(key)
+                if cached is not None:
+                    self._thumbnails.move_to_end(key)
+                    return cached
+            image = load_image(
+                handle, max_pixels=max(self.limits.max_pixels, record.width * record.height)
+            )
         size = self.limits.thumbnail_size
         image.thumbnail((size, size), Image.Resampling.BILINEAR, reducing_gap=2.0)
         buffer = io.BytesIO()
@@ -240,11 +370,9 @@ class SearchService:
         return data
 
     def image_pixels(self, image_id: int, size: int) -> Image.Image:
-        """An indexed image as RGB, squashed to ``size`` x ``size`` (the gRPC contract)."""
-        record = self.record(image_id)
-        image = load_image(
-            record.path, max_pixels=max(self.limits.max_pixels, record.width * record.height)
-        )
+        """An indexed image as RGB, squashed to ``size`` x ``size`` (the gRPC contract), read
+        only from its checked file (see :meth:`open_file`)."""
+        _, image = self._load(image_id)
         return image.resize((size, size), Image.Resampling.BILINEAR)
 
     def stats(self) -> dict[str, Any]:
@@ -295,3 +423,9 @@ class SearchService:
         if isinstance(catalog, str) and catalog:
             locations.append(catalog)
         return locations
+
+
+def _upload_key(folder: Path) -> str:
+    """The catalog setting that records ``folder`` as a folder of uploads."""
+    digest = hashlib.sha256(os.fsencode(str(folder))).hexdigest()[:32]
+    return UPLOAD_FOLDER_SETTING + digest
