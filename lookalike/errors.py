@@ -2,6 +2,20 @@
 
 from __future__ import annotations
 
+import errno
+import os
+
+# OS errors that are the disk's fault, not the caller's: full, over quota, read-only, failing.
+STORAGE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO, errno.EFBIG})
+
+_STORAGE_WORDS = {
+    errno.ENOSPC: ("no space left on device", "free some space or move the collection (-c)"),
+    errno.EDQUOT: ("disk quota exceeded", "free some space or move the collection (-c)"),
+    errno.EFBIG: ("file too large for its file system", "move the collection (-c)"),
+    errno.EROFS: ("read-only file system", "make it writable or move the collection (-c)"),
+    errno.EIO: ("I/O error", "check the disk, or move the collection (-c)"),
+}
+
 
 class LookalikeError(Exception):
     """Base class of every error lookalike raises on purpose."""
@@ -29,6 +43,42 @@ class EncoderError(LookalikeError):
     """An encoder could not be created or run (unknown name, missing weights, bad option)."""
 
 
+class StorageError(LookalikeError):
+    """A file could not be written (or read) because of the disk: it is full, over quota,
+    read-only or failing. ``path`` names the file; the message says what to do. What was
+    stored before is kept, and nothing half-written is left behind. Servers answer HTTP 507
+    Insufficient Storage / gRPC RESOURCE_EXHAUSTED."""
+
+    def __init__(self, message: str, path: str | os.PathLike[str] = "", errno: int | None = None):
+        super().__init__(message)
+        self.path = os.fspath(path)
+        self.errno = errno
+
+    @classmethod
+    def from_os_error(
+        cls,
+        error: OSError,
+        path: str | os.PathLike[str],
+        *,
+        action: str = "writing",
+        fix: str | None = None,
+    ) -> StorageError:
+        """The error for ``error`` raised while ``action`` the file ``path``: "no space left
+        on device writing PATH: free some space or move the collection (-c)"."""
+        what, advice = _STORAGE_WORDS.get(
+            error.errno or 0, (error.strerror or str(error), "check the disk")
+        )
+        return cls(f"{what} {action} {os.fspath(path)}: {fix or advice}", path, errno=error.errno)
+
+
+def is_storage_failure(error: BaseException) -> bool:
+    """Whether ``error`` is the disk's fault: a :class:`StorageError`, or an ``OSError`` such
+    as ENOSPC (no space left), EDQUOT, EROFS or EIO."""
+    if isinstance(error, StorageError):
+        return True
+    return isinstance(error, OSError) and error.errno in STORAGE_ERRNOS
+
+
 class CatalogError(LookalikeError):
     """The catalog is unreadable, from a newer schema, or asked something inconsistent."""
 
@@ -42,6 +92,12 @@ class CatalogUnavailableError(CatalogError):
 class CatalogCorruptError(CatalogError):
     """The catalog's database file is damaged (a corrupt page, a truncated file): restore a
     backup, or run ``lookalike check --repair``. The message names the file."""
+
+
+class CatalogStorageError(StorageError, CatalogError):
+    """The catalog's database could not be written: its disk is full or failing (SQLite's
+    "database or disk is full"). The change that failed was rolled back whole; everything
+    stored before it (an index run's earlier batches) is kept. Answers like StorageError."""
 
 
 class CorruptVectorError(CatalogError):
@@ -105,6 +161,12 @@ class PayloadTooLargeError(RequestError):
 
 class NotFoundError(LookalikeError):
     """A request names an image id that the collection does not hold (HTTP 404)."""
+
+
+class FileChangedError(NotFoundError):
+    """An image's file is on disk but is no longer the file that was indexed: modified, not a
+    regular file any more, or a link to a file outside the indexed folders. Its bytes are not
+    served; indexing its folder again brings the catalog in line (HTTP 409)."""
 
 
 class AuthError(LookalikeError):

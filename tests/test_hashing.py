@@ -14,6 +14,7 @@ import torch
 from conftest import photo, variants
 
 from lookalike.cli.main import main
+from lookalike.core.collection import Collection
 from lookalike.errors import HashingError, HashModelMismatchError, ModelMismatchError
 from lookalike.hashing import train_head
 from lookalike.hashing.dch import cauchy_cross_entropy, cauchy_quantization
@@ -310,6 +311,11 @@ def test_cli_explains_a_missing_head_and_refuses_a_foreign_one(
 ) -> None:
     collection = tmp_path / "c"
     query = labelled_photos / "train" / "coffee" / "coffee-original.jpg"
+    code = main(["-c", str(collection), "hash", "search", str(query), "--name", "nope"])
+    assert code == 1  # searching creates no collection
+    assert "no collection at" in capsys.readouterr().err and not collection.exists()
+    with Collection(collection, encoder=collection_encoder) as created:
+        created.index(query.parent, workers=0)
     code = main(["-c", str(collection), "hash", "search", str(query), "--name", "nope"])
     assert code == 1
     assert "no hash head 'nope'" in capsys.readouterr().err

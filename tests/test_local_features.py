@@ -301,7 +301,8 @@ def test_a_version_1_catalog_is_upgraded(tmp_path: Path) -> None:
     with closing(sqlite3.connect(path)) as db:
         db.executescript(
             "DROP TRIGGER local_features_stale; DROP TABLE local_features; "
-            "DROP INDEX vectors_image; PRAGMA user_version = 1;"
+            "DROP INDEX vectors_image; DROP TRIGGER vectors_stale; "
+            "ALTER TABLE vectors DROP COLUMN checksum; PRAGMA user_version = 1;"
         )
         assert db.execute("PRAGMA user_version").fetchone()[0] == 1
     with SqliteCatalog(path) as upgraded:

@@ -33,6 +33,7 @@ from lookalike.encoders.base import EncoderIdentity
 from lookalike.errors import (
     CatalogCorruptError,
     CatalogError,
+    CatalogStorageError,
     CatalogUnavailableError,
     ModelMismatchError,
 )
@@ -41,6 +42,8 @@ from lookalike.errors import (
 _UNAVAILABLE = {"SQLITE_CANTOPEN", "SQLITE_IOERR", "SQLITE_PERM", "SQLITE_BUSY", "SQLITE_LOCKED"}
 # ... and those that mean the file is damaged (or not a database at all).
 _CORRUPT = {"SQLITE_CORRUPT", "SQLITE_NOTADB", "SQLITE_FORMAT"}
+# ... and those that mean its disk is full (the shared-memory file could not grow, too).
+_FULL = {"SQLITE_FULL", "SQLITE_IOERR_SHMSIZE"}
 _VERIFY_PAGE = 5000  # vectors checked per statement by verify_vectors
 
 _P = ParamSpec("_P")
@@ -93,10 +96,17 @@ class SqliteCatalog:
 
     def _typed(self, error: sqlite3.Error, context: str = "") -> CatalogError:
         """SQLite's ``error`` as lookalike's: CatalogCorruptError for a damaged file,
-        CatalogUnavailableError for one that cannot be opened or read now, else CatalogError;
-        each names the file."""
+        CatalogUnavailableError for one that cannot be opened or read now, CatalogStorageError
+        for a full disk, else CatalogError; each names the file."""
         code = str(getattr(error, "sqlite_errorname", ""))  # SQLITE_IOERR_READ: SQLITE_IOERR
         family = "_".join(code.split("_")[:2])
+        if family in _FULL or code in _FULL:
+            return CatalogStorageError(
+                f"no space left on device writing the catalog {self.path} ({error}): free some "
+                "space, or move the collection (-c) or its catalog (--db); what was stored "
+                "before this change is kept (an index run goes on where it stopped)",
+                self.path,
+            )
         if family in _UNAVAILABLE:
             return CatalogUnavailableError(f"{self.path}: {context}cannot be read now ({error})")
         if family in _CORRUPT or type(error) is sqlite3.DatabaseError:

@@ -10,6 +10,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from lookalike.errors import LookalikeError
+
 if TYPE_CHECKING:
     from lookalike.core.collection import Collection
 
@@ -17,22 +19,79 @@ COLLECTION_ENV = "LOOKALIKE_COLLECTION"
 DB_ENV = "LOOKALIKE_DB"
 
 
+def is_collection_name(value: str) -> bool:
+    """Whether ``-c VALUE`` is a bare name (no path separator, not starting with '.', '~' or
+    '/'): always a named collection under the data folder, even where the current folder has
+    a folder of that name (a photo folder must never receive a catalog by accident)."""
+    separators = [os.sep, "/", *([os.altsep] if os.altsep else [])]
+    return not any(s in value for s in separators) and not value.startswith((".", "~", "/"))
+
+
 def collection_path(value: str | None) -> Path:
+    """The collection folder ``-c VALUE`` (else $LOOKALIKE_COLLECTION, else 'default') names:
+    a bare name is a collection under $LOOKALIKE_HOME (or ~/.local/share/lookalike), anything
+    path-like is a folder, used as given ('~' expanded)."""
     from lookalike.core.collection import default_collection_dir
 
     value = value or os.environ.get(COLLECTION_ENV)
     if not value:
         return default_collection_dir()
-    # A bare name is a collection under the data folder; anything path-like is used as given.
-    if os.sep in value or value.startswith(".") or Path(value).is_dir():
-        return Path(value)
-    return default_collection_dir(value)
+    if is_collection_name(value):
+        return default_collection_dir(value)
+    return Path(value).expanduser()
 
 
-def open_collection(args: argparse.Namespace, **options: Any) -> Collection:
+def open_collection(args: argparse.Namespace, *, create: bool = True, **options: Any) -> Collection:
+    """The collection the arguments name. ``create=False`` (commands that only read it)
+    raises LookalikeError, creating nothing, when no such collection exists."""
     from lookalike.core.collection import Collection
 
-    return Collection(collection_path(args.collection), db=database_url(args), **options)
+    path = collection_path(args.collection)
+    db = database_url(args)
+    if not create:
+        require_collection(path, db, args.collection)
+    return Collection(path, db=db, **options)
+
+
+def require_collection(path: Path, db: str | None, name: str | None = None) -> None:
+    """Raise LookalikeError unless a collection exists at ``path`` (its own catalog file or
+    a link to its catalog) or ``db`` names its catalog (a PostgreSQL URL, or a SQLite file
+    that exists). The message says what exists instead; nothing is created."""
+    from lookalike.catalog import is_postgres_url
+    from lookalike.core.collection import CATALOG_FILE, CATALOG_LINK, default_collection_dir
+
+    if db is not None:
+        if is_postgres_url(db) or Path(db).expanduser().is_file():
+            return
+        raise LookalikeError(f"no catalog at {db}; run 'lookalike --db {db} index FOLDER' first")
+    if _holds_collection(path, CATALOG_FILE, CATALOG_LINK):
+        return
+    value = name or os.environ.get(COLLECTION_ENV) or ""
+    if value and not is_collection_name(value):
+        raise LookalikeError(
+            f"no collection at {path} (no indexed images there); run "
+            f"'lookalike -c {value} index FOLDER' to create it"
+        )
+    value = value or "default"
+    home = default_collection_dir(value).parent
+    existing = sorted(
+        folder.name
+        for folder in (home.iterdir() if home.is_dir() else ())
+        if _holds_collection(folder, CATALOG_FILE, CATALOG_LINK)
+    )
+    found = (
+        f"collections under {home}: {', '.join(existing)}"
+        if existing
+        else f"there are no collections under {home} yet"
+    )
+    message = f"no collection named {value!r} (no indexed images); {found}"
+    if _holds_collection(Path(value), CATALOG_FILE, CATALOG_LINK):
+        message += f"; to use the collection folder ./{value}, pass -c ./{value}"
+    raise LookalikeError(f"{message}; 'lookalike -c {value} index FOLDER' creates it")
+
+
+def _holds_collection(folder: Path, *names: str) -> bool:
+    return any((folder / name).is_file() for name in names)
 
 
 def database_url(args: argparse.Namespace) -> str | None:

@@ -125,7 +125,8 @@ def _target(
         from lookalike.errors import DedupError
 
         raise DedupError(f"{target} is a collection; leave out --collection or give a folder")
-    return None, collection_path(target)
+    # A collection folder given by its path stays that folder; a bare name is a named one.
+    return None, path if path.is_dir() else collection_path(target)
 
 
 def _index(collection: Collection, folder: Path, args: argparse.Namespace) -> None:

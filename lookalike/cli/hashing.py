@@ -79,11 +79,12 @@ def run_hash(args: argparse.Namespace) -> int:
     return result
 
 
-def _open(args: argparse.Namespace) -> Any:
+def _open(args: argparse.Namespace, *, create: bool = False) -> Any:
+    """The collection's hashing; only training (which indexes a dataset) may create it."""
     from lookalike.cli.common import open_collection
     from lookalike.hashing.serving import CollectionHashing
 
-    return CollectionHashing(open_collection(args))
+    return CollectionHashing(open_collection(args, create=create))
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -97,7 +98,7 @@ def _train(args: argparse.Namespace) -> int:
         if getattr(args, key) is not None
     }
     bars = ProgressBars(quiet=args.quiet)
-    hashing = _open(args)
+    hashing = _open(args, create=True)
     try:
         trained = hashing.train(
             dataset,

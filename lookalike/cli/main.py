@@ -17,6 +17,7 @@ from lookalike.cli.common import (
     collection_path,
     database_url,
     open_collection,
+    require_collection,
 )
 from lookalike.errors import LookalikeError
 
@@ -102,7 +103,7 @@ def _cmd_search(args: argparse.Namespace) -> int:
         rerank=args.rerank,
         multi_crop=args.multi_crop,
     )
-    with open_collection(args, runtime=args.runtime) as collection:
+    with open_collection(args, create=False, runtime=args.runtime) as collection:
         searcher = collection.searcher
         if args.text is not None:
             response = searcher.search_text(args.text, options)
@@ -128,7 +129,7 @@ def _cmd_search(args: argparse.Namespace) -> int:
 
 
 def _cmd_info(args: argparse.Namespace) -> int:
-    with open_collection(args) as collection:
+    with open_collection(args, create=False) as collection:
         info = collection.info()
     if args.json:
         print(json.dumps(asdict(info), indent=2))
@@ -149,21 +150,81 @@ def _cmd_info(args: argparse.Namespace) -> int:
 
 def _cmd_remove(args: argparse.Namespace) -> int:
     targets: list[int | str] = [int(t) if t.isdigit() else t for t in args.targets]
-    with open_collection(args) as collection:
+    with open_collection(args, create=False) as collection:
         removed = collection.remove(targets)
     print(f"removed {removed} image(s)")
     return 0
 
 
+def _cmd_check(args: argparse.Namespace) -> int:
+    from lookalike.core.check import CheckReport, Finding
+    from lookalike.core.collection import CATALOG_FILE, CATALOG_LINK
+    from lookalike.errors import CatalogCorruptError
+
+    report: CheckReport
+    try:
+        with (
+            open_collection(args, create=False) as collection,
+            ProgressBars(quiet=args.quiet) as bars,
+        ):
+            report = collection.check(args.repair, progress=bars.stage("re-embedding"))
+    except CatalogCorruptError as error:
+        # Too damaged to open or to read: say so without the advice to run check again.
+        path = collection_path(args.collection)
+        link = path / CATALOG_LINK
+        location = database_url(args) or (
+            link.read_text(encoding="utf-8").strip() if link.is_file() else str(path / CATALOG_FILE)
+        )
+        cause = f" ({error.__cause__})" if error.__cause__ is not None else ""
+        raise LookalikeError(
+            f"{location}: the catalog file is damaged{cause} and `lookalike check` cannot repair "
+            "it: restore it from a backup, or move it aside and index your folders again"
+        ) from None
+    if args.json:
+        print(json.dumps(report.to_dict(), indent=2))
+        return 0 if report.healthy else 1
+
+    def show(title: str, findings: list[Finding], limit: int = 20) -> None:
+        if not findings:
+            return
+        print(f"{title} ({len(findings)}):")
+        for finding in findings[:limit]:
+            print(f"  {finding.kind:8s} {finding.subject}: {finding.detail}")
+            if finding.repaired is not None:
+                print(f"           repaired: {finding.repaired}")
+            elif finding.problem and finding.advice:
+                print(f"           fix: {finding.advice}")
+        if len(findings) > limit:
+            print(f"  ... and {len(findings) - limit} more (--json lists every one)")
+
+    print(f"checked {report.collection} (catalog {report.catalog}, {report.images} images)")
+    show("problems", report.problems)
+    show("notes", report.notes)
+    if report.repair:
+        print(
+            f"re-embedded {report.re_embedded}, removed {report.removed}, deleted "
+            f"{len(report.deleted)} derived file(s), rebuilt {len(report.rebuilt)} index file(s)"
+        )
+    if not report.problems:
+        print("no problems found")
+    elif report.healthy:
+        print(f"all {len(report.problems)} problem(s) repaired")
+    elif report.repair:
+        print(f"{len(report.unrepaired)} problem(s) not repaired: see fix: above")
+    else:
+        print(
+            f"{len(report.problems)} problem(s) found: `lookalike check --repair` repairs "
+            "what it can"
+        )
+    return 0 if report.healthy else 1
+
+
 def _cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
-    from lookalike.core.collection import CATALOG_FILE, CATALOG_LINK
-
     path = collection_path(args.collection)
     db = database_url(args)
-    if db is None and not any((path / name).exists() for name in (CATALOG_FILE, CATALOG_LINK)):
-        raise LookalikeError(f"no collection at {path}; run 'lookalike index FOLDER' first")
+    require_collection(path, db, args.collection)
     token = args.token or os.environ.get("LOOKALIKE_TOKEN")
     if args.workers > 1:
         if args.grpc_port is not None:
@@ -357,6 +418,21 @@ def build_parser() -> argparse.ArgumentParser:
     dedup = commands.add_parser("dedup", help="find groups of duplicate images")
     add_dedup_arguments(dedup)
     dedup.set_defaults(run=run_dedup)
+
+    check = commands.add_parser(
+        "check",
+        help="verify the collection: catalog file, vector checksums, index files, changed files "
+        "(exit 1 when problems remain)",
+    )
+    check.add_argument(
+        "--repair",
+        action="store_true",
+        help="re-embed damaged vectors and changed files, remove images whose file is gone, "
+        "delete and rebuild corrupt or stale index files",
+    )
+    check.add_argument("--json", action="store_true")
+    check.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
+    check.set_defaults(run=_cmd_check)
 
     remove = commands.add_parser("remove", help="remove images by id or path")
     remove.add_argument("targets", nargs="+")

@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 
 from lookalike.catalog import Catalog, FileState, SqliteCatalog, open_catalog
+from lookalike.core.check import CheckReport, check_collection
 from lookalike.core.derived import AUTO, DerivedFileStore, VectorIndexes
 from lookalike.core.filters import Where
 from lookalike.core.ingest import (
@@ -531,6 +532,14 @@ class Collection:
 
     def __len__(self) -> int:
         return self.catalog.count()
+
+    def check(
+        self, repair: bool = False, *, progress: ProgressCallback | None = None
+    ) -> CheckReport:
+        """Verify the whole collection (the catalog file, vector checksums, derived files,
+        files changed on disk) and, with ``repair``, repair what can be: see
+        :mod:`lookalike.core.check`."""
+        return check_collection(self, repair=repair, progress=progress)
 
     def info(self) -> CollectionInfo:
         """Counts, the active model, and files that failed to index."""

@@ -8,11 +8,19 @@ corrupt one too.
 :class:`DerivedFileStore` holds that rule and the in-memory copies for every kind of derived
 file; :class:`VectorIndexes` is the kind that serves vector search, applying the collection's
 own writes to the loaded indexes incrementally.
+
+Searches never need to write: when a derived file cannot be saved (a full disk, a read-only
+folder), the copy in memory serves, a warning is logged, and the file is written again (or
+rebuilt) on a later use. Every file is written to a temporary file in its folder and renamed
+into place, so a failed write leaves neither a half-written file nor a temporary one.
 """
 
 from __future__ import annotations
 
+import logging
 import re
+import sys
+import time
 import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -29,12 +37,21 @@ from lookalike.core.transform import (
     expected_whitening,
     learn_whitening,
 )
-from lookalike.errors import CorruptIndexError, VectorIndexError
+from lookalike.errors import CorruptIndexError, StorageError, VectorIndexError
 from lookalike.knn import choose_spec, create_index, read_index_header
 from lookalike.knn.base import Metric, l2_normalize
 
 AUTO = "auto"
 CATALOG_ID_SETTING = "catalog_id"
+# The folders of a collection that hold derived files, and the suffix those files have (a
+# hash head's .npz beside its codes is trained, not derived, and is never touched).
+DERIVED_FOLDERS = ("indexes", "hashing")
+DERIVED_SUFFIX = ".lkx"
+# Temporary files older than this are left over by a writer that was killed (younger ones may
+# be another process's write in progress).
+LEFTOVER_AGE_SECONDS = 60.0
+
+_log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
@@ -75,6 +92,7 @@ class DerivedFileStore:
         self.folder = folder
         self.builds = 0  # observable, so tests can tell a rebuild from a reuse
         self._loaded: dict[Any, Loaded[Any]] = {}
+        self._unrecorded_id: str | None = None
 
     def path(self, *parts: str) -> Path:
         """A file under the collection folder, each part made safe for a file name."""
@@ -82,10 +100,20 @@ class DerivedFileStore:
 
     def catalog_id(self) -> str:
         """The catalog's random identity: a folder switched to another catalog, whose
-        generation may happen to be the same, never uses the old one's files."""
+        generation may happen to be the same, never uses the old one's files. Recorded on
+        first use; when the catalog's disk is full, an identity of this process's own serves
+        (files stamped with it are rebuilt later, so a search still needs no write)."""
         value = self.catalog.get_setting(CATALOG_ID_SETTING)
         if value is None:
-            self.catalog.set_setting(CATALOG_ID_SETTING, uuid.uuid4().hex)
+            if self._unrecorded_id is not None:
+                return self._unrecorded_id
+            drawn = uuid.uuid4().hex
+            try:
+                self.catalog.set_setting(CATALOG_ID_SETTING, drawn)
+            except StorageError as error:
+                _log.warning("%s (recording the catalog's identity for derived files)", error)
+                self._unrecorded_id = drawn
+                return drawn
             value = self.catalog.get_setting(CATALOG_ID_SETTING) or ""
         return value
 
@@ -96,6 +124,14 @@ class DerivedFileStore:
     def is_current(self, metadata: Mapping[str, Any], state: State) -> bool:
         """Whether a file's recorded stamp matches the catalog at ``state``."""
         return all(metadata.get(k) == v for k, v in self.stamp(state).items())
+
+    def stamped_now(self, metadata: Mapping[str, Any]) -> bool:
+        """Whether a file's recorded stamp matches the catalog as it is now, without
+        recording an identity for a catalog that has none (none of its files is current)."""
+        recorded = self.catalog.get_setting(CATALOG_ID_SETTING)
+        state = self.catalog.state
+        stamp = {"catalog": recorded, "generation": state[0], "state": state[1]}
+        return recorded is not None and all(metadata.get(k) == v for k, v in stamp.items())
 
     def get(
         self,
@@ -118,6 +154,61 @@ class DerivedFileStore:
             self.builds += 1
         self._loaded[key] = Loaded(value, state)
         return value
+
+    def save(self, path: Path, write: Callable[[], None], *, quiet: bool = False) -> bool:
+        """Write the derived file ``path`` with ``write`` (which writes atomically, as the knn
+        index writer does). When the disk refuses (full, read-only, failing) log a warning
+        (at debug level when ``quiet``) and return False: the copy in memory still serves,
+        and the file is written or rebuilt on a later use."""
+        try:
+            try:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                write()
+            except OSError as error:
+                raise StorageError.from_os_error(error, path) from error
+        except StorageError as error:
+            _log.log(
+                logging.DEBUG if quiet else logging.WARNING,
+                "%s; the copy in memory serves meanwhile, and the file is written again once "
+                "there is room",
+                error,
+            )
+            return False
+        return True
+
+    def files(self) -> list[Path]:
+        """Every derived file under the collection folder (vector indexes, hash codes)."""
+        found: set[Path] = set()
+        for name in DERIVED_FOLDERS:
+            folder = self.folder / name
+            if folder.is_dir():
+                found.update(
+                    p
+                    for p in folder.rglob(f"*{DERIVED_SUFFIX}")
+                    if p.is_file() and not p.name.startswith(".")
+                )
+        return sorted(found)
+
+    def leftovers(self, *, min_age: float = LEFTOVER_AGE_SECONDS) -> list[Path]:
+        """Temporary files under the derived folders that a killed writer left behind (those
+        modified less than ``min_age`` seconds ago may be a write in progress: not listed)."""
+        now = time.time()
+        found: list[Path] = []
+        for name in DERIVED_FOLDERS:
+            folder = self.folder / name
+            if not folder.is_dir():
+                continue
+            for path in folder.rglob("*"):
+                temporary = (path.name.startswith(".") and path.name.endswith(".tmp")) or (
+                    path.name.endswith(".partial")
+                )
+                try:
+                    old = now - path.stat().st_mtime >= min_age
+                except OSError:
+                    continue
+                if temporary and old and path.is_file():
+                    found.append(path)
+        return sorted(found)
 
     def keep(self, key: Any, value: object, state: State) -> None:
         """Hold ``value`` in memory as ``key`` at catalog ``state``."""
@@ -234,21 +325,29 @@ class VectorIndexes:
         )
         if len(ids):
             index.add(ids, vectors)
-        self._save(index, model_key, metric, state, spec)
+        self._save(index, model_key, metric, state, spec)  # a search answers even if not saved
         return index
 
     def _save(
-        self, index: PreparedIndex, model_key: str, metric: Metric, state: State, spec: str
-    ) -> None:
+        self,
+        index: PreparedIndex,
+        model_key: str,
+        metric: Metric,
+        state: State,
+        spec: str,
+        *,
+        quiet: bool = False,
+    ) -> bool:
+        """Save one index stamped with ``state``; False (and a warning) when the disk
+        refused."""
         path = self.path(model_key, metric)
-        path.parent.mkdir(parents=True, exist_ok=True)
         metadata = {
             **self.store.stamp(state),
             "model": model_key,
             "configured_spec": self.spec,
             "spec": spec,
         }
-        index.save(path, metadata)
+        return self.store.save(path, lambda: index.save(path, metadata), quiet=quiet)
 
     def apply(
         self,
@@ -298,12 +397,18 @@ class VectorIndexes:
                     self.store.keep((model_key, metric), index, state)
 
     def flush(self) -> None:
-        """Save every index changed in memory since it was loaded or last saved."""
+        """Save every index changed in memory since it was loaded or last saved. One that
+        cannot be saved (a full disk) stays in memory, marked to be saved by the next flush,
+        with a warning: the catalog holds the change, so nothing is lost. Called while an
+        error is already on its way up (ingest flushes in a ``finally``), the warning is
+        logged at debug level: that error (a full catalog disk, say) already explains it."""
+        quiet = sys.exc_info()[1] is not None
         for key, loaded in self.store.loaded().items():
             if _is_index_key(key) and loaded.dirty:
                 index: PreparedIndex = loaded.value
-                self._save(index, key[0], key[1], loaded.state, index.index.spec)
-                loaded.dirty = False
+                state, spec = loaded.state, index.index.spec
+                if self._save(index, key[0], key[1], state, spec, quiet=quiet):
+                    loaded.dirty = False
 
     def forget(self) -> None:
         """Drop every loaded index (they reload from their files on next use)."""

@@ -221,13 +221,14 @@ class CollectionHashing:
         for start in range(0, len(ids), _ENCODE_CHUNK):
             chunk = slice(start, start + _ENCODE_CHUNK)
             index.add(ids[chunk], head.encode(vectors[chunk], model_key=self.model_key))
-        self.folder.mkdir(parents=True, exist_ok=True)
         metadata = {
             **self.collection.derived.stamp(state),
             "head": head.fingerprint,
             "model": self.model_key,
         }
-        index.save(self.codes_path(name), metadata=metadata)
+        path = self.codes_path(name)
+        # On a full disk the codes in memory still answer (the store logs a warning).
+        self.collection.derived.save(path, lambda: index.save(path, metadata=metadata))
         return index
 
     def search(self, query: Any, *, name: str, k: int = 10, rerank: int = 0) -> SearchResponse:

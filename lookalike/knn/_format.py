@@ -20,6 +20,7 @@ loading never unpickles anything.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import struct
@@ -30,7 +31,7 @@ from typing import Any
 
 import numpy as np
 
-from lookalike.errors import CorruptIndexError, VectorIndexError
+from lookalike.errors import CorruptIndexError, StorageError, VectorIndexError
 
 FORMAT_NAME = "lookalike.index"
 FORMAT_VERSION = 1
@@ -91,7 +92,10 @@ def write_index_file(
     arrays: dict[str, np.ndarray],
     metadata: dict[str, Any] | None = None,
 ) -> None:
-    """Write an index file atomically (a temporary file renamed over ``path``).
+    """Write an index file atomically: a temporary file in the same folder, synced to disk,
+    then renamed over ``path``. When that fails (a full disk, a read-only folder) the
+    temporary file is removed, an older file at ``path`` is left as it was, and
+    :class:`StorageError` names ``path``.
 
     ``metadata`` is the owner's JSON (e.g. which catalog state the index reflects); it comes
     back from :func:`read_index_header` without reading the payload.
@@ -143,10 +147,30 @@ def write_index_file(
                 handle.write(b"\0" * (start + section_offset - handle.tell()))
                 handle.write(data)
             handle.write(b"\0" * (start + offset - handle.tell()))
+            handle.flush()
+            os.fsync(handle.fileno())  # on disk before it replaces the old file
         os.replace(temporary, path)
-    except BaseException:
-        temporary.unlink(missing_ok=True)
+    except BaseException as error:
+        with contextlib.suppress(OSError):
+            temporary.unlink(missing_ok=True)
+        if isinstance(error, OSError):
+            raise StorageError.from_os_error(error, path) from error
         raise
+    _sync_folder(path.parent)
+
+
+def _sync_folder(folder: Path) -> None:
+    """Make a rename in ``folder`` durable (best effort: not every system can open a folder)."""
+    try:
+        descriptor = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(descriptor)
+    except OSError:
+        pass
+    finally:
+        os.close(descriptor)
 
 
 def _require(condition: bool, path: Path, reason: str) -> None:
@@ -185,6 +209,37 @@ def read_index_header(path: str | Path) -> dict[str, Any]:
             return _read_header(handle, os.fstat(handle.fileno()).st_size, path)[0]
     except OSError as error:
         raise VectorIndexError(f"{path}: cannot open index file ({error})") from error
+
+
+def verify_index_file(path: str | Path, *, chunk_bytes: int = 16 * 1024 * 1024) -> dict[str, Any]:
+    """Verify every checksum and size of an index file without loading its payload (read in
+    chunks of ``chunk_bytes``); returns its header. Raises as :func:`read_index_file` does."""
+    path = Path(path)
+    try:
+        handle = open(path, "rb")  # noqa: SIM115 - closed below, after a size check
+    except OSError as error:
+        raise VectorIndexError(f"{path}: cannot open index file ({error})") from error
+    with handle:
+        size = os.fstat(handle.fileno()).st_size
+        header, start = _read_header(handle, size, path)
+        payload = header["payload_bytes"]
+        _require(
+            size == start + payload,
+            path,
+            f"file is {size} bytes but its header describes {start + payload}"
+            " (truncated or trailing data)",
+        )
+        for section in header["sections"]:
+            name, offset, nbytes = _section_extent(section, payload, path)
+            handle.seek(start + offset)
+            crc, left = 0, nbytes
+            while left:
+                block = handle.read(min(left, chunk_bytes))
+                _require(len(block) > 0, path, f"section {name!r} is truncated")
+                crc = zlib.crc32(block, crc)
+                left -= len(block)
+            _require(crc == section["crc32"], path, f"section {name!r} checksum mismatch")
+    return header
 
 
 def _read_header(handle: Any, size: int, path: Path) -> tuple[dict[str, Any], int]:
@@ -233,9 +288,8 @@ def _check_header(header: Any, path: Path) -> None:
     _require(header["dim"] > 0 and header["count"] >= 0, path, "header has impossible sizes")
 
 
-def _read_section(
-    handle: Any, section: Any, start: int, payload_bytes: int, path: Path
-) -> np.ndarray:
+def _section_extent(section: Any, payload_bytes: int, path: Path) -> tuple[str, int, int]:
+    """(name, offset, nbytes) of a section entry that is consistent with its payload."""
     _require(isinstance(section, dict), path, "bad section entry")
     name, dtype, shape = section.get("name"), section.get("dtype"), section.get("shape")
     offset, nbytes, crc = section.get("offset"), section.get("nbytes"), section.get("crc32")
@@ -251,16 +305,22 @@ def _read_section(
         path,
         f"section {name!r} has a bad offset or size",
     )
-    array = np.dtype(dtype)
-    expected = int(np.prod(shape, dtype=np.int64)) * array.itemsize
+    expected = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
     _require(
         nbytes == expected and offset >= 0 and offset + nbytes <= payload_bytes,
         path,
         f"section {name!r} does not fit the payload",
     )
-    result = np.empty(shape, dtype=array)
+    return name, offset, nbytes
+
+
+def _read_section(
+    handle: Any, section: Any, start: int, payload_bytes: int, path: Path
+) -> np.ndarray:
+    name, offset, nbytes = _section_extent(section, payload_bytes, path)
+    result = np.empty(section["shape"], dtype=np.dtype(section["dtype"]))
     view = _as_bytes(result)
     handle.seek(start + offset)
     _require(handle.readinto(view) == nbytes, path, f"section {name!r} is truncated")
-    _require(zlib.crc32(view) == crc, path, f"section {name!r} checksum mismatch")
+    _require(zlib.crc32(view) == section["crc32"], path, f"section {name!r} checksum mismatch")
     return result

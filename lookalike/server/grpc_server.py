@@ -168,7 +168,9 @@ class SimilarImageServicer(classic_grpc.SimilarImageServicer):  # type: ignore[m
             try:
                 images.append(self.service.image_pixels(result.id, size).tobytes())
             except (NotFoundError, ImageError):
-                continue  # removed meanwhile, or its file is no longer readable
+                # Removed meanwhile, or its file is unreadable or no longer the one indexed
+                # (SearchService.image_pixels reads only the catalogued file, unchanged).
+                continue
             if len(images) == FIND_SIMILAR_COUNT:
                 break
         if len(images) < FIND_SIMILAR_COUNT:
@@ -186,7 +188,9 @@ class SimilarImageServicer(classic_grpc.SimilarImageServicer):  # type: ignore[m
         )
 
     def _side(self, image_size: float) -> int:
-        """The square's side: a positive whole number within the pixel limit."""
+        """The square's side: a positive whole number within the pixel limit, and small
+        enough that the reply (five RGB images of that side) stays within
+        ``max_find_similar_size``."""
         if not math.isfinite(image_size) or image_size < 1 or image_size != int(image_size):
             raise RequestError(f"image_size must be a positive whole number, got {image_size}")
         side = int(image_size)
@@ -201,6 +205,15 @@ class SimilarImageServicer(classic_grpc.SimilarImageServicer):  # type: ignore[m
             raise RequestError(
                 f"image_size {side} means {side * side * 3} bytes per RGB reply image, over "
                 f"the limit of {limits.max_upload_bytes}"
+            )
+        if side > limits.max_find_similar_size:
+            # The reply holds five such images: bounded so that a client can receive it.
+            reply = FIND_SIMILAR_COUNT * side * side * 3
+            raise RequestError(
+                f"image_size {side} is over the limit of {limits.max_find_similar_size}: the "
+                f"reply would hold {FIND_SIMILAR_COUNT} RGB images of {side} x {side} "
+                f"({reply / 1e6:.1f} MB); ask for an image_size of at most "
+                f"{limits.max_find_similar_size}"
             )
         return side
 

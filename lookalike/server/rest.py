@@ -10,15 +10,14 @@ import json
 import logging
 import mimetypes
 import os
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager
 from importlib import resources
-from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, BinaryIO
 
 from fastapi import FastAPI, File, Form, Header, Query, Request, Response, UploadFile
 from fastapi import Path as PathParam
-from fastapi.responses import FileResponse, HTMLResponse, JSONResponse
+from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, StreamingResponse
 from pydantic import BaseModel, Field
 from starlette.concurrency import run_in_threadpool
 
@@ -84,6 +83,17 @@ def _error_reply(error: BaseException, service: SearchService) -> JSONResponse:
         {"detail": public_message(error, service.private_locations())},
         status_code=entry.http,
     )
+
+
+def _chunks(handle: BinaryIO, size: int) -> Iterator[bytes]:
+    """The first ``size`` bytes of an open file, a chunk at a time; closes it."""
+    with handle:
+        while size > 0:
+            chunk = handle.read(min(size, 1 << 20))
+            if not chunk:
+                return
+            size -= len(chunk)
+            yield chunk
 
 
 def _reply(response: SearchResponse) -> SearchReply:
@@ -221,19 +231,25 @@ def create_app(service: SearchService) -> FastAPI:
         """The k indexed images most like an indexed one (from its stored vector)."""
         return _reply(service.search_by_id(image_id, k=k, metric=metric, threshold=threshold))
 
-    @app.get("/images/{image_id}", response_class=FileResponse, responses={404: {}})
-    def original(image_id: ImageId) -> FileResponse:
-        """The indexed file itself."""
-        record = service.record(image_id)
-        path = Path(record.path)
-        if not path.is_file():
-            raise NotFoundError(f"the file of image {image_id} is no longer on disk")
-        media_type = mimetypes.guess_type(path.name)[0] or "application/octet-stream"
-        return FileResponse(path, media_type=media_type)
+    @app.get("/images/{image_id}", response_class=FileResponse, responses={404: {}, 409: {}})
+    def original(image_id: ImageId) -> Response:
+        """The indexed file itself, only while it is still the file that was indexed (409
+        when it changed since)."""
+        record, handle = service.open_file(image_id)
+        name = os.path.basename(record.path)
+        media_type = mimetypes.guess_type(name)[0] or "application/octet-stream"
+        return StreamingResponse(
+            _chunks(handle, record.size),
+            media_type=media_type,
+            headers={"Content-Length": str(record.size)},
+        )
 
-    @app.get("/images/{image_id}/thumbnail", responses={200: {"content": {"image/jpeg": {}}}})
+    @app.get(
+        "/images/{image_id}/thumbnail",
+        responses={200: {"content": {"image/jpeg": {}}}, 404: {}, 409: {}},
+    )
     def thumbnail(image_id: ImageId) -> Response:
-        """A small JPEG of the image."""
+        """A small JPEG of the image (409 when its file changed since it was indexed)."""
         try:
             data = service.thumbnail(image_id)
         except ImageError as error:

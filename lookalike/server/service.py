@@ -26,7 +26,7 @@ from lookalike.catalog import ImageRecord
 from lookalike.core.collection import Collection
 from lookalike.core.results import SearchResponse
 from lookalike.core.search import Searcher, SearchOptions
-from lookalike.errors import AuthError, NotFoundError, RequestError
+from lookalike.errors import AuthError, FileChangedError, NotFoundError, RequestError
 from lookalike.images import ImageSource, load_image
 from lookalike.knn.base import Metric
 
@@ -62,13 +62,6 @@ class ServiceLimits:
     # images of that size: 512 keeps it at 3.9 MB, within the 4 MiB a gRPC client accepts by
     # default (1024 would be 15.7 MB, 2600 101 MB).
     max_find_similar_size: int = 512
-
-
-class FileChangedError(NotFoundError):
-    """An image's file is on disk but is no longer the file that was indexed: modified, not a
-    regular file any more, or a link to a file outside the indexed folders. Its bytes are not
-    served; indexing its folder again brings the catalog in line. The REST routes that serve
-    files answer it 409 (Conflict); elsewhere it answers as a NotFoundError."""
 
 
 class SearchService:

@@ -15,6 +15,11 @@ What reaches a client:
 Payloads over a limit (:class:`PayloadTooLargeError`, :class:`DecompressionBombError`) answer
 413 and RESOURCE_EXHAUSTED: the code gRPC itself gives a message over its size limit, so a
 client sees one code for "too large" whichever limit refused it.
+
+A full or failing disk (:class:`StorageError`, and an ``OSError`` such as ENOSPC raised by any
+write on the way) answers 507 Insufficient Storage and RESOURCE_EXHAUSTED ("the entire file
+system is out of space", in gRPC's own words), not 503 / UNAVAILABLE: a retry does not help
+until someone frees space, and 503 invites clients and load balancers to retry at once.
 """
 
 from __future__ import annotations
@@ -36,12 +41,15 @@ from lookalike.errors import (
     DecompressionBombError,
     EmptyCollectionError,
     EncoderError,
+    FileChangedError,
     ImageError,
     LookalikeError,
     ModelMismatchError,
     NotFoundError,
     PayloadTooLargeError,
     RequestError,
+    StorageError,
+    is_storage_failure,
 )
 
 __all__ = [
@@ -89,6 +97,7 @@ ERROR_STATUSES: Mapping[type[BaseException], ErrorStatus] = MappingProxyType(
         ImageError: ErrorStatus(400, _INVALID),
         DecompressionBombError: ErrorStatus(413, _TOO_LARGE),
         NotFoundError: ErrorStatus(404, grpc.StatusCode.NOT_FOUND),
+        FileChangedError: ErrorStatus(409, _PRECONDITION),
         AuthError: ErrorStatus(401, grpc.StatusCode.UNAUTHENTICATED),
         # A fixed text: the library's message has named the collection's folder.
         EmptyCollectionError: ErrorStatus(
@@ -100,6 +109,12 @@ ERROR_STATUSES: Mapping[type[BaseException], ErrorStatus] = MappingProxyType(
             503, grpc.StatusCode.UNAVAILABLE, "the catalog is unavailable"
         ),
         EncoderError: ErrorStatus(500, grpc.StatusCode.INTERNAL, "the encoder failed"),
+        StorageError: ErrorStatus(
+            507,
+            _TOO_LARGE,
+            "the server's disk is full or cannot be written; the request was not completed:"
+            " retry once space is freed",
+        ),
     }
 )
 
@@ -114,7 +129,10 @@ def status_for(kind: type[BaseException]) -> ErrorStatus:
 
 
 def status_of(error: BaseException) -> ErrorStatus:
-    """The entry for an exception."""
+    """The entry for an exception; an ``OSError`` that is the disk's fault (no space left, a
+    read-only or failing disk) answers as a :class:`StorageError`."""
+    if not isinstance(error, LookalikeError) and is_storage_failure(error):
+        return ERROR_STATUSES[StorageError]
     return status_for(type(error))
 
 
