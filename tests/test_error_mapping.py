@@ -38,6 +38,7 @@ from lookalike.errors import (
     NotFoundError,
     PayloadTooLargeError,
     RequestError,
+    StorageError,
     VectorIndexError,
 )
 from lookalike.server.grpc_server import create_grpc_server
@@ -64,6 +65,7 @@ EXPECTED: dict[type[BaseException], tuple[int, grpc.StatusCode]] = {
     HashModelMismatchError: (409, Code.FAILED_PRECONDITION),
     CatalogError: (500, Code.INTERNAL),
     CatalogUnavailableError: (503, Code.UNAVAILABLE),
+    StorageError: (507, Code.RESOURCE_EXHAUSTED),
     EncoderError: (500, Code.INTERNAL),
     FinetuneError: (500, Code.INTERNAL),
     VectorIndexError: (500, Code.INTERNAL),

@@ -283,7 +283,7 @@ def test_rest_and_grpc_add_on_a_full_disk_answer_507_with_a_useful_body(
     from lookalike.server.protos import lookalike_v1_pb2 as v1
     from lookalike.server.protos import lookalike_v1_pb2_grpc as v1_grpc
     from lookalike.server.rest import create_app
-    from lookalike.server.service import UPLOADS, SearchService
+    from lookalike.server.service import SearchService
 
     data = jpeg(photo("camera"))
     disk = tmpfs(folder_size(indexed_elsewhere) // 1024 + 512)
@@ -317,16 +317,9 @@ def test_rest_and_grpc_add_on_a_full_disk_answer_507_with_a_useful_body(
             server.stop(None).wait()
         client.close()
         assert len(collection) == 7
-        # (a .part file in uploads/ is service.py's, see test_a_failed_upload_leaves_no_part_file)
-        assert [p for p in leftovers(disk) if p.parent.name != UPLOADS] == []
+        assert leftovers(disk) == []
 
 
-@pytest.mark.xfail(
-    reason="lookalike/server/service.py SearchService.add writes the upload with "
-    "Path.write_bytes and does not remove its .part file when that write fails (a fix "
-    "for the server's owner: unlink the temporary file on OSError)",
-    strict=False,
-)
 def test_a_failed_upload_leaves_no_part_file(
     tmpfs: Callable[[int], Path], indexed_elsewhere: Path, collection_encoder
 ) -> None:

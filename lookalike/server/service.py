@@ -26,7 +26,13 @@ from lookalike.catalog import ImageRecord
 from lookalike.core.collection import Collection
 from lookalike.core.results import SearchResponse
 from lookalike.core.search import Searcher, SearchOptions
-from lookalike.errors import AuthError, FileChangedError, NotFoundError, RequestError
+from lookalike.errors import (
+    AuthError,
+    FileChangedError,
+    NotFoundError,
+    RequestError,
+    StorageError,
+)
 from lookalike.images import ImageSource, load_image
 from lookalike.knn.base import Metric
 
@@ -217,8 +223,12 @@ class SearchService:
         target = folder / (hashlib.sha256(data).hexdigest()[:32] + extension)
         if not target.exists():
             temporary = target.with_suffix(target.suffix + f".{os.getpid()}.part")
-            temporary.write_bytes(data)
-            os.replace(temporary, target)
+            try:
+                temporary.write_bytes(data)
+                os.replace(temporary, target)
+            except OSError as error:
+                temporary.unlink(missing_ok=True)  # a full disk leaves nothing half-written
+                raise StorageError.from_os_error(error, temporary) from error
         meta = dict(metadata or {})
         if filename:
             meta.setdefault("filename", os.path.basename(filename))
