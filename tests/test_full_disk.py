@@ -113,6 +113,14 @@ def folder_size(folder: Path) -> int:
     return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
 
 
+def copied_onto_small_disk(tmpfs: Callable[[int], Path], collection: Path) -> tuple[Path, Path]:
+    """(disk, copy): a tmpfs with 512 KiB to spare beyond a copy of ``collection`` on it."""
+    disk = tmpfs(folder_size(collection) // 1024 + 512)
+    path = disk / "c"
+    shutil.copytree(collection, path)
+    return disk, path
+
+
 @pytest.fixture
 def indexed_elsewhere(tmp_path: Path, photo_dir: Path, collection_encoder) -> Path:
     """A collection of the six photos on the ordinary disk, never searched (so it has no
@@ -206,9 +214,7 @@ def test_search_on_a_full_disk_answers_from_the_index_in_memory(
     collection_encoder,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    disk = tmpfs(folder_size(indexed_elsewhere) // 1024 + 512)
-    path = disk / "c"
-    shutil.copytree(indexed_elsewhere, path)
+    disk, path = copied_onto_small_disk(tmpfs, indexed_elsewhere)
     # Opened before the disk fills, so SQLite has its shared-memory file; the command-line
     # search below shares it.
     with Collection(path) as collection:
@@ -235,9 +241,7 @@ def test_hash_search_on_a_full_disk_answers_from_the_codes_in_memory(
     from lookalike.hashing import train_head
     from lookalike.hashing.serving import CollectionHashing
 
-    disk = tmpfs(folder_size(indexed_elsewhere) // 1024 + 512)
-    path = disk / "c"
-    shutil.copytree(indexed_elsewhere, path)
+    disk, path = copied_onto_small_disk(tmpfs, indexed_elsewhere)
     with Collection(path) as collection:
         collection.use_encoder(collection_encoder)
         _, vectors = collection.catalog.vectors(collection.model_id)
@@ -257,9 +261,7 @@ def hashing_key(collection: Collection) -> str:
 def test_remove_on_a_full_disk_raises_storage_error_and_keeps_the_image(
     tmpfs: Callable[[int], Path], indexed_elsewhere: Path, photo_dir: Path, collection_encoder
 ) -> None:
-    disk = tmpfs(folder_size(indexed_elsewhere) // 1024 + 512)
-    path = disk / "c"
-    shutil.copytree(indexed_elsewhere, path)
+    disk, path = copied_onto_small_disk(tmpfs, indexed_elsewhere)
     rocket = str(photo_dir / "rocket.jpg")
     with Collection(path) as collection:
         collection.use_encoder(collection_encoder)
@@ -286,9 +288,7 @@ def test_rest_and_grpc_add_on_a_full_disk_answer_507_with_a_useful_body(
     from lookalike.server.service import SearchService
 
     data = jpeg(photo("camera"))
-    disk = tmpfs(folder_size(indexed_elsewhere) // 1024 + 512)
-    path = disk / "c"
-    shutil.copytree(indexed_elsewhere, path)
+    disk, path = copied_onto_small_disk(tmpfs, indexed_elsewhere)
     with Collection(path) as collection:
         collection.use_encoder(collection_encoder)
         service = SearchService(collection)
@@ -326,9 +326,7 @@ def test_a_failed_upload_leaves_no_part_file(
     from lookalike.server.rest import create_app
     from lookalike.server.service import SearchService
 
-    disk = tmpfs(folder_size(indexed_elsewhere) // 1024 + 512)
-    path = disk / "c"
-    shutil.copytree(indexed_elsewhere, path)
+    disk, path = copied_onto_small_disk(tmpfs, indexed_elsewhere)
     with Collection(path) as collection:
         collection.use_encoder(collection_encoder)
         client = TestClient(create_app(SearchService(collection)), raise_server_exceptions=False)

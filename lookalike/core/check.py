@@ -37,6 +37,7 @@ from lookalike.core.derived import DerivedFileStore, VectorIndexes
 from lookalike.core.ingest import (
     EncoderRecipe,
     IndexReport,
+    IngestJob,
     IngestPipeline,
     ProgressCallback,
     ThreadExecutor,
@@ -513,9 +514,8 @@ def _re_embed(
         model_id=model_id,
         model_key=encoder.identity.key,
     )
-    batches = ThreadExecutor().batches(
-        todo, encoder=encoder, recipe=collection.encoder_recipe(), local=local, batch_size=32
-    )
+    job = IngestJob(todo, encoder, collection.encoder_recipe(), local, batch_size=32)
+    batches = ThreadExecutor().batches(job)
     outcome = IndexReport()
     pipeline.run(batches, known, outcome, local=local, total=len(todo), progress=progress)
     failed.update(outcome.failed)

@@ -27,6 +27,7 @@ from lookalike.core.ingest import (
     EncoderRecipe,
     IndexReport,
     IngestExecutor,
+    IngestJob,
     IngestPipeline,
     ProgressCallback,
     ThreadExecutor,
@@ -366,13 +367,7 @@ class Collection:
             todo += [p for p in elsewhere if os.path.isfile(p)]
 
         executor = executor or ThreadExecutor(workers)
-        batches = executor.batches(
-            todo,
-            encoder=encoder,
-            recipe=view.recipe(),
-            local=local,
-            batch_size=batch_size,
-        )
+        batches = executor.batches(IngestJob(todo, encoder, view.recipe(), local, batch_size))
         pipeline.run(batches, known, report, local=local, total=len(todo), progress=progress)
         if self._target is not None:
             report.switch = self._finish_switch()

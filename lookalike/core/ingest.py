@@ -472,21 +472,23 @@ def embed_batch(encoder: Encoder, decoded: list[Decoded], local: LocalFeatureKin
     return Batch(slim, vectors, features, failed)
 
 
-ProgressFiles = Callable[[int], None]
+@dataclass(frozen=True)
+class IngestJob:
+    """What an executor is asked to do: turn ``paths`` into batches of ``batch_size`` images
+    with ``encoder`` (built here) or ``recipe`` (to build it elsewhere), extracting ``local``
+    features when set."""
+
+    paths: list[str]
+    encoder: Encoder
+    recipe: EncoderRecipe
+    local: LocalFeatureKind | None
+    batch_size: int
 
 
 class IngestExecutor(Protocol):
-    """Turns file paths into batches; never writes the catalog."""
+    """Turns a job's file paths into batches; never writes the catalog."""
 
-    def batches(
-        self,
-        paths: list[str],
-        *,
-        encoder: Encoder,
-        recipe: EncoderRecipe,
-        local: LocalFeatureKind | None,
-        batch_size: int,
-    ) -> Iterator[Batch]: ...
+    def batches(self, job: IngestJob) -> Iterator[Batch]: ...
 
 
 @dataclass(frozen=True)
@@ -495,23 +497,19 @@ class ThreadExecutor:
 
     workers: int | None = None
 
-    def batches(
-        self,
-        paths: list[str],
-        *,
-        encoder: Encoder,
-        recipe: EncoderRecipe,
-        local: LocalFeatureKind | None,
-        batch_size: int,
-    ) -> Iterator[Batch]:
+    def batches(self, job: IngestJob) -> Iterator[Batch]:
+        """Batches of the job's files, in order."""
         workers = min(os.cpu_count() or 1, 4) if self.workers is None else self.workers
+        encoder, local = job.encoder, job.local
         sift = local.sift if local is not None else None
         pending: list[Decoded] = []
-        for decoded in decode_all(paths, encoder.preprocess, workers=workers, local=sift):
+        decoded_ok = 0
+        for decoded in decode_all(job.paths, encoder.preprocess, workers=workers, local=sift):
             pending.append(decoded)
-            if sum(1 for d in pending if d.error is None) >= batch_size:
+            decoded_ok += decoded.error is None
+            if decoded_ok >= job.batch_size:
                 yield embed_batch(encoder, pending, local)
-                pending = []
+                pending, decoded_ok = [], 0
         if pending:
             yield embed_batch(encoder, pending, local)
 

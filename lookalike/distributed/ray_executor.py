@@ -28,9 +28,8 @@ from typing import Any
 
 import numpy as np
 
-from lookalike.core.ingest import Batch, EncoderRecipe, decode_file, embed_batch
+from lookalike.core.ingest import Batch, EncoderRecipe, IngestJob, decode_file, embed_batch
 from lookalike.core.local_store import LocalFeatureKind
-from lookalike.encoders.base import Encoder
 from lookalike.errors import DistributedError, LookalikeError, ModelMismatchError
 
 ACTOR_PREFIX = "lookalike-embed"
@@ -119,23 +118,16 @@ class RayExecutor:
 
     options: RayOptions = RayOptions()
 
-    def batches(
-        self,
-        paths: list[str],
-        *,
-        encoder: Encoder,
-        recipe: EncoderRecipe,
-        local: LocalFeatureKind | None,
-        batch_size: int,
-    ) -> Iterator[Batch]:
-        """Batches of ``batch_size`` files, in the order workers finish them."""
+    def batches(self, job: IngestJob) -> Iterator[Batch]:
+        """Batches of the job's files, in the order workers finish them."""
+        paths, size = job.paths, job.batch_size
         if not paths:
             return
-        chunks = [paths[start : start + batch_size] for start in range(0, len(paths), batch_size)]
+        chunks = [paths[start : start + size] for start in range(0, len(paths), size)]
         with ray_session(self.options.address) as ray:
-            workers = _start_workers(ray, recipe, self.options, local, len(chunks))
+            workers = _start_workers(ray, job.recipe, self.options, job.local, len(chunks))
             try:
-                _check_identity(ray, workers, encoder.identity.key)
+                _check_identity(ray, workers, job.encoder.identity.key)
                 yield from _run_chunks(ray, workers, chunks)
             finally:
                 for worker in workers:
