@@ -66,7 +66,13 @@ def add_dedup_arguments(parser: argparse.ArgumentParser) -> None:
         type=int,
         help=f"verified: RANSAC inliers that confirm a pair (default {DEFAULT_MIN_INLIERS})",
     )
-    parser.add_argument("--format", choices=("table", "json", "csv"), default="table")
+    parser.add_argument(
+        "--format",
+        choices=("table", "json", "csv", "paths"),
+        default="table",
+        help="table: for people; json: one object; csv: one row an image with a header; "
+        "paths: the paths of the duplicates only (never the keepers), one a line, for xargs",
+    )
     parser.add_argument(
         "--move-to",
         metavar="DIR",
@@ -106,7 +112,12 @@ def run_dedup(args: argparse.Namespace) -> int:
             moves = plan_moves(report.groups, args.move_to, root=folder)
             if args.apply:
                 moves = apply_moves(collection, moves)
-    printer = {"table": _print_table, "json": _print_json, "csv": _print_csv}[args.format]
+    printer = {
+        "table": _print_table,
+        "json": _print_json,
+        "csv": _print_csv,
+        "paths": _print_paths,
+    }[args.format]
     printer(report, moves, applied=args.apply)
     return 0
 
@@ -227,5 +238,14 @@ def _print_csv(report: DedupReport, moves: list[Move] | None, *, applied: bool) 
             if move is not None:
                 row.update(target=move.target, status=move.status)
             writer.writerow(row)
+    for path, reason in report.failed:
+        print(f"lookalike: could not read {path}: {reason}", file=sys.stderr)
+
+
+def _print_paths(report: DedupReport, moves: list[Move] | None, *, applied: bool) -> None:
+    """The duplicates' paths, one a line (the keepers are left out: what to act on)."""
+    for group in report.groups:
+        for duplicate in group.duplicates:
+            print(duplicate.path)
     for path, reason in report.failed:
         print(f"lookalike: could not read {path}: {reason}", file=sys.stderr)

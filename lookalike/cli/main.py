@@ -23,6 +23,7 @@ from lookalike.errors import LookalikeError
 
 if TYPE_CHECKING:
     from lookalike.core.ingest import IngestExecutor
+    from lookalike.core.results import SearchResult
 
 
 def _cmd_index(args: argparse.Namespace) -> int:
@@ -87,13 +88,32 @@ def _ray_executor(args: argparse.Namespace) -> IngestExecutor | None:
     return RayExecutor(RayOptions(address=args.ray or None, workers=args.ray_workers))
 
 
+def _weights(text: str | None) -> list[float] | None:
+    """``--weights 2,1,0.5``: one number per query part."""
+    if text is None:
+        return None
+    try:
+        return [float(item) for item in text.split(",")]
+    except ValueError:
+        raise LookalikeError(
+            f"--weights takes comma-separated numbers (positives, negatives, text), got {text!r}"
+        ) from None
+
+
 def _cmd_search(args: argparse.Namespace) -> int:
     from lookalike.core.filters import parse_where
-    from lookalike.core.search import SearchOptions
+    from lookalike.core.search import Query, SearchOptions
+    from lookalike.errors import RequestError
 
-    if (args.image is None) == (args.text is None):
-        raise LookalikeError("search needs one query: an IMAGE or --text TEXT")
-    query = args.image if args.text is None else args.text
+    output = "json" if args.json else args.format
+    if args.json and args.format not in ("table", "json"):
+        raise RequestError(f"--json is --format json; it cannot go with --format {args.format}")
+    query = Query.of(
+        args.images, negatives=args.negatives, text=args.text, weights=_weights(args.weights)
+    )
+    shown = " ".join([*args.images, *(f"--not {n}" for n in args.negatives)])
+    if args.text is not None:
+        shown = f"{shown} {args.text}".strip() if args.images or args.negatives else args.text
     options = SearchOptions(
         k=args.k,
         metric=args.metric,
@@ -104,28 +124,44 @@ def _cmd_search(args: argparse.Namespace) -> int:
         multi_crop=args.multi_crop,
     )
     with open_collection(args, create=False, runtime=args.runtime) as collection:
-        searcher = collection.searcher
-        if args.text is not None:
-            response = searcher.search_text(args.text, options)
-        else:
-            response = searcher.search_image(args.image, options)
-    if args.json:
+        response = collection.searcher.search_query(query, options)
+    if output == "json":
         payload = {
-            "query": str(query),
+            "query": shown,
             "metric": response.metric.value,
             "threshold": response.threshold,
             "no_close_match": response.no_close_match,
             "results": [asdict(r) for r in response.results],
         }
         print(json.dumps(payload, indent=2))
+    elif output == "paths":
+        for result in response.results:
+            print(result.path)
+    elif output == "csv":
+        _print_search_csv(response.results)
     elif response.no_close_match:
         best = "" if response.best_score is None else f" (best score {response.best_score:.4f})"
-        print(f"no close match for {query} at threshold {args.threshold}{best}")
+        print(f"no close match for {shown} at threshold {args.threshold}{best}")
     else:
         for rank, result in enumerate(response.results, 1):
             meta = " ".join(f"{k}={v}" for k, v in result.metadata.items())
             print(f"{rank:3d}  {result.score:8.4f}  {result.path}  {meta}".rstrip())
     return 0
+
+
+def _print_search_csv(results: Sequence[SearchResult]) -> None:
+    """rank, score, id, path, then one column per metadata key (in order of appearance)."""
+    import csv
+
+    keys: list[str] = []
+    for result in results:
+        keys += [key for key in result.metadata if key not in keys]
+    writer = csv.writer(sys.stdout, lineterminator="\n")
+    writer.writerow(["rank", "score", "id", "path", *keys])
+    for rank, result in enumerate(results, 1):
+        values = [result.metadata.get(key, "") for key in keys]
+        cells = [v if isinstance(v, str) else json.dumps(v) for v in values]
+        writer.writerow([rank, f"{result.score:.6f}", result.id, result.path, *cells])
 
 
 def _cmd_info(args: argparse.Namespace) -> int:
@@ -353,11 +389,28 @@ def build_parser() -> argparse.ArgumentParser:
     index.set_defaults(run=_cmd_index)
 
     search = commands.add_parser(
-        "search", help="find the images most like IMAGE, or matching --text (CLIP models)"
+        "search",
+        help="find the images most like IMAGE(s), or matching --text (CLIP models)",
+        description="Search by one or more images, minus --not images, plus --text: the "
+        "query is the weighted sum of the parts' normalised vectors (negatives subtracted), "
+        'renormalised. E.g. lookalike search a.jpg b.jpg --not c.jpg --text "red" '
+        "--weights 2,1,1,0.5",
     )
-    search.add_argument("image", nargs="?")
+    search.add_argument("images", nargs="*", metavar="IMAGE", help="positive query images")
     search.add_argument(
-        "--text", help="search by a text query instead of an image (needs a CLIP model)"
+        "--not",
+        dest="negatives",
+        action="append",
+        default=[],
+        metavar="IMAGE",
+        help="a negative image: move away from it (repeatable)",
+    )
+    search.add_argument("--text", help="a text query, alone or with images (needs a CLIP model)")
+    search.add_argument(
+        "--weights",
+        metavar="W,W,...",
+        help="one positive weight per part, in the order: positives, negatives, text "
+        "(default all 1; a negative's weight is subtracted)",
     )
     search.add_argument("-k", type=int, default=10)
     search.add_argument("--metric", choices=("cosine", "euclidean", "dot"), default="cosine")
@@ -379,7 +432,14 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="also search with the query's centre and corner crops; best score per image",
     )
-    search.add_argument("--json", action="store_true")
+    search.add_argument(
+        "--format",
+        choices=("table", "json", "csv", "paths"),
+        default="table",
+        help="table: for people; json: one object; csv: rank,score,id,path then metadata "
+        "columns, with a header; paths: one path a line, for xargs",
+    )
+    search.add_argument("--json", action="store_true", help="the same as --format json")
     search.add_argument("--runtime", choices=("auto", "onnx", "torch"), default="auto")
     search.set_defaults(run=_cmd_search)
 

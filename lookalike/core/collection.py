@@ -47,7 +47,7 @@ from lookalike.core.models import (
     requested_choice,
 )
 from lookalike.core.results import SearchResponse, SearchResult
-from lookalike.core.search import Searcher, SearchOptions
+from lookalike.core.search import Query, Searcher, SearchOptions
 from lookalike.core.transform import WHITENING_SETTING, PreparedIndex, parse_whitening
 from lookalike.encoders.base import Encoder
 from lookalike.errors import LookalikeError, NotAnImageError
@@ -479,6 +479,40 @@ class Collection:
             multi_crop=multi_crop,
         )
         return self.searcher.search_image(query, options)
+
+    def search_many(
+        self,
+        positives: Sequence[ImageSource] = (),
+        *,
+        negatives: Sequence[ImageSource] = (),
+        text: str | None = None,
+        weights: Sequence[float] | None = None,
+        k: int = 10,
+        metric: str | Metric = Metric.COSINE,
+        threshold: float | None = None,
+        where: Where | None = None,
+        query_expansion: int = 0,
+        rerank: int = 0,
+        multi_crop: bool = False,
+    ) -> SearchResponse:
+        """The ``k`` indexed images most like a combined query: several ``positives``,
+        ``negatives`` to move away from, and a ``text`` (encoders with
+        ``capabilities.text`` only), weighted by ``weights`` in that order (default all 1).
+        The query vector is the weighted sum of the parts' L2-normalised vectors, negatives
+        subtracted, renormalised; filters, threshold and query expansion apply to it,
+        re-ranking compares with the first positive, and ``multi_crop`` needs a query of
+        one image. Bad weights or an empty query raise ``RequestError``."""
+        options = SearchOptions(
+            k=k,
+            metric=Metric.parse(metric),
+            threshold=threshold,
+            where=where,
+            query_expansion=query_expansion,
+            rerank=rerank,
+            multi_crop=multi_crop,
+        )
+        query = Query.of(positives, negatives=negatives, text=text, weights=weights)
+        return self.searcher.search_query(query, options)
 
     def search_text(
         self,

@@ -9,12 +9,18 @@ A query is one or more vectors (an image's, its crops', a text's, or a stored im
 4. multi-crop views merged, each image keeping its best score;
 5. re-ranking by local features (SIFT or patch tokens) when asked (cosine only);
 6. the cut to ``k`` and the threshold (:func:`lookalike.core.results.cut`).
+
+A combined :class:`Query` (several positive images, negative images, a text, each weighted)
+becomes one vector first: the weighted sum of the parts' L2-normalised vectors, negatives
+subtracted, renormalised (:meth:`Searcher.query_views`); the steps above then apply to it.
+Measured against reciprocal-rank fusion in ``benchmarks/results/combined_queries.md``.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
+import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -41,6 +47,104 @@ from lookalike.knn.exact import score_matrix
 
 # Records are fetched this many at a time when every image is ranked exactly.
 _EXHAUSTIVE_CHUNK = 1024
+
+# The most parts (images, negatives, text) one combined query may have.
+MAX_QUERY_PARTS = 16
+
+QUERY_KINDS = ("image", "negative", "text")
+
+
+@dataclass(frozen=True)
+class QueryPart:
+    """One part of a combined query: a positive ``image``, a ``negative`` image or a
+    ``text``, with its weight (a positive number; a negative's weight is subtracted)."""
+
+    kind: str
+    source: Any
+    weight: float = 1.0
+
+
+@dataclass(frozen=True)
+class Query:
+    """A combined query: its parts, in the order positives, negatives, text. Build it with
+    :meth:`Query.of`, which checks it."""
+
+    parts: tuple[QueryPart, ...]
+
+    @classmethod
+    def of(
+        cls,
+        positives: Sequence[ImageSource] = (),
+        *,
+        negatives: Sequence[ImageSource] = (),
+        text: str | None = None,
+        weights: Sequence[float] | None = None,
+    ) -> Query:
+        """The query of ``positives``, ``negatives`` and ``text``; ``weights`` (default all
+        1) in that order: one per positive, one per negative, then one for the text."""
+        if isinstance(positives, str | bytes | os.PathLike) or not isinstance(positives, Sequence):
+            positives = [positives]
+        if isinstance(negatives, str | bytes | os.PathLike) or not isinstance(negatives, Sequence):
+            negatives = [negatives]
+        kinds = ["image"] * len(positives) + ["negative"] * len(negatives)
+        sources: list[Any] = [*positives, *negatives]
+        if text is not None:
+            kinds.append("text")
+            sources.append(text)
+        if weights is None:
+            weights = [1.0] * len(kinds)
+        weights = list(weights)
+        if len(weights) != len(kinds):
+            raise RequestError(
+                f"{len(weights)} weight(s) for {len(kinds)} query part(s); give one per "
+                "positive image, then one per negative image, then one for the text"
+            )
+        return cls(
+            tuple(
+                QueryPart(kind, source, float(weight))
+                for kind, source, weight in zip(kinds, sources, weights, strict=True)
+            )
+        )
+
+    def __post_init__(self) -> None:
+        if len(self.parts) > MAX_QUERY_PARTS:
+            raise RequestError(
+                f"a query may have at most {MAX_QUERY_PARTS} parts, got {len(self.parts)}"
+            )
+        for part in self.parts:
+            if part.kind not in QUERY_KINDS:
+                raise RequestError(f"unknown query part {part.kind!r}")
+            if not math.isfinite(part.weight) or part.weight <= 0:
+                raise RequestError(
+                    f"weights must be positive numbers (a negative image's weight is "
+                    f"subtracted), got {part.weight} for a {part.kind} part"
+                )
+        if not self.positives and self.text is None:
+            if self.negatives:
+                raise RequestError(
+                    "a query of negative images only has nothing to search for; add a "
+                    "positive image or a text"
+                )
+            raise RequestError("the query is empty: give at least one image or a text")
+        if sum(part.kind == "text" for part in self.parts) > 1:
+            raise RequestError("a query takes one text at most")
+
+    @property
+    def positives(self) -> list[QueryPart]:
+        return [part for part in self.parts if part.kind == "image"]
+
+    @property
+    def negatives(self) -> list[QueryPart]:
+        return [part for part in self.parts if part.kind == "negative"]
+
+    @property
+    def text(self) -> QueryPart | None:
+        return next((part for part in self.parts if part.kind == "text"), None)
+
+    @property
+    def single_image(self) -> bool:
+        """Whether the query is one positive image and nothing else (a plain image search)."""
+        return len(self.parts) == 1 and self.parts[0].kind == "image"
 
 
 @dataclass(frozen=True)
@@ -162,6 +266,59 @@ class Searcher:
         if options.rerank:
             raise RequestError("re-ranking compares images; a text query has none")
         return self.search_views(self.text_vector(text), options)
+
+    def check_query(self, query: Query, options: SearchOptions) -> None:
+        """Refuse option combinations a combined query cannot honour."""
+        if query.single_image:
+            return
+        if options.multi_crop:
+            raise RequestError(
+                "multi-crop applies to a single-image query only; this query has "
+                f"{len(query.parts)} parts"
+            )
+        if query.text is not None and options.metric is not Metric.COSINE:
+            raise RequestError("a query with text ranks by cosine")
+        if options.rerank and not query.positives:
+            raise RequestError("re-ranking compares images; a text query has none")
+
+    def query_views(self, query: Query, options: SearchOptions) -> np.ndarray:
+        """The query vector(s) of a combined query: a single image's views (with its crops
+        under ``multi_crop``), else the weighted sum of the parts' L2-normalised vectors,
+        negatives subtracted, renormalised. No catalog or index access: safe outside a lock."""
+        self.check_query(query, options)
+        if query.single_image:
+            return self.image_views(query.parts[0].source, options)
+        text = query.text
+        text_vector = self.text_vector(str(text.source)) if text is not None else None
+        images = [part for part in query.parts if part.kind != "text"]
+        rows = []
+        if images:
+            embedded = self.encoder.embed([part.source for part in images])
+            for part, vector in zip(images, embedded, strict=True):
+                sign = -1.0 if part.kind == "negative" else 1.0
+                rows.append(sign * part.weight * _unit(vector))
+        if text is not None and text_vector is not None:
+            rows.append(text.weight * _unit(text_vector[0]))
+        combined = np.sum(rows, axis=0)
+        norm = float(np.linalg.norm(combined))
+        if not math.isfinite(norm) or norm < 1e-6:
+            raise RequestError("the query's parts cancel out: nothing is left to search for")
+        return np.asarray(combined / norm, dtype=np.float32)[None, :]
+
+    def rerank_image(self, query: Query, options: SearchOptions) -> Image.Image | None:
+        """The image re-ranking compares against: the first positive (only with ``rerank``)."""
+        if not options.rerank or not query.positives:
+            return None
+        source = query.positives[0].source
+        return source if isinstance(source, Image.Image) else load_image(source)
+
+    def search_query(self, query: Query, options: SearchOptions) -> SearchResponse:
+        """The images most like a combined query (see :class:`Query`)."""
+        query = _read_files(query)
+        if query.text is not None and not query.positives and not query.negatives:
+            return self.search_text(str(query.text.source), options)
+        views = self.query_views(query, options)
+        return self.search_views(views, options, query_image=self.rerank_image(query, options))
 
     def search_id(self, image_id: int, options: SearchOptions) -> SearchResponse:
         """The images most like an indexed one, from its stored vector (no decoding)."""
@@ -318,6 +475,26 @@ def expand_query(
     expanded = prepared[0] + weights @ neighbours
     normalised: np.ndarray = (expanded / max(float(np.linalg.norm(expanded)), 1e-12))[None, :]
     return normalised
+
+
+def _unit(vector: np.ndarray) -> np.ndarray:
+    vector = np.asarray(vector, dtype=np.float64).reshape(-1)
+    norm = float(np.linalg.norm(vector))
+    if not math.isfinite(norm) or norm < 1e-12:
+        raise RequestError("a query part has no direction (its vector is zero)")
+    unit: np.ndarray = vector / norm
+    return unit
+
+
+def _read_files(query: Query) -> Query:
+    """``query`` with file objects read once (the encoder and re-ranking both decode)."""
+    parts = tuple(
+        dataclasses.replace(part, source=part.source.read())
+        if hasattr(part.source, "read")
+        else part
+        for part in query.parts
+    )
+    return Query(parts)
 
 
 def _merge_views(per_view: list[list[SearchResult]], metric: Metric) -> list[SearchResult]:

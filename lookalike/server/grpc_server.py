@@ -49,6 +49,7 @@ from google.protobuf.unknown_fields import (  # type: ignore[import-untyped, unu
 from PIL import Image
 
 from lookalike.core.results import SearchResponse
+from lookalike.core.search import MAX_QUERY_PARTS
 from lookalike.errors import (
     ImageError,
     LookalikeError,
@@ -535,24 +536,48 @@ class LookalikeServicer(v1_grpc.LookalikeServicer):  # type: ignore[misc]
     @_guarded
     def Search(self, request: v1.SearchRequest, context: grpc.ServicerContext) -> v1.SearchReply:
         """The k indexed images most like the uploaded file, best first."""
-        _check_upload_size(request.image, self.service.limits.max_upload_bytes, "image")
+        limit = self.service.limits.max_upload_bytes
+        images = ([request.image] if request.image else []) + list(request.images)
+        negatives = list(request.negatives)
+        if len(images) + len(negatives) > MAX_QUERY_PARTS:
+            raise RequestError(f"a query may have at most {MAX_QUERY_PARTS} parts")
+        for number, data in enumerate(images):
+            _check_upload_size(data, limit, "image" if number == 0 else f"images[{number}]")
+        for number, data in enumerate(negatives):
+            _check_upload_size(data, limit, f"negatives[{number}]")
         k = self.service.check_k(request.k or _DEFAULT_K)
         metric = _metric(request.metric)
         threshold = request.threshold if request.HasField("threshold") else None
         if threshold is not None and not math.isfinite(threshold):
             raise RequestError(f"threshold must be a finite number, got {threshold}")
+        combined = bool(request.images or negatives or request.text or request.weights)
         try:
-            response = self.service.search(
-                request.image,
-                name="image",
-                k=k,
-                metric=metric,
-                threshold=threshold,
-                where=dict(request.where),
-                query_expansion=request.query_expansion,
-                rerank=request.rerank,
-                multi_crop=request.multi_crop,
-            )
+            if not combined:
+                response = self.service.search(
+                    request.image,
+                    name="image",
+                    k=k,
+                    metric=metric,
+                    threshold=threshold,
+                    where=dict(request.where),
+                    query_expansion=request.query_expansion,
+                    rerank=request.rerank,
+                    multi_crop=request.multi_crop,
+                )
+            else:
+                response = self.service.search_many(
+                    images,
+                    negatives=negatives,
+                    text=request.text or None,
+                    weights=list(request.weights) or None,
+                    k=k,
+                    metric=metric,
+                    threshold=threshold,
+                    where=dict(request.where),
+                    query_expansion=request.query_expansion,
+                    rerank=request.rerank,
+                    multi_crop=request.multi_crop,
+                )
         except ImageError as error:
             raise _named(error, "image") from None
         return _search_reply(response)

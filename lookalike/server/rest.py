@@ -24,6 +24,7 @@ from starlette.concurrency import run_in_threadpool
 from lookalike.core.collection import Collection
 from lookalike.core.filters import parse_where
 from lookalike.core.results import SearchResponse
+from lookalike.core.search import MAX_QUERY_PARTS
 from lookalike.errors import (
     ImageError,
     LookalikeError,
@@ -94,6 +95,18 @@ def _chunks(handle: BinaryIO, size: int) -> Iterator[bytes]:
                 return
             size -= len(chunk)
             yield chunk
+
+
+def _parse_weights(text: str | None) -> list[float] | None:
+    """The ``weights`` form field: comma-separated numbers."""
+    if text is None or not text.strip():
+        return None
+    try:
+        return [float(item) for item in text.split(",")]
+    except ValueError:
+        raise RequestError(
+            "weights takes comma-separated numbers (images, negatives, text)"
+        ) from None
 
 
 def _reply(response: SearchResponse) -> SearchReply:
@@ -188,7 +201,24 @@ def create_app(service: SearchService) -> FastAPI:
 
     @app.post("/search", response_model=SearchReply, responses={400: {}, 409: {}, 413: {}})
     async def search(
-        image: Annotated[UploadFile, File(description="the query image file")],
+        image: Annotated[
+            list[UploadFile],
+            File(description="the query image file; repeat the part for several positives"),
+        ],
+        negative: Annotated[
+            list[UploadFile] | None,
+            File(description="a negative image to move away from (repeatable)"),
+        ] = None,
+        text: Annotated[
+            str | None, Form(description="a text to combine with the images (CLIP models)")
+        ] = None,
+        weights: Annotated[
+            str | None,
+            Form(
+                description="comma-separated positive weights, one per part in the order: "
+                "images, negatives, text (default all 1)"
+            ),
+        ] = None,
         k: Annotated[int, Form(ge=1)] = 10,
         metric: Annotated[str, Form(pattern="^(cosine|euclidean|dot)$")] = "cosine",
         threshold: Annotated[float | None, Form(allow_inf_nan=False)] = None,
@@ -198,17 +228,30 @@ def create_app(service: SearchService) -> FastAPI:
             int, Form(ge=0, description="verify the best N by local features (0 to max k)")
         ] = 0,
         multi_crop: Annotated[
-            bool, Form(description="also search with the query's centre and corner crops")
+            bool,
+            Form(
+                description="also search with the query's centre and corner crops "
+                "(single-image queries only)"
+            ),
         ] = False,
     ) -> SearchReply:
-        """The k indexed images most like the uploaded one."""
-        data = await _read_upload(image, limits)
+        """The k indexed images most like the uploaded one, or like a combined query: the
+        weighted sum of the parts' normalised vectors (negatives subtracted), renormalised."""
+        negatives = negative or []
+        if len(image) + len(negatives) > MAX_QUERY_PARTS:
+            raise RequestError(f"a query may have at most {MAX_QUERY_PARTS} parts")
+        images = [await _read_upload(upload, limits) for upload in image]
+        negative_data = [await _read_upload(upload, limits) for upload in negatives]
+        parsed_weights = _parse_weights(weights)
         filters = parse_where(where)
 
         def run() -> SearchResponse:
-            return service.search(
-                data,
-                name=image.filename or "upload",
+            return service.search_many(
+                images,
+                negatives=negative_data,
+                text=text or None,  # a form's empty field: no text
+                weights=parsed_weights,
+                names=[upload.filename or "upload" for upload in image],
                 k=k,
                 metric=metric,
                 threshold=threshold,

@@ -15,6 +15,7 @@ import re
 import stat
 import threading
 from collections import OrderedDict
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -25,7 +26,7 @@ from PIL import Image
 from lookalike.catalog import ImageRecord
 from lookalike.core.collection import Collection
 from lookalike.core.results import SearchResponse
-from lookalike.core.search import Searcher, SearchOptions
+from lookalike.core.search import Query, Searcher, SearchOptions
 from lookalike.errors import (
     AuthError,
     FileChangedError,
@@ -180,6 +181,69 @@ class SearchService:
         image = None
         if options.rerank:
             image = query if isinstance(query, Image.Image) else self.decode(query, name=name)
+        with self._lock:
+            return searcher.search_views(views, options, query_image=image)
+
+    def search_many(
+        self,
+        images: Sequence[bytes],
+        *,
+        negatives: Sequence[bytes] = (),
+        text: str | None = None,
+        weights: Sequence[float] | None = None,
+        names: Sequence[str] = (),
+        k: int = 10,
+        metric: str | Metric = Metric.COSINE,
+        threshold: float | None = None,
+        where: dict[str, Any] | None = None,
+        query_expansion: int = 0,
+        rerank: int = 0,
+        multi_crop: bool = False,
+    ) -> SearchResponse:
+        """A combined query (several images, negatives, a text, weighted; see
+        :class:`~lookalike.core.search.Query`) through the same path as :meth:`search`; one
+        image alone is exactly :meth:`search`."""
+        options = self._options(
+            k=k,
+            metric=Metric.parse(metric),
+            threshold=threshold,
+            where=where,
+            query_expansion=query_expansion,
+            rerank=rerank,
+            multi_crop=multi_crop,
+        )
+        query = Query.of(list(images), negatives=list(negatives), text=text, weights=weights)
+        if query.single_image:
+            return self.search(
+                images[0],
+                name=names[0] if names else "image",
+                k=k,
+                metric=metric,
+                threshold=threshold,
+                where=where,
+                query_expansion=query_expansion,
+                rerank=rerank,
+                multi_crop=multi_crop,
+            )
+        searcher = self._searcher()
+        if text is not None and not searcher.encoder.capabilities.text:
+            # A request's fault here, not the server's: say so as a 400.
+            raise RequestError(
+                f"the collection's model {searcher.encoder.identity.model} cannot embed text; "
+                "a query with text needs a CLIP model"
+            )
+        searcher.check_query(query, options)
+        labels = list(names) + [f"image {i + 1}" for i in range(len(names), len(images))]
+        labels += [f"negative {i + 1}" for i in range(len(negatives))]
+        for label, part in zip(labels, [p for p in query.parts if p.kind != "text"], strict=True):
+            self.decode(part.source, name=label, draft_size=searcher.encoder.preprocess.resolution)
+        if query.text is not None and not query.positives and not query.negatives:
+            views = searcher.text_vector(str(query.text.source))
+        else:
+            views = searcher.query_views(query, options)  # the slow part, outside the lock
+        image = None
+        if options.rerank and query.positives:
+            image = self.decode(query.positives[0].source, name=labels[0])
         with self._lock:
             return searcher.search_views(views, options, query_image=image)
 

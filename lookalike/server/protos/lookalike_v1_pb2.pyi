@@ -9,7 +9,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class SearchRequest(_message.Message):
-    __slots__ = ("image", "k", "metric", "threshold", "where", "rerank", "query_expansion", "multi_crop")
+    __slots__ = ("image", "k", "metric", "threshold", "where", "rerank", "query_expansion", "multi_crop", "images", "negatives", "text", "weights")
     class WhereEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -25,6 +25,10 @@ class SearchRequest(_message.Message):
     RERANK_FIELD_NUMBER: _ClassVar[int]
     QUERY_EXPANSION_FIELD_NUMBER: _ClassVar[int]
     MULTI_CROP_FIELD_NUMBER: _ClassVar[int]
+    IMAGES_FIELD_NUMBER: _ClassVar[int]
+    NEGATIVES_FIELD_NUMBER: _ClassVar[int]
+    TEXT_FIELD_NUMBER: _ClassVar[int]
+    WEIGHTS_FIELD_NUMBER: _ClassVar[int]
     image: bytes
     k: int
     metric: str
@@ -33,7 +37,11 @@ class SearchRequest(_message.Message):
     rerank: int
     query_expansion: int
     multi_crop: bool
-    def __init__(self, image: _Optional[bytes] = ..., k: _Optional[int] = ..., metric: _Optional[str] = ..., threshold: _Optional[float] = ..., where: _Optional[_Mapping[str, str]] = ..., rerank: _Optional[int] = ..., query_expansion: _Optional[int] = ..., multi_crop: _Optional[bool] = ...) -> None: ...
+    images: _containers.RepeatedScalarFieldContainer[bytes]
+    negatives: _containers.RepeatedScalarFieldContainer[bytes]
+    text: str
+    weights: _containers.RepeatedScalarFieldContainer[float]
+    def __init__(self, image: _Optional[bytes] = ..., k: _Optional[int] = ..., metric: _Optional[str] = ..., threshold: _Optional[float] = ..., where: _Optional[_Mapping[str, str]] = ..., rerank: _Optional[int] = ..., query_expansion: _Optional[int] = ..., multi_crop: _Optional[bool] = ..., images: _Optional[_Iterable[bytes]] = ..., negatives: _Optional[_Iterable[bytes]] = ..., text: _Optional[str] = ..., weights: _Optional[_Iterable[float]] = ...) -> None: ...
 
 class Match(_message.Message):
     __slots__ = ("id", "path", "score", "metadata", "width", "height")
