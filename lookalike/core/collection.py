@@ -14,14 +14,13 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Unpack
 
 import numpy as np
 
 from lookalike.catalog import Catalog, FileState, SqliteCatalog, open_catalog
 from lookalike.core.check import CheckReport, check_collection
 from lookalike.core.derived import AUTO, DerivedFileStore, VectorIndexes
-from lookalike.core.filters import Where
 from lookalike.core.ingest import (
     DEFAULT_MAX_FILE_BYTES,
     EncoderRecipe,
@@ -47,7 +46,7 @@ from lookalike.core.models import (
     requested_choice,
 )
 from lookalike.core.results import SearchResponse, SearchResult
-from lookalike.core.search import Query, Searcher, SearchOptions
+from lookalike.core.search import Query, SearchArgs, Searcher, search_options
 from lookalike.core.transform import WHITENING_SETTING, PreparedIndex, parse_whitening
 from lookalike.encoders.base import Encoder
 from lookalike.errors import LookalikeError, NotAnImageError
@@ -455,30 +454,11 @@ class Collection:
         vector: np.ndarray = self.encoder.embed([query])[0]
         return vector
 
-    def search(
-        self,
-        query: ImageSource,
-        *,
-        k: int = 10,
-        metric: str | Metric = Metric.COSINE,
-        threshold: float | None = None,
-        where: Where | None = None,
-        query_expansion: int = 0,
-        rerank: int = 0,
-        multi_crop: bool = False,
-    ) -> SearchResponse:
-        """The ``k`` indexed images most like ``query`` (any image, indexed or not); see
-        :class:`~lookalike.core.search.SearchOptions` for the options."""
-        options = SearchOptions(
-            k=k,
-            metric=Metric.parse(metric),
-            threshold=threshold,
-            where=where,
-            query_expansion=query_expansion,
-            rerank=rerank,
-            multi_crop=multi_crop,
-        )
-        return self.searcher.search_image(query, options)
+    def search(self, query: ImageSource, **options: Unpack[SearchArgs]) -> SearchResponse:
+        """The ``k`` indexed images most like ``query`` (any image, indexed or not); the
+        options (``k``, ``metric``, ``threshold``, ``where``, ``query_expansion``,
+        ``rerank``, ``multi_crop``) are :class:`~lookalike.core.search.SearchOptions`'."""
+        return self.searcher.search_image(query, search_options(**options))
 
     def search_many(
         self,
@@ -487,13 +467,7 @@ class Collection:
         negatives: Sequence[ImageSource] = (),
         text: str | None = None,
         weights: Sequence[float] | None = None,
-        k: int = 10,
-        metric: str | Metric = Metric.COSINE,
-        threshold: float | None = None,
-        where: Where | None = None,
-        query_expansion: int = 0,
-        rerank: int = 0,
-        multi_crop: bool = False,
+        **options: Unpack[SearchArgs],
     ) -> SearchResponse:
         """The ``k`` indexed images most like a combined query: several ``positives``,
         ``negatives`` to move away from, and a ``text`` (encoders with
@@ -502,54 +476,19 @@ class Collection:
         subtracted, renormalised; filters, threshold and query expansion apply to it,
         re-ranking compares with the first positive, and ``multi_crop`` needs a query of
         one image. Bad weights or an empty query raise ``RequestError``."""
-        options = SearchOptions(
-            k=k,
-            metric=Metric.parse(metric),
-            threshold=threshold,
-            where=where,
-            query_expansion=query_expansion,
-            rerank=rerank,
-            multi_crop=multi_crop,
-        )
         query = Query.of(positives, negatives=negatives, text=text, weights=weights)
-        return self.searcher.search_query(query, options)
+        return self.searcher.search_query(query, search_options(**options))
 
-    def search_text(
-        self,
-        text: str,
-        *,
-        k: int = 10,
-        threshold: float | None = None,
-        where: Where | None = None,
-        query_expansion: int = 0,
-    ) -> SearchResponse:
+    def search_text(self, text: str, **options: Unpack[SearchArgs]) -> SearchResponse:
         """The ``k`` indexed images that best match a text query, by cosine. Needs an encoder
         that embeds text into its image space (``encoder.capabilities.text``, e.g. a CLIP
         model); others raise ``EncoderError``."""
-        options = SearchOptions(
-            k=k, threshold=threshold, where=where, query_expansion=query_expansion
-        )
-        return self.searcher.search_text(text, options)
+        return self.searcher.search_text(text, search_options(**options))
 
-    def search_vector(
-        self,
-        vector: np.ndarray,
-        *,
-        k: int = 10,
-        metric: str | Metric = Metric.COSINE,
-        threshold: float | None = None,
-        where: Where | None = None,
-        query_expansion: int = 0,
-    ) -> SearchResponse:
+    def search_vector(self, vector: np.ndarray, **options: Unpack[SearchArgs]) -> SearchResponse:
         """Like ``search`` for a raw vector of this collection's encoder."""
-        options = SearchOptions(
-            k=k,
-            metric=Metric.parse(metric),
-            threshold=threshold,
-            where=where,
-            query_expansion=query_expansion,
-        )
-        return self.searcher.search_views(np.asarray(vector, dtype=np.float32), options)
+        vector = np.asarray(vector, dtype=np.float32)
+        return self.searcher.search_views(vector, search_options(**options))
 
     def vector_index(self, metric: str | Metric = Metric.COSINE) -> PreparedIndex:
         """The index used to search this collection's vectors by ``metric``, up to date with

@@ -23,7 +23,7 @@ import math
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Protocol, TypedDict, Unpack
 
 import numpy as np
 from PIL import Image
@@ -506,6 +506,31 @@ def _merge_views(per_view: list[list[SearchResult]], metric: Metric) -> list[Sea
     return best_first(list(best.values()), metric)
 
 
-def search_options(**options: Any) -> SearchOptions:
-    """``SearchOptions`` from keyword arguments, ignoring those left as None."""
-    return SearchOptions(**{k: v for k, v in options.items() if v is not None})
+class SearchArgs(TypedDict, total=False):
+    """The options of :class:`SearchOptions` as keyword arguments, the way the library and
+    the servers take them (``metric`` may be a name)."""
+
+    k: int
+    metric: str | Metric
+    threshold: float | None
+    where: Where | None
+    query_expansion: int
+    rerank: int
+    multi_crop: bool
+
+
+def search_options(**args: Unpack[SearchArgs]) -> SearchOptions:
+    """``SearchOptions`` from keyword arguments (a metric may be given by name)."""
+    default = _DEFAULT_OPTIONS
+    return SearchOptions(
+        k=args.get("k", default.k),
+        metric=Metric.parse(args.get("metric", default.metric)),
+        threshold=args.get("threshold", default.threshold),
+        where=args.get("where", default.where),
+        query_expansion=args.get("query_expansion", default.query_expansion),
+        rerank=args.get("rerank", default.rerank),
+        multi_crop=args.get("multi_crop", default.multi_crop),
+    )
+
+
+_DEFAULT_OPTIONS = SearchOptions()

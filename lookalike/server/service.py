@@ -18,7 +18,7 @@ from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, Unpack
 
 import numpy as np
 from PIL import Image
@@ -26,7 +26,7 @@ from PIL import Image
 from lookalike.catalog import ImageRecord
 from lookalike.core.collection import Collection
 from lookalike.core.results import SearchResponse
-from lookalike.core.search import Query, Searcher, SearchOptions
+from lookalike.core.search import Query, SearchArgs, Searcher, SearchOptions, search_options
 from lookalike.errors import (
     AuthError,
     FileChangedError,
@@ -127,18 +127,19 @@ class SearchService:
             raise RequestError(f"k must be between 1 and {self.limits.max_k}, got {k}")
         return k
 
-    def _options(self, **options: Any) -> SearchOptions:
+    def _options(self, args: SearchArgs) -> SearchOptions:
         """Search options within this server's limits."""
-        self.check_k(options["k"])
-        rerank = options.get("rerank", 0)
+        options = search_options(**args)
+        self.check_k(options.k)
+        rerank = options.rerank
         if not 0 <= rerank <= self.limits.max_k:
             raise RequestError(f"rerank must be between 0 and {self.limits.max_k}, got {rerank}")
-        expansion = options.get("query_expansion", 0)
+        expansion = options.query_expansion
         if not 0 <= expansion <= MAX_QUERY_EXPANSION:
             raise RequestError(
                 f"query_expansion must be between 0 and {MAX_QUERY_EXPANSION}, got {expansion}"
             )
-        return SearchOptions(**options)
+        return options
 
     def _searcher(self) -> Searcher:
         """The collection's search path, following a model switch another process finished
@@ -152,32 +153,22 @@ class SearchService:
         query: bytes | Image.Image,
         *,
         name: str = "<upload>",
-        k: int = 10,
-        metric: str | Metric = Metric.COSINE,
-        threshold: float | None = None,
-        where: dict[str, Any] | None = None,
-        query_expansion: int = 0,
-        rerank: int = 0,
-        multi_crop: bool = False,
+        **args: Unpack[SearchArgs],
     ) -> SearchResponse:
         """The k images most like an uploaded image file (or decoded pixels), through the
         collection's one search path; ``rerank=n`` verifies the n best candidates by local
         features. An upload is embedded from its bytes exactly as the library embeds a file
         (JPEG draft decoding included), so both give the same scores."""
-        options = self._options(
-            k=k,
-            metric=Metric.parse(metric),
-            threshold=threshold,
-            where=where,
-            query_expansion=query_expansion,
-            rerank=rerank,
-            multi_crop=multi_crop,
-        )
+        options = self._options(args)
         searcher = self._searcher()
+        source: bytes | Image.Image = query
         if not isinstance(query, Image.Image):
-            # Within the limits, and an image: checked before anything else decodes it.
-            self.decode(query, name=name, draft_size=searcher.encoder.preprocess.resolution)
-        views = searcher.image_views(query, options)  # the slow part, outside the lock
+            # Within the limits, and an image: checked before anything else decodes it. The
+            # draft decode is the one the encoder makes of a file, so it is reused (multi-crop
+            # crops the full image, as the library does).
+            small = self.decode(query, name=name, draft_size=searcher.encoder.preprocess.resolution)
+            source = query if options.multi_crop else small
+        views = searcher.image_views(source, options)  # the slow part, outside the lock
         image = None
         if options.rerank:
             image = query if isinstance(query, Image.Image) else self.decode(query, name=name)
@@ -192,39 +183,15 @@ class SearchService:
         text: str | None = None,
         weights: Sequence[float] | None = None,
         names: Sequence[str] = (),
-        k: int = 10,
-        metric: str | Metric = Metric.COSINE,
-        threshold: float | None = None,
-        where: dict[str, Any] | None = None,
-        query_expansion: int = 0,
-        rerank: int = 0,
-        multi_crop: bool = False,
+        **args: Unpack[SearchArgs],
     ) -> SearchResponse:
         """A combined query (several images, negatives, a text, weighted; see
         :class:`~lookalike.core.search.Query`) through the same path as :meth:`search`; one
         image alone is exactly :meth:`search`."""
-        options = self._options(
-            k=k,
-            metric=Metric.parse(metric),
-            threshold=threshold,
-            where=where,
-            query_expansion=query_expansion,
-            rerank=rerank,
-            multi_crop=multi_crop,
-        )
+        options = self._options(args)
         query = Query.of(list(images), negatives=list(negatives), text=text, weights=weights)
         if query.single_image:
-            return self.search(
-                images[0],
-                name=names[0] if names else "image",
-                k=k,
-                metric=metric,
-                threshold=threshold,
-                where=where,
-                query_expansion=query_expansion,
-                rerank=rerank,
-                multi_crop=multi_crop,
-            )
+            return self.search(images[0], name=names[0] if names else "image", **args)
         searcher = self._searcher()
         if text is not None and not searcher.encoder.capabilities.text:
             # A request's fault here, not the server's: say so as a 400.
@@ -247,24 +214,9 @@ class SearchService:
         with self._lock:
             return searcher.search_views(views, options, query_image=image)
 
-    def search_by_id(
-        self,
-        image_id: int,
-        *,
-        k: int = 10,
-        metric: str | Metric = Metric.COSINE,
-        threshold: float | None = None,
-        where: dict[str, Any] | None = None,
-        query_expansion: int = 0,
-    ) -> SearchResponse:
+    def search_by_id(self, image_id: int, **args: Unpack[SearchArgs]) -> SearchResponse:
         """The k images most like an indexed image, from its stored vector (no decoding)."""
-        options = self._options(
-            k=k,
-            metric=Metric.parse(metric),
-            threshold=threshold,
-            where=where,
-            query_expansion=query_expansion,
-        )
+        options = self._options(args)
         searcher = self._searcher()
         with self._lock:
             self._record(image_id)
