@@ -128,18 +128,18 @@ class SearchService:
         return k
 
     def _options(self, args: SearchArgs) -> SearchOptions:
-        """Search options within this server's limits."""
-        options = search_options(**args)
-        self.check_k(options.k)
-        rerank = options.rerank
+        """Search options within this server's limits (checked first, so a request hears
+        the server's bounds)."""
+        self.check_k(args.get("k", 10))
+        rerank = args.get("rerank", 0)
         if not 0 <= rerank <= self.limits.max_k:
             raise RequestError(f"rerank must be between 0 and {self.limits.max_k}, got {rerank}")
-        expansion = options.query_expansion
+        expansion = args.get("query_expansion", 0)
         if not 0 <= expansion <= MAX_QUERY_EXPANSION:
             raise RequestError(
                 f"query_expansion must be between 0 and {MAX_QUERY_EXPANSION}, got {expansion}"
             )
-        return options
+        return search_options(**args)
 
     def _searcher(self) -> Searcher:
         """The collection's search path, following a model switch another process finished
