@@ -201,3 +201,17 @@ def test_two_folders_keep_their_own_images_and_failures(
     collection.index(folder, workers=0)
     assert len(collection) == len(PHOTO_NAMES) + 1  # indexing one folder keeps the other's
     assert [Path(p).name for p, _ in collection.info().failures] == ["broken.jpg"]
+
+
+def test_a_home_relative_folder_and_collection_path_are_expanded(
+    photo_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, encoder
+) -> None:
+    """``Collection("~/...")`` and ``index("~/...")``, as the README writes them, mean the
+    home folder, not a folder called "~" in the current one."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.chdir(tmp_path)
+    shutil.copytree(photo_dir, tmp_path / "Pictures")
+    with Collection("~/photos", encoder=encoder) as collection:
+        assert collection.path == tmp_path / "photos"
+        assert collection.index("~/Pictures", workers=0).added == len(PHOTO_NAMES)
+    assert not (tmp_path / "~").exists()

@@ -124,7 +124,7 @@ class Collection:
         threads: int | None = None,
         encoder: Encoder | None = None,
     ) -> None:
-        self.path = Path(path)
+        self.path = Path(path).expanduser()
         self.catalog = _open_catalog(self.path, db)
         settings = self.catalog.get_setting
         self._runtime_options: dict[str, Any] = {
@@ -319,7 +319,7 @@ class Collection:
         here either way.
         """
         started = time.perf_counter()
-        root = Path(folder).resolve()
+        root = Path(folder).expanduser().resolve()
         if not root.is_dir():
             raise LookalikeError(f"{folder}: not a folder")
         if batch_size < 1:
