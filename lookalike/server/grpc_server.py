@@ -31,7 +31,7 @@ import logging
 import math
 import os
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent import futures
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -172,6 +172,19 @@ def _check_upload_size(data: bytes, limit: int, field: str) -> None:
     gives oversized messages)."""
     if len(data) > limit:
         raise PayloadTooLargeError(f"{field}: {len(data)} bytes exceeds the limit of {limit} bytes")
+
+
+def _similarity(name: str, known: dict[str, Metric]) -> Metric:
+    """The metric a classic request's ``similarity`` names, or a RequestError listing them."""
+    metric = known.get(name)
+    if metric is None:
+        raise RequestError(f"unknown similarity {name!r}; expected one of: " + ", ".join(known))
+    return metric
+
+
+def _outputs(images: Sequence[Any]) -> dict[str, Any]:
+    """The five results as the classic reply's ``imageOut1`` .. ``imageOut5`` fields."""
+    return {f"imageOut{position}": image for position, image in enumerate(images, 1)}
 
 
 def _named(error: ImageError, field: str) -> ImageError:
@@ -343,25 +356,14 @@ class SimilarImageServicer(classic_grpc.SimilarImageServicer):  # type: ignore[m
             raise RequestError(
                 "empty request: value (raw pixels), image_size and similarity are required"
             )
-        metric = SIMILARITIES.get(request.similarity)
-        if metric is None:
-            raise RequestError(
-                f"unknown similarity {request.similarity!r}; expected one of: "
-                + ", ".join(SIMILARITIES)
-            )
+        metric = _similarity(request.similarity, SIMILARITIES)
         size = self._side(request.image_size)
         query = self._query(request.value, size)
         response = self.service.search(query, k=self._k(), metric=metric)
         images = self._five(
             response, lambda image_id: self.service.image_pixels(image_id, size).tobytes()
         )
-        return classic.ImageFileOut(
-            imageOut1=images[0],
-            imageOut2=images[1],
-            imageOut3=images[2],
-            imageOut4=images[3],
-            imageOut5=images[4],
-        )
+        return classic.ImageFileOut(**_outputs(images))
 
     def _find_similar_v2(self, request: Any) -> Any:
         """Version 2: an image file as base64 text in, base64 JPEG files out."""
@@ -369,25 +371,14 @@ class SimilarImageServicer(classic_grpc.SimilarImageServicer):  # type: ignore[m
             raise RequestError(
                 "empty request: image (an image file as base64 text) and similarity are required"
             )
-        metric = SIMILARITIES_V2.get(request.similarity)
-        if metric is None:
-            raise RequestError(
-                f"unknown similarity {request.similarity!r}; expected one of: "
-                + ", ".join(SIMILARITIES_V2)
-            )
+        metric = _similarity(request.similarity, SIMILARITIES_V2)
         data = self._image_file(request.image)
         try:
             response = self.service.search(data, name="image", k=self._k(), metric=metric)
         except ImageError as error:
             raise _named(error, "image") from None
         images = self._five(response, self._reply_file)
-        return classic_v2.ImageFileOut(
-            imageOut1=images[0],
-            imageOut2=images[1],
-            imageOut3=images[2],
-            imageOut4=images[3],
-            imageOut5=images[4],
-        )
+        return classic_v2.ImageFileOut(**_outputs(images))
 
     def _k(self) -> int:
         """How many candidates to rank: five, and spares within max_k."""

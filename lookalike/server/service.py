@@ -16,7 +16,7 @@ import stat
 import threading
 from collections import OrderedDict
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, BinaryIO, Unpack
 
@@ -202,12 +202,25 @@ class SearchService:
         searcher.check_query(query, options)
         labels = list(names) + [f"image {i + 1}" for i in range(len(names), len(images))]
         labels += [f"negative {i + 1}" for i in range(len(negatives))]
-        for label, part in zip(labels, [p for p in query.parts if p.kind != "text"], strict=True):
-            self.decode(part.source, name=label, draft_size=searcher.encoder.preprocess.resolution)
+        # Each image is checked by the draft decode the encoder makes of a file, and that
+        # decode is what gets embedded: one decode per part, as for a single image.
+        resolution = searcher.encoder.preprocess.resolution
+        named = iter(labels)
+        drafted = Query(
+            tuple(
+                part
+                if part.kind == "text"
+                else replace(
+                    part,
+                    source=self.decode(part.source, name=next(named), draft_size=resolution),
+                )
+                for part in query.parts
+            )
+        )
         if query.text is not None and not query.positives and not query.negatives:
             views = searcher.text_vector(str(query.text.source))
         else:
-            views = searcher.query_views(query, options)  # the slow part, outside the lock
+            views = searcher.query_views(drafted, options)  # the slow part, outside the lock
         image = None
         if options.rerank and query.positives:
             image = self.decode(query.positives[0].source, name=labels[0])
