@@ -12,13 +12,16 @@ No global PIL state is changed: truncated files are never accepted, and
 
 from __future__ import annotations
 
+import functools
+import importlib.util
 import io
 import os
 import stat
 import struct
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import IO, BinaryIO, TypeAlias
+from dataclasses import dataclass
+from typing import IO, Any, BinaryIO, TypeAlias
 
 import numpy as np
 from PIL import (
@@ -34,9 +37,15 @@ from lookalike.errors import DecompressionBombError, ImageError, NotAnImageError
 
 __all__ = [
     "DEFAULT_MAX_PIXELS",
+    "RAW_PREVIEW_MIN_SIDE",
+    "RAW_SUFFIXES",
+    "VECTOR_SUFFIXES",
     "ImageSource",
+    "Photo",
+    "decoder_available",
     "image_size",
     "load_image",
+    "read_photo",
     "to_rgb",
 ]
 
@@ -101,7 +110,9 @@ def _decoding(source: str, max_pixels: int) -> Iterator[None]:
     except _DECODE_ERRORS_OR_WARNING as exc:
         # A Warning arrives here only when the application made warnings errors.
         raise NotAnImageError(
-            source, f"truncated, corrupt or unsupported image data ({type(exc).__name__}: {exc})"
+            source,
+            f"truncated, corrupt or unsupported image data ({type(exc).__name__}: "
+            f"{str(exc).strip()})",
         ) from exc
 
 
@@ -182,17 +193,6 @@ def _is_jpeg(img: Image.Image) -> bool:
     return isinstance(img, JpegImagePlugin.JpegImageFile)
 
 
-def _decode_opened(
-    img: Image.Image, *, source: str, max_pixels: int, draft_size: int | None
-) -> Image.Image:
-    """Check size, draft, load, transpose and convert an image PIL just opened."""
-    _check_size(img.size, max_pixels, source)
-    if draft_size is not None and _is_jpeg(img):
-        img.draft("RGB", (draft_size, draft_size))
-    img.load()
-    return _convert(_transposed(img), source=source)
-
-
 def _transposed(img: Image.Image) -> Image.Image:
     """A new image with EXIF orientation applied (a copy when there is none or it is broken)."""
     try:
@@ -211,23 +211,21 @@ def load_image(
     """Return an 8-bit RGB PIL image, fully loaded.
 
     ``source`` is a path, encoded bytes, a binary file object, a PIL image or a numpy array
-    (uint8, uint16, bool or float in [0, 1]; HxW, HxWx1, HxWx2, HxWx3 or HxWx4). The first
-    frame of multi-frame files is used (for a PIL image: its current frame); EXIF orientation
-    is applied; transparency is flattened onto white.
+    (uint8, uint16, bool or float in [0, 1]; HxW, HxWx1, HxWx2, HxWx3 or HxWx4). Files and
+    bytes are decoded by :func:`read_photo` (HEIC, AVIF, JPEG XL and camera RAW included). The
+    first frame of multi-frame files is used (for a PIL image: its current frame); EXIF
+    orientation is applied; transparency is flattened onto white.
 
     ``max_pixels`` refuses images whose width*height exceeds it, checked from the header before
-    anything is decoded. ``draft_size`` lets libjpeg decode JPEGs at a reduced scale that keeps
-    both sides >= ``draft_size`` (no effect on other formats, PIL images or arrays).
+    anything is decoded. ``draft_size`` lets JPEG, HEIF and RAW decode at a reduced scale that
+    keeps both sides >= ``draft_size`` (no effect on other formats, PIL images or arrays).
 
     Raises :class:`NotAnImageError` for missing, empty, truncated, corrupt or non-image input
     and :class:`DecompressionBombError` above the pixel limit; the caller's image or array is
     never modified.
     """
     _check_max_pixels(max_pixels)
-    if draft_size is not None and (
-        isinstance(draft_size, bool) or not isinstance(draft_size, int) or draft_size < 1
-    ):
-        raise ValueError(f"draft_size must be a positive int or None, got {draft_size!r}")
+    _check_draft_size(draft_size)
 
     if isinstance(source, Image.Image):
         name = "<PIL image>"
@@ -239,25 +237,18 @@ def load_image(
     if isinstance(source, np.ndarray):
         return _from_array(source, max_pixels=max_pixels)
 
-    if isinstance(source, (str, os.PathLike)):
-        name = _path_name(source)
-        _check_path(name)
-        with _decoding(name, max_pixels), Image.open(name) as img:
-            return _decode_opened(img, source=name, max_pixels=max_pixels, draft_size=draft_size)
-
-    if isinstance(source, (bytes, bytearray, memoryview)):
-        name = "<bytes>"
-        data = source.tobytes() if isinstance(source, memoryview) else bytes(source)
-        if not data:
-            raise NotAnImageError(name, "empty input (0 bytes)")
-        with _decoding(name, max_pixels), Image.open(io.BytesIO(data)) as img:
-            return _decode_opened(img, source=name, max_pixels=max_pixels, draft_size=draft_size)
+    if isinstance(source, (str, os.PathLike, bytes, bytearray, memoryview)):
+        return read_photo(source, max_pixels=max_pixels, draft_size=draft_size).image
 
     if hasattr(source, "read"):
         name = "<file object>"
         with _decoding(name, max_pixels):
-            img = Image.open(source)  # not closed here: the caller owns the file object
-            return _decode_opened(img, source=name, max_pixels=max_pixels, draft_size=draft_size)
+            data = source.read()  # not closed here: the caller owns the file object
+        if not isinstance(data, bytes):
+            raise TypeError(f"the file object gave {type(data).__name__}, not bytes")
+        if not data:
+            raise NotAnImageError(name, "empty input (0 bytes)")
+        return read_photo(data, name=name, max_pixels=max_pixels, draft_size=draft_size).image
 
     raise TypeError(
         "load_image() takes a path, bytes, a binary file object, a PIL image or a numpy array, "
@@ -385,3 +376,395 @@ def image_size(
         if _exif_orientation(img) in _SWAPPING_ORIENTATIONS:
             return height, width
         return width, height
+
+
+# -- photos: every format a photo library holds ---------------------------------------------
+
+# Camera RAW suffixes, decoded with LibRaw (rawpy). ".raw" is left out: too many files that
+# are no camera's share it.
+RAW_SUFFIXES = frozenset(
+    {".dng", ".cr2", ".cr3", ".crw", ".nef", ".nrw", ".arw", ".srf", ".sr2", ".orf", ".rw2",
+     ".rwl", ".raf", ".pef", ".ptx", ".srw", ".erf", ".kdc", ".dcr", ".mrw", ".3fr", ".fff",
+     ".iiq", ".mef", ".mos", ".x3f"}
+)  # fmt: skip
+# Vector formats: refused with a reason, since nothing here rasterises them.
+VECTOR_SUFFIXES = frozenset({".svg", ".svgz"})
+SVG_REASON = "SVG is a vector format; lookalike does not rasterise it (convert it to PNG)"
+# A RAW file's embedded preview is used when its short side has at least this many pixels
+# (and at least ``draft_size``); a smaller one means demosaicing the sensor data instead.
+RAW_PREVIEW_MIN_SIDE = 512
+
+_XMP_TAG = 0x02BC  # XMLPacket, where TIFF-based files (and RAW) keep their XMP
+_DNG_VERSION_TAG = 0xC612
+# LibRaw's ``flip`` as the transpose that makes a preview upright (the sensor data it rotates
+# itself).
+_RAW_FLIPS = {
+    3: Image.Transpose.ROTATE_180,
+    5: Image.Transpose.ROTATE_90,
+    6: Image.Transpose.ROTATE_270,
+}
+# ISO-BMFF brands of HEIF still images (AVIF's "avif"/"avis" are Pillow's own).
+_HEIF_BRANDS = frozenset(
+    {b"heic", b"heix", b"heim", b"heis", b"hevc", b"hevx", b"hevm", b"hevs", b"mif1", b"msf1"}
+)
+# Some RAW formats are TIFF inside but start with their own magic; with the standard one the
+# TIFF reader finds their EXIF.
+_TIFF_LIKE_RAW = {
+    b"IIRO": b"II*\x00",
+    b"IIRS": b"II*\x00",
+    b"IIU\x00": b"II*\x00",
+    b"MMOR": b"MM\x00*",
+}
+
+
+@dataclass(frozen=True)
+class Photo:
+    """A decoded photo and what the file says about it.
+
+    ``image`` is 8-bit RGB, upright (EXIF orientation applied), possibly decoded smaller
+    (``draft_size``); ``exif`` is the file's EXIF as PIL reads it (None when it has none);
+    ``xmp`` the raw XMP packet; ``format`` PIL's format name (``"JPEG"``, ``"MPO"``,
+    ``"HEIF"``, ``"AVIF"``, ``"JXL"``, ``"PNG"``, ``"TIFF"``...) or ``"RAW"``; ``size`` the full
+    upright pixel size, whatever size ``image`` was decoded at.
+    """
+
+    image: Image.Image
+    exif: Image.Exif | None
+    xmp: bytes | None
+    format: str | None
+    size: tuple[int, int]
+
+
+def read_photo(
+    source: bytes | bytearray | memoryview | str | os.PathLike[str],
+    *,
+    name: str | None = None,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    draft_size: int | None = None,
+    raw_preview_min_side: int = RAW_PREVIEW_MIN_SIDE,
+) -> Photo:
+    """Decode a photo file (a path, or its bytes) of any format lookalike reads.
+
+    JPEG, PNG, GIF, WebP, TIFF, BMP and the rest of Pillow's formats; AVIF (Pillow); HEIC/HEIF
+    (pillow-heif) and JPEG XL (pillow-jxl-plugin), registered with Pillow the first time such
+    a file is met; camera RAW (rawpy: the embedded preview when its short side reaches
+    ``raw_preview_min_side`` and ``draft_size``, else the sensor data demosaiced with the
+    camera's white balance). Multi-frame files give their first frame (GIF, WebP, TIFF's first
+    page, MPO's primary image). The file is read once.
+
+    ``name`` names the file in errors (a path's default is the path, bytes' ``<bytes>``) and
+    its suffix picks RAW and SVG handling. ``max_pixels`` refuses larger images from the
+    header, before decoding; ``draft_size`` lets JPEG, HEIF and RAW decode smaller as long
+    as both sides stay >= it. Raises :class:`NotAnImageError` (with the reason: corrupt,
+    unsupported, SVG, a missing plugin) and :class:`DecompressionBombError`.
+    """
+    _check_max_pixels(max_pixels)
+    _check_draft_size(draft_size)
+    if isinstance(source, (str, os.PathLike)):
+        path = _path_name(source)
+        label = path if name is None else name
+        data = _read_file(path, label)
+    elif isinstance(source, (bytes, bytearray, memoryview)):
+        label = "<bytes>" if name is None else name
+        data = source.tobytes() if isinstance(source, memoryview) else bytes(source)
+        if not data:
+            raise NotAnImageError(label, "empty input (0 bytes)")
+    else:
+        raise TypeError(f"read_photo() takes a path or bytes, not {type(source).__name__}")
+    return _photo_from_bytes(
+        data,
+        label,
+        max_pixels=max_pixels,
+        draft_size=draft_size,
+        raw_preview_min_side=raw_preview_min_side,
+    )
+
+
+def _check_draft_size(draft_size: int | None) -> None:
+    if draft_size is not None and (
+        isinstance(draft_size, bool) or not isinstance(draft_size, int) or draft_size < 1
+    ):
+        raise ValueError(f"draft_size must be a positive int or None, got {draft_size!r}")
+
+
+def _read_file(path: str, label: str) -> bytes:
+    try:
+        _check_path(path)
+    except NotAnImageError as error:
+        raise NotAnImageError(label, error.reason) from error
+    with _decoding(label, DEFAULT_MAX_PIXELS), open(path, "rb") as handle:
+        data = handle.read()
+    if not data:
+        raise NotAnImageError(label, "empty file (0 bytes)")
+    return data
+
+
+def _suffix(label: str) -> str:
+    return os.path.splitext(label)[1].lower() if not label.startswith("<") else ""
+
+
+def _photo_from_bytes(
+    data: bytes, label: str, *, max_pixels: int, draft_size: int | None, raw_preview_min_side: int
+) -> Photo:
+    suffix = _suffix(label)
+    if suffix in VECTOR_SUFFIXES or _looks_like_svg(data):
+        raise NotAnImageError(label, SVG_REASON)
+    if suffix in RAW_SUFFIXES and not _is_plain_image(data):
+        return _read_raw(data, label, max_pixels, draft_size, raw_preview_min_side)
+    formats = _register_plugin_for(data, label)
+    try:
+        with _decoding(label, max_pixels), Image.open(io.BytesIO(data), formats=formats) as img:
+            if not suffix and _is_dng(img):
+                # DNG bytes without a name: PIL would read the TIFF's first page (a thumbnail).
+                return _read_raw(data, label, max_pixels, draft_size, raw_preview_min_side)
+            return _photo_from_opened(img, label, max_pixels=max_pixels, draft_size=draft_size)
+    except NotAnImageError as error:
+        if suffix or not error.reason.startswith("not a recognized image format"):
+            raise
+        # Bytes without a name that Pillow does not know may be camera RAW (CR3, RAF, ORF...).
+        try:
+            return _read_raw(data, label, max_pixels, draft_size, raw_preview_min_side)
+        except NotAnImageError:
+            raise error from None
+
+
+def _photo_from_opened(
+    img: ImageFile.ImageFile, label: str, *, max_pixels: int, draft_size: int | None
+) -> Photo:
+    """Check the size, draft, load and make upright an image PIL just opened."""
+    _check_size(img.size, max_pixels, label)
+    orientation = _exif_orientation(img)
+    size = _upright_size(img, orientation)
+    if draft_size is not None and (_is_jpeg(img) or img.format == "HEIF"):
+        # JPEG: libjpeg's DCT scaling; HEIF: pillow-heif picks an embedded thumbnail that is
+        # still at least draft_size on both sides, if the file has one.
+        img.draft("RGB", (draft_size, draft_size))
+    img.load()
+    image = _convert(_transposed(img), source=label)
+    exif = _file_exif(img, orientation)
+    return Photo(image, exif, _xmp(img.info.get("xmp")), img.format, size)
+
+
+def _upright_size(img: ImageFile.ImageFile, orientation: int) -> tuple[int, int]:
+    width, height = img.size
+    if isinstance(img, TiffImagePlugin.TiffImageFile):
+        return width, height  # PIL's TIFF plugin reports the size already oriented
+    if orientation in _SWAPPING_ORIENTATIONS:
+        return height, width
+    return width, height
+
+
+def _file_exif(img: Image.Image, orientation: int) -> Image.Exif | None:
+    """The EXIF of a loaded image with the file's orientation, None when it has none.
+
+    Decoders that turn the pixels upright themselves drop the orientation tag (PIL's TIFF
+    plugin) or reset it to 1 (pillow-heif, keeping the old value in ``info``): the file's
+    value is put back, the pixels being upright already.
+    """
+    try:
+        exif = img.getexif()
+    except _DECODE_ERRORS:
+        return None
+    original = img.info.get("original_orientation", orientation)
+    if isinstance(original, int) and original != 1 and exif.get(_EXIF_ORIENTATION) != original:
+        exif[_EXIF_ORIENTATION] = original
+    return exif if len(exif) else None
+
+
+def _xmp(value: object) -> bytes | None:
+    if isinstance(value, str):
+        value = value.encode("utf-8")
+    if isinstance(value, (bytes, bytearray)) and value:
+        return bytes(value)
+    return None
+
+
+def _looks_like_svg(data: bytes) -> bool:
+    head = data[:1024].lstrip()
+    if head.startswith(b"\x1f\x8b"):
+        return False  # gzip: .svgz is told by its suffix
+    return head.startswith(b"<svg") or (head.startswith(b"<?xml") and b"<svg" in head)
+
+
+def _is_plain_image(data: bytes) -> bool:
+    """A JPEG or PNG under a RAW name (a camera's or a converter's mislabelled file)."""
+    return data.startswith((b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n"))
+
+
+def _is_dng(img: Image.Image) -> bool:
+    if not isinstance(img, TiffImagePlugin.TiffImageFile):
+        return False
+    return _DNG_VERSION_TAG in img.tag_v2
+
+
+def _bmff_format(data: bytes) -> str | None:
+    """``"AVIF"`` or ``"HEIF"`` for an ISO-BMFF still image, by the brands of its ``ftyp``
+    box (the generic "mif1" major brand says neither: the compatible brands do), else None."""
+    if data[4:8] != b"ftyp":
+        return None
+    size = min(int.from_bytes(data[:4], "big"), len(data), 4096)
+    brands = {data[8:12], *(data[i : i + 4] for i in range(16, size - 3, 4))}
+    if brands & {b"avif", b"avis"}:
+        return "AVIF"
+    if brands & _HEIF_BRANDS:
+        return "HEIF"
+    return None
+
+
+def _is_jxl(data: bytes) -> bool:
+    return data.startswith((b"\xff\x0a", b"\x00\x00\x00\x0cJXL \r\n\x87\n"))
+
+
+def _register_plugin_for(data: bytes, label: str) -> list[str] | None:
+    """Register the Pillow plugin that ``data``'s format needs, once, or raise saying what to
+    install; returns the one Pillow format to open it as, when the brands tell (None: any).
+
+    Pillow reads AVIF itself; HEIF and JPEG XL need their plugin. AVIF and HEIF share the
+    container and the "mif1" brand, which both plugins accept, and whichever registered
+    first would be tried first (pillow-heif has no AV1 decoder): the brands choose instead.
+    """
+    kind = _bmff_format(data)
+    if kind == "HEIF" and not _heif_opener():
+        raise NotAnImageError(label, "cannot decode HEIC: install pillow-heif")
+    if kind is not None:
+        return [kind]
+    if _is_jxl(data) and not _jxl_opener():
+        raise NotAnImageError(label, "cannot decode JPEG XL: install pillow-jxl-plugin")
+    return None
+
+
+@functools.cache
+def _heif_opener() -> bool:
+    try:
+        import pillow_heif
+    except ImportError:
+        return False
+    pillow_heif.register_heif_opener()
+    return True
+
+
+@functools.cache
+def _jxl_opener() -> bool:
+    try:
+        import pillow_jxl  # noqa: F401  (registers its opener with Pillow on import)
+    except ImportError:
+        return False
+    return True
+
+
+def decoder_available(suffix: str) -> bool:
+    """Whether the decoder for files with this suffix (any case) is installed: pillow-heif
+    for HEIC/HEIF, pillow-jxl-plugin for JPEG XL, Pillow's AVIF support, rawpy for RAW
+    (registering the Pillow plugin when it is). Other suffixes: True."""
+    suffix = suffix.lower()
+    if suffix in (".heic", ".heif", ".hif"):
+        return _heif_opener()
+    if suffix == ".jxl":
+        return _jxl_opener()
+    if suffix == ".avif":
+        from PIL import features
+
+        return bool(features.check("avif"))
+    if suffix in RAW_SUFFIXES:
+        return importlib.util.find_spec("rawpy") is not None
+    return True
+
+
+def _read_raw(
+    data: bytes, label: str, max_pixels: int, draft_size: int | None, preview_min_side: int
+) -> Photo:
+    """A camera RAW file: its embedded preview when large enough, else its demosaiced data."""
+    try:
+        import rawpy
+    except ImportError as exc:
+        raise NotAnImageError(
+            label, f"cannot decode camera RAW ({_suffix(label) or 'RAW'}): install rawpy"
+        ) from exc
+    raw_errors: tuple[type[BaseException], ...] = (
+        rawpy.LibRawError,
+        rawpy.NotSupportedError,
+        *_DECODE_ERRORS,
+    )
+    try:
+        with rawpy.imread(io.BytesIO(data)) as raw:
+            sizes = raw.sizes
+            width, height = sizes.width, sizes.height
+            size = (height, width) if sizes.flip in (5, 6) else (width, height)
+            _check_size(size, max_pixels, label)
+            need = max(preview_min_side, draft_size or 0)
+            image, preview_exif = _raw_preview(raw, label, sizes.flip, need, max_pixels)
+            # TIFF-based RAW keeps EXIF in its own IFDs; others (CR3, RAF) in their preview.
+            exif = _raw_exif(data) or preview_exif
+            if image is None:
+                # Half size skips interpolation (each 2x2 Bayer block is one pixel): 4x
+                # faster, and enough when a smaller image is all that is wanted.
+                half = draft_size is not None and min(size) // 2 >= draft_size
+                pixels = raw.postprocess(use_camera_wb=True, half_size=half, output_bps=8)
+                image = Image.fromarray(np.ascontiguousarray(pixels)).convert("RGB")
+    except ImageError:
+        raise
+    except raw_errors as exc:
+        raise NotAnImageError(label, _raw_failure(label, exc)) from exc
+    xmp = exif.get(_XMP_TAG) if exif is not None else None
+    return Photo(image, exif, _xmp(xmp), "RAW", size)
+
+
+def _raw_failure(label: str, error: BaseException) -> str:
+    import rawpy
+
+    what = f"camera RAW ({_suffix(label) or 'RAW'})"
+    detail = error.args[0] if error.args else error
+    if isinstance(detail, bytes):
+        detail = detail.decode("utf-8", "replace")
+    if isinstance(error, rawpy.LibRawFileUnsupportedError):
+        return f"unsupported image format: LibRaw cannot decode this {what} file ({detail})"
+    return f"corrupt or unsupported {what}: LibRaw says {detail} ({type(error).__name__})"
+
+
+def _raw_preview(
+    raw: Any, label: str, flip: int, need: int, max_pixels: int
+) -> tuple[Image.Image | None, Image.Exif | None]:
+    """The embedded preview, upright, when its short side is at least ``need`` (else None),
+    and the preview's EXIF when it is a JPEG that has some."""
+    import rawpy
+
+    try:
+        thumb = raw.extract_thumb()
+    except rawpy.LibRawError:
+        return None, None  # none, or a damaged one: the sensor data may still be fine
+    image: Image.Image | None = None
+    exif: Image.Exif | None = None
+    oriented = False
+    if thumb.format == rawpy.ThumbFormat.JPEG:
+        try:
+            with Image.open(io.BytesIO(thumb.data)) as img:
+                exif = img.getexif() or None
+                if min(img.size) >= need and img.size[0] * img.size[1] <= max_pixels:
+                    img.draft("RGB", (need, need))  # full-size previews: decode no larger
+                    img.load()
+                    oriented = _exif_orientation(img) != 1
+                    image = _convert(_transposed(img), source=label)
+        except _DECODE_ERRORS:
+            return None, None
+    elif thumb.format == rawpy.ThumbFormat.BITMAP:
+        array = np.ascontiguousarray(thumb.data)
+        if array.ndim == 3 and min(array.shape[:2]) >= need:
+            image = Image.fromarray(array).convert("RGB")
+    if image is not None and not oriented and flip in _RAW_FLIPS:
+        image = image.transpose(_RAW_FLIPS[flip])
+    return image, exif
+
+
+def _raw_exif(data: bytes) -> Image.Exif | None:
+    """The EXIF of a TIFF-based RAW file (DNG, NEF, CR2, ARW, PEF, ORF, RW2...), else None."""
+    header = _TIFF_LIKE_RAW.get(data[:4])
+    if header is not None:
+        data = header + data[4:]
+    elif not data.startswith((b"II*\x00", b"MM\x00*")):
+        return None
+    exif = Image.Exif()
+    try:
+        exif.load(data)
+        return exif if len(exif) else None
+    except _DECODE_ERRORS:
+        return None

@@ -20,6 +20,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "lookalike"
 LAYERS: dict[str, int] = {
     "lookalike.errors": 0,
     "lookalike.images": 1,
+    "lookalike.exif": 1,
     "lookalike.encoders": 1,
     "lookalike.knn": 1,
     "lookalike.catalog": 1,
@@ -174,6 +175,20 @@ def test_the_checker_sees_a_cycle_and_an_upward_import() -> None:
     assert layer_of("lookalike.core.a") < layer_of("lookalike.cli.x")
 
 
-@pytest.mark.parametrize("module", ["lookalike.core.collection", "lookalike.server.rest"])
+@pytest.mark.parametrize(
+    "module",
+    [
+        "lookalike.core.collection",
+        "lookalike.core.watch",
+        "lookalike.server.rest",
+        # the cold query's and the GPU path's
+        "lookalike.cli.remote",
+        "lookalike.server.local",
+        "lookalike.core.locations",
+        "lookalike.encoders.lite",
+        "lookalike.encoders.prepared",
+        "lookalike.encoders.devices",
+    ],
+)
 def test_known_modules_are_placed(module: str) -> None:
     assert layer_of(module) is not None

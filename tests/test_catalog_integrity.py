@@ -402,6 +402,9 @@ def every_call(ids: list[int], dim: int) -> dict[str, Callable[[SqliteCatalog], 
         "set_settings": lambda c: c.set_settings({"a": "1", "b": None}),
         "schema_version": lambda c: c.schema_version,
         "generation": lambda c: c.generation,
+        "move_path": lambda c: c.move_path("/p/0001.jpg", "/p/moved.jpg"),
+        "move_paths": lambda c: c.move_paths({"/p/0002.jpg": "/p/moved2.jpg"}),
+        "file_states_by_hash": lambda c: c.file_states_by_hash(["h1", "h2"]),
     }
 
 

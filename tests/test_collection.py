@@ -86,6 +86,35 @@ def test_threshold_gives_no_close_match(collection: Collection, folder: Path) ->
     assert [Path(r.path).stem for r in far] == ["astronaut"]
 
 
+def test_files_moved_between_runs_keep_their_ids_and_are_not_embedded_again(
+    collection: Collection, folder: Path
+) -> None:
+    collection.index(folder, workers=0)
+    before = collection.catalog.paths()
+    rocket, cat = folder / "rocket.jpg", folder / "nested" / "chelsea.jpg"
+    rocket_id, cat_id = before[str(rocket.resolve())], before[str(cat.resolve())]
+    (folder / "moved").mkdir()
+    os.rename(rocket, folder / "moved" / "rocket renamed.jpg")  # keeps its mtime
+    shutil.copyfile(cat, folder / "cat-copy.jpg")  # a copy, then the original deleted: new mtime
+    cat.unlink()
+    # Same size, other bytes: a new image, not a move.
+    other = folder / "nested" / "deeper" / "coffee.jpg"
+    data = bytearray(other.read_bytes())
+    data[-3] ^= 0xFF
+    (folder / "other.jpg").write_bytes(bytes(data))
+    other.unlink()
+
+    report = collection.index(folder, workers=0)
+    assert (report.moved, report.added, report.removed) == (2, 1, 1)
+    assert report.embedded == 1  # only the edited file
+    after = collection.catalog.paths()
+    assert after[str((folder / "moved" / "rocket renamed.jpg").resolve())] == rocket_id
+    assert after[str((folder / "cat-copy.jpg").resolve())] == cat_id
+    assert collection.search(photo("rocket"), k=1)[0].id == rocket_id
+    again = collection.index(folder, workers=0)
+    assert (again.moved, again.embedded, again.unchanged) == (0, 0, 6)
+
+
 def test_reindex_is_incremental(collection: Collection, folder: Path) -> None:
     collection.index(folder, workers=0)
     again = collection.index(folder, workers=0)

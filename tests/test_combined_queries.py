@@ -258,8 +258,9 @@ def test_bad_queries_are_a_400_over_rest(
 
 
 def test_rest_needs_an_image_part(setup: Setup) -> None:
-    # The image part is required by the schema: a query of negatives only is refused there.
-    assert rest_search(setup, [], [setup.data("rocket")]).status_code == 422
+    # A query of negatives only is a bad request like any other: 400, saying why.
+    reply = rest_search(setup, [], [setup.data("rocket")])
+    assert reply.status_code == 400 and "negative images only" in reply.json()["detail"]
 
 
 def test_rest_negatives_and_weights_match_the_library(setup: Setup) -> None:

@@ -75,7 +75,7 @@ def test_preprocessing_is_stored_with_the_weights(encoder) -> None:
 
 def test_onnx_and_torch_runtimes_agree(encoder) -> None:
     torch_encoder = create_encoder("efficientnet-lite0", normalize=False, runtime="torch")
-    assert encoder.runtime == "onnx"
+    assert encoder.runtime in ("onnx", "openvino")  # the faster CPU runtime, fp32 on both
     images = [photo("astronaut"), photo("coffee")]
     a, b = encoder.embed(images), torch_encoder.embed(images)
     np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-3)

@@ -520,10 +520,17 @@ def test_bad_folders_and_names_are_clear_errors(
         create_encoder(f"hf:{tmp_path / 'missing'}")
     with pytest.raises(EncoderError, match=r"no config\.json"):
         create_encoder(f"hf:{tmp_path}")
-    (tmp_path / "resnet").mkdir()
-    (tmp_path / "resnet" / "config.json").write_text(json.dumps({"model_type": "resnet"}))
-    with pytest.raises(EncoderError, match=r"unsupported model type 'resnet'.*clip, dinov2"):
-        create_encoder(f"hf:{tmp_path / 'resnet'}")
+    for kind, why in [
+        ("bert", "not an image model"),
+        ("blip", "image-text model"),
+        ("no-such-type", "has no model for it"),
+    ]:
+        (tmp_path / kind).mkdir()
+        config = {"model_type": kind, **({"text_config": {}} if kind == "blip" else {})}
+        (tmp_path / kind / "config.json").write_text(json.dumps(config))
+        (tmp_path / kind / "model.safetensors").write_bytes(b"")
+        with pytest.raises(EncoderError, match=rf"unsupported model type '{kind}'.*{why}.*CLIP"):
+            create_encoder(f"hf:{tmp_path / kind}")
     mixed = tmp_path / "mixed"
     mixed.mkdir()
     shutil.copy(checkpoints["vit"].folder / "config.json", mixed)

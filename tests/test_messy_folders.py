@@ -216,7 +216,7 @@ def test_the_cli_indexes_a_messy_folder_exits_0_and_names_every_bad_entry(
 
     second = run_cli(*command)
     assert second.returncode == 0, second.stdout + second.stderr
-    assert "0 added, 0 updated, 0 removed" in second.stdout, second.stdout
+    assert "0 added, 0 updated, 0 moved, 0 removed" in second.stdout, second.stdout
     assert f"{len(messy.good)} unchanged" in second.stdout, second.stdout
     assert_failures(reported(second.stdout.splitlines(), "  skipped "), messy.bad)
 

@@ -120,8 +120,12 @@ def test_a_switch_killed_by_a_signal_resumes_from_the_command_line(
     subprocess.run([*cli, "index", str(photos), "-q"], check=True, env=env, timeout=300)
     total = len(list(photos.glob("*.jpg")))
 
+    # Eager PyTorch, so that the switch is still running when it is killed (the default
+    # runtime indexes these few images faster than the watcher polls); fp32, which the
+    # resumed run then keeps (it is recorded with the switch).
+    slow = ["--batch-size", "2", "--workers", "0", "--runtime", "torch", "--precision", "fp32"]
     switch = subprocess.Popen(
-        [*cli, "index", str(photos), "--model", NEW_MODEL, "--batch-size", "2", "--workers", "0"],
+        [*cli, "index", str(photos), "--model", NEW_MODEL, *slow],
         env=env,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,

@@ -184,7 +184,9 @@ def test_bad_images_are_refused(
 
 
 def test_missing_file_field(client: httpx.Client) -> None:
-    assert client.post("/search", data={"k": "3"}).status_code == 422
+    """A query without images or text is a bad request like any other: 400, saying why."""
+    reply = client.post("/search", data={"k": "3"})
+    assert reply.status_code == 400 and "empty" in reply.json()["detail"]
 
 
 def test_size_and_pixel_limits(client: httpx.Client) -> None:

@@ -15,6 +15,7 @@ from typing import Any, Protocol, TypeVar, runtime_checkable
 
 import numpy as np
 
+from lookalike.catalog.paths import from_catalog, to_catalog
 from lookalike.encoders.base import EncoderIdentity
 from lookalike.errors import CatalogError, CorruptVectorError, ModelMismatchError
 
@@ -90,11 +91,34 @@ class Catalog(Protocol):
     def models(self) -> list[dict[str, Any]]: ...
     def model_dim(self, model_id: int) -> int: ...
     def file_states(self, prefix: str = "") -> dict[str, FileState]: ...
+    def file_states_by_hash(self, hashes: Iterable[str]) -> dict[str, FileState]:
+        """Path -> stored state of every image whose content hash is one of ``hashes``
+        (where a file that was moved may have been indexed before)."""
+        ...
+
     def store(
         self, records: Sequence[ImageRecord], vectors: np.ndarray, model_id: int
     ) -> list[int]: ...
     def touch(self, image_id: int, size: int, mtime: float) -> None: ...
     def remove(self, ids: Iterable[int]) -> int: ...
+    def move_paths(self, moves: Mapping[str, str]) -> dict[str, int]:
+        """Rename catalogued files, old path -> new path, in one transaction: each keeps its
+        id, vectors, local features and metadata (nothing is embedded again). Returns new
+        path -> id of the images moved; an old path the catalog does not hold is skipped.
+
+        The batch moves at once, so swaps and chains (a -> b, b -> a) work. A new path that
+        holds another image not moved away in the same batch is replaced: that image is
+        removed, which bumps the generation. A rename alone changes no vector, so, like
+        metadata, it leaves the generation (and every derived file) as it was. Two old paths
+        moved to one new path raise ``CatalogError``.
+        """
+        ...
+
+    def move_path(self, old: str, new: str) -> int | None:
+        """Rename one catalogued file (see :meth:`move_paths`); returns its id, or None
+        when the catalog does not hold ``old``."""
+        ...
+
     def ids_for_paths(self, paths: Iterable[str]) -> dict[str, int]: ...
     def images(self, ids: Sequence[int]) -> dict[int, ImageRecord]: ...
     def ids_missing_vectors(self, model_id: int) -> list[tuple[int, str]]: ...
@@ -228,6 +252,17 @@ def model_summaries(rows: Iterable[Sequence[Any]]) -> list[dict[str, Any]]:
     rows."""
     names = ("id", "key", "name", "layer", "dim", "vectors")
     return [dict(zip(names, (*row[:5], int(row[5])), strict=True)) for row in rows]
+
+
+def planned_moves(moves: Mapping[str, str]) -> list[tuple[str, str]]:
+    """The (old, new) pairs of a :meth:`Catalog.move_paths` batch, as the catalog stores
+    paths, without those that stay in place; ``CatalogError`` when two share a new path."""
+    pairs = [(to_catalog(old), to_catalog(new)) for old, new in moves.items() if old != new]
+    targets = [new for _, new in pairs]
+    if len(set(targets)) != len(targets):
+        twice = sorted({new for new in targets if targets.count(new) > 1})
+        raise CatalogError(f"several files cannot move to one path: {from_catalog(twice[0])}")
+    return pairs
 
 
 def local_feature_rows(items: Iterable[tuple[int, str, bytes]]) -> list[tuple[int, str, bytes]]:

@@ -35,6 +35,7 @@ from lookalike.catalog.base import (
     fresh_local_feature_rows,
     local_feature_rows,
     model_summaries,
+    planned_moves,
     vector_checksum,
 )
 from lookalike.catalog.paths import from_catalog, remapped, to_catalog
@@ -42,6 +43,7 @@ from lookalike.catalog.postgres_schema import MIGRATIONS, VERSION_TABLE
 from lookalike.catalog.schema import PYTHON_STEPS, SCHEMA_VERSION
 from lookalike.encoders.base import EncoderIdentity
 from lookalike.errors import CatalogError, CatalogUnavailableError, ModelMismatchError
+from lookalike.exif import EXIF_KEYS
 
 if TYPE_CHECKING:
     import psycopg
@@ -54,6 +56,12 @@ VECTOR_STORAGES = ("auto", "pgvector", "bytea")
 _MIGRATION_LOCK = 0x6C6F6F6B
 _WRITE_ATTEMPTS = 5
 _VERIFY_PAGE = 5000  # vectors checked per statement by verify_vectors and migration 4
+# A re-indexed file's metadata: what its file says now (EXIF keys, dropped when the file no
+# longer has them) over what was stored, so that metadata from elsewhere (a CSV) is kept.
+_MERGED_METADATA = (
+    f"(images.metadata - ARRAY[{', '.join(repr(k) for k in EXIF_KEYS)}]::text[])"
+    " || EXCLUDED.metadata"
+)
 
 
 class PostgresCatalog:
@@ -394,6 +402,20 @@ class PostgresCatalog:
             from_catalog(path): FileState(i, size, mtime, h) for path, i, size, mtime, h in rows
         }
 
+    def file_states_by_hash(self, hashes: Iterable[str]) -> dict[str, FileState]:
+        """See :meth:`lookalike.catalog.base.Catalog.file_states_by_hash`."""
+        wanted = sorted(set(hashes))
+        if not wanted:
+            return {}
+        rows = self._rows(
+            "SELECT path, id, size, mtime, content_hash FROM images"
+            " WHERE content_hash = ANY(%s::text[])",
+            (wanted,),
+        )
+        return {
+            from_catalog(path): FileState(i, size, mtime, h) for path, i, size, mtime, h in rows
+        }
+
     def store(
         self, records: Sequence[ImageRecord], vectors: np.ndarray, model_id: int
     ) -> list[int]:
@@ -423,8 +445,8 @@ class PostgresCatalog:
                     "INSERT INTO images (path, content_hash, size, mtime, width, height, metadata,"
                     " added_at) VALUES (%s, %s, %s, %s, %s, %s, %s, %s) ON CONFLICT (path) DO"
                     " UPDATE SET content_hash = EXCLUDED.content_hash, size = EXCLUDED.size,"
-                    " mtime = EXCLUDED.mtime, width = EXCLUDED.width, height = EXCLUDED.height"
-                    " RETURNING id",
+                    " mtime = EXCLUDED.mtime, width = EXCLUDED.width, height = EXCLUDED.height,"
+                    f" metadata = {_MERGED_METADATA} RETURNING id",
                     image_rows,
                     returning=True,
                 )
@@ -472,6 +494,52 @@ class PostgresCatalog:
             return removed
 
         return self._write(work)
+
+    def move_paths(self, moves: Mapping[str, str]) -> dict[str, int]:
+        """See :meth:`lookalike.catalog.base.Catalog.move_paths`."""
+        pairs = planned_moves(moves)
+        if not pairs:
+            return {}
+
+        def work(db: psycopg.Connection) -> list[tuple[str, str, int]]:
+            with db.cursor() as cursor:
+                # Rows are locked in path order, as ``store`` does, so writers never deadlock.
+                rows = cursor.execute(
+                    "SELECT path, id FROM images WHERE path = ANY(%s::text[])"
+                    " ORDER BY path FOR UPDATE",
+                    ([old for old, _ in pairs],),
+                ).fetchall()
+                ids = {path: int(i) for path, i in rows}
+                present = [(old, new, ids[old]) for old, new in pairs if old in ids]
+                if not present:
+                    return []
+                vacated = {old for old, _, _ in present}
+                taken = [new for _, new, _ in present if new not in vacated]
+                cursor.execute("DELETE FROM images WHERE path = ANY(%s::text[])", (taken,))
+                replaced = cursor.rowcount
+                # Every image leaves its path first, so a swap or a chain never meets a path
+                # that is still taken (paths are unique).
+                token = uuid.uuid4().hex
+                cursor.executemany(
+                    "UPDATE images SET path = %s WHERE id = %s",
+                    [(f"moving:{token}:{i}", i) for _, _, i in present],
+                )
+                cursor.executemany(
+                    "UPDATE images SET path = %s WHERE id = %s", [(n, i) for _, n, i in present]
+                )
+                cursor.execute(
+                    "DELETE FROM failures WHERE path = ANY(%s::text[])",
+                    ([new for _, new, _ in present],),
+                )
+                if replaced:
+                    self._bump_generation(cursor)
+            return present
+
+        return {from_catalog(new): i for _, new, i in self._write(work)}
+
+    def move_path(self, old: str, new: str) -> int | None:
+        """See :meth:`lookalike.catalog.base.Catalog.move_path`."""
+        return self.move_paths({old: new}).get(new)
 
     def ids_for_paths(self, paths: Iterable[str]) -> dict[str, int]:
         """Path -> id for the given paths that are in the catalog."""

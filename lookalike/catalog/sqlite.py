@@ -26,6 +26,7 @@ from lookalike.catalog.base import (
     fresh_local_feature_rows,
     local_feature_rows,
     model_summaries,
+    planned_moves,
 )
 from lookalike.catalog.paths import from_catalog, remapped, to_catalog
 from lookalike.catalog.schema import MIGRATIONS, PYTHON_STEPS, SCHEMA_VERSION
@@ -37,6 +38,7 @@ from lookalike.errors import (
     CatalogUnavailableError,
     ModelMismatchError,
 )
+from lookalike.exif import EXIF_KEYS
 
 # SQLite result codes that mean the file cannot be opened or read now, not that it is wrong.
 _UNAVAILABLE = {"SQLITE_CANTOPEN", "SQLITE_IOERR", "SQLITE_PERM", "SQLITE_BUSY", "SQLITE_LOCKED"}
@@ -45,6 +47,12 @@ _CORRUPT = {"SQLITE_CORRUPT", "SQLITE_NOTADB", "SQLITE_FORMAT"}
 # ... and those that mean its disk is full (the shared-memory file could not grow, too).
 _FULL = {"SQLITE_FULL", "SQLITE_IOERR_SHMSIZE"}
 _VERIFY_PAGE = 5000  # vectors checked per statement by verify_vectors
+# A re-indexed file's metadata: what its file says now (EXIF keys, dropped when the file no
+# longer has them) over what was stored, so that metadata from elsewhere (a CSV) is kept.
+_MERGED_METADATA = (
+    f"json_patch(json_remove(images.metadata, {', '.join(repr('$.' + k) for k in EXIF_KEYS)}),"
+    " excluded.metadata)"
+)
 
 _P = ParamSpec("_P")
 _R = TypeVar("_R")
@@ -276,6 +284,23 @@ class SqliteCatalog:
         }
 
     @_guarded
+    def file_states_by_hash(self, hashes: Iterable[str]) -> dict[str, FileState]:
+        """See :meth:`lookalike.catalog.base.Catalog.file_states_by_hash`."""
+        found: dict[str, FileState] = {}
+        for chunk in chunks(sorted(set(hashes)), 500):
+            marks = ",".join("?" * len(chunk))
+            rows = self._db.execute(
+                "SELECT path, id, size, mtime, content_hash FROM images"
+                f" WHERE content_hash IN ({marks})",
+                chunk,
+            )
+            found.update(
+                (from_catalog(path), FileState(i, size, mtime, h))
+                for path, i, size, mtime, h in rows
+            )
+        return found
+
+    @_guarded
     def store(
         self, records: Sequence[ImageRecord], vectors: np.ndarray, model_id: int
     ) -> list[int]:
@@ -294,8 +319,8 @@ class SqliteCatalog:
                     "INSERT INTO images (path, content_hash, size, mtime, width, height, metadata,"
                     " added_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (path) DO UPDATE SET"
                     " content_hash = excluded.content_hash, size = excluded.size,"
-                    " mtime = excluded.mtime, width = excluded.width, height = excluded.height"
-                    " RETURNING id",
+                    " mtime = excluded.mtime, width = excluded.width, height = excluded.height,"
+                    f" metadata = {_MERGED_METADATA} RETURNING id",
                     (
                         path,
                         record.content_hash,
@@ -340,6 +365,45 @@ class SqliteCatalog:
             if removed:
                 self._bump_generation(db)
         return removed
+
+    @_guarded
+    def move_paths(self, moves: Mapping[str, str]) -> dict[str, int]:
+        """See :meth:`lookalike.catalog.base.Catalog.move_paths`."""
+        pairs = planned_moves(moves)
+        if not pairs:
+            return {}
+        with self._transaction() as db:
+            ids: dict[str, int] = {}
+            for chunk in chunks([old for old, _ in pairs], 500):
+                marks = ",".join("?" * len(chunk))
+                rows = db.execute(f"SELECT path, id FROM images WHERE path IN ({marks})", chunk)
+                ids.update((path, int(i)) for path, i in rows)
+            present = [(old, new, ids[old]) for old, new in pairs if old in ids]
+            if not present:
+                return {}
+            vacated = {old for old, _, _ in present}
+            taken = [new for _, new, _ in present if new not in vacated]
+            replaced = 0
+            for path in taken:  # another image's path: that image is replaced
+                replaced += db.execute("DELETE FROM images WHERE path = ?", (path,)).rowcount
+            # Every image leaves its path first, so a swap or a chain never meets a path that
+            # is still taken (paths are unique).
+            token = uuid.uuid4().hex
+            db.executemany(
+                "UPDATE images SET path = ? WHERE id = ?",
+                [(f"moving:{token}:{i}", i) for _, _, i in present],
+            )
+            db.executemany(
+                "UPDATE images SET path = ? WHERE id = ?", [(new, i) for _, new, i in present]
+            )
+            db.executemany("DELETE FROM failures WHERE path = ?", [(new,) for _, new, _ in present])
+            if replaced:
+                self._bump_generation(db)
+        return {from_catalog(new): i for _, new, i in present}
+
+    def move_path(self, old: str, new: str) -> int | None:
+        """See :meth:`lookalike.catalog.base.Catalog.move_path`."""
+        return self.move_paths({old: new}).get(new)
 
     @_guarded
     def ids_for_paths(self, paths: Iterable[str]) -> dict[str, int]:

@@ -4,9 +4,10 @@ catalog that ``--db`` or ``$LOOKALIKE_DB`` names) and progress bars."""
 from __future__ import annotations
 
 import argparse
+import importlib
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -31,7 +32,7 @@ def collection_path(value: str | None) -> Path:
     """The collection folder ``-c VALUE`` (else $LOOKALIKE_COLLECTION, else 'default') names:
     a bare name is a collection under $LOOKALIKE_HOME (or ~/.local/share/lookalike), anything
     path-like is a folder, used as given ('~' expanded)."""
-    from lookalike.core.collection import default_collection_dir
+    from lookalike.core.locations import default_collection_dir
 
     value = value or os.environ.get(COLLECTION_ENV)
     if not value:
@@ -58,7 +59,7 @@ def require_collection(path: Path, db: str | None, name: str | None = None) -> N
     a link to its catalog) or ``db`` names its catalog (a PostgreSQL URL, or a SQLite file
     that exists). The message says what exists instead; nothing is created."""
     from lookalike.catalog import is_postgres_url
-    from lookalike.core.collection import CATALOG_FILE, CATALOG_LINK, default_collection_dir
+    from lookalike.core.locations import CATALOG_FILE, CATALOG_LINK, default_collection_dir
 
     if db is not None:
         if is_postgres_url(db) or Path(db).expanduser().is_file():
@@ -88,6 +89,44 @@ def require_collection(path: Path, db: str | None, name: str | None = None) -> N
     if _holds_collection(Path(value), CATALOG_FILE, CATALOG_LINK):
         message += f"; to use the collection folder ./{value}, pass -c ./{value}"
     raise LookalikeError(f"{message}; 'lookalike -c {value} index FOLDER' creates it")
+
+
+class CommandParser(argparse.ArgumentParser):
+    """A subcommand's parser that may add its arguments only when that subcommand is used or
+    its help shown (:meth:`defer`), so that ``lookalike search`` never imports the modules of
+    the other subcommands (a cold query pays for every import)."""
+
+    _deferred: Callable[[argparse.ArgumentParser], None] | None = None
+
+    def defer(self, module: str, add_arguments: str, run: str) -> None:
+        """Add the arguments with ``module.add_arguments(parser)`` and run the subcommand
+        with ``module.run``, imported on first use."""
+
+        def complete(parser: argparse.ArgumentParser) -> None:
+            loaded = importlib.import_module(module)
+            getattr(loaded, add_arguments)(parser)
+            parser.set_defaults(run=getattr(loaded, run))
+
+        self._deferred = complete
+
+    def _complete(self) -> None:
+        if self._deferred is not None:
+            complete, self._deferred = self._deferred, None
+            complete(self)
+
+    def parse_known_args(  # type: ignore[override]  # typeshed's overloads, same behaviour
+        self, args: Sequence[str] | None = None, namespace: argparse.Namespace | None = None
+    ) -> tuple[argparse.Namespace, list[str]]:
+        self._complete()
+        return super().parse_known_args(args, namespace)
+
+    def format_help(self) -> str:
+        self._complete()
+        return super().format_help()
+
+    def format_usage(self) -> str:
+        self._complete()
+        return super().format_usage()
 
 
 def _holds_collection(folder: Path, *names: str) -> bool:

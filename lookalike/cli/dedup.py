@@ -33,6 +33,7 @@ from lookalike.dedup.moving import Move
 
 if TYPE_CHECKING:
     from lookalike.core.collection import Collection
+    from lookalike.dedup.against import AgainstReport, ReferenceMatch
 
 _CSV_FIELDS = ("group", "role", "path", "width", "height", "size", "mtime", "score", "inliers")
 
@@ -46,6 +47,14 @@ def add_dedup_arguments(parser: argparse.ArgumentParser) -> None:
         help="a folder of images (indexed into the collection first, incrementally, then "
         "deduplicated alone), or a collection folder or name (default: the whole active "
         "collection)",
+    )
+    parser.add_argument(
+        "--against",
+        metavar="REFERENCE",
+        help="check the images of TARGET (a folder or one image file) against REFERENCE (a "
+        "collection folder or name, or a folder of images, indexed into the collection "
+        "first) and report which already exist there; the reference is never grouped "
+        "against itself and TARGET is not indexed",
     )
     parser.add_argument(
         "--method",
@@ -71,7 +80,8 @@ def add_dedup_arguments(parser: argparse.ArgumentParser) -> None:
         choices=("table", "json", "csv", "paths"),
         default="table",
         help="table: for people; json: one object; csv: one row an image with a header; "
-        "paths: the paths of the duplicates only (never the keepers), one a line, for xargs",
+        "paths: the paths of the duplicates only (never the keepers), one a line, for xargs "
+        "(with --against: the new images that already exist in the reference)",
     )
     parser.add_argument(
         "--move-to",
@@ -95,6 +105,8 @@ def run_dedup(args: argparse.Namespace) -> int:
 
     if args.apply and not args.move_to:
         raise DedupError("--apply carries out --move-to; give --move-to DIR too")
+    if args.against is not None:
+        return _run_against(args)
     folder, location = _target(args, collection_path)
     with Collection(location, db=database_url(args), runtime=args.runtime) as collection:
         if folder is not None:
@@ -247,5 +259,169 @@ def _print_paths(report: DedupReport, moves: list[Move] | None, *, applied: bool
     for group in report.groups:
         for duplicate in group.duplicates:
             print(duplicate.path)
+    for path, reason in report.failed:
+        print(f"lookalike: could not read {path}: {reason}", file=sys.stderr)
+
+
+# -- --against: new images checked against a reference ----------------------------------------
+
+
+def _run_against(args: argparse.Namespace) -> int:
+    """``lookalike dedup NEW --against REFERENCE``: which new images the reference holds."""
+    from lookalike.cli.common import database_url
+    from lookalike.core.collection import Collection
+    from lookalike.dedup.against import find_in_reference
+    from lookalike.errors import DedupError
+
+    if args.target is None:
+        raise DedupError("--against needs the new images: give a folder or an image file")
+    if args.move_to:
+        raise DedupError("--move-to does not apply to --against (nothing is grouped)")
+    if not Path(args.target).expanduser().exists():
+        raise DedupError(f"{args.target}: no such image file or folder")
+    folder, location = _reference(args)
+    with Collection(location, db=database_url(args), runtime=args.runtime) as collection:
+        if folder is not None:
+            _index(collection, folder, args)
+        report = find_in_reference(
+            args.target,
+            collection,
+            under=folder,
+            method=args.method,
+            threshold=args.threshold,
+            min_inliers=args.min_inliers,
+            workers=args.workers,
+        )
+    printer = {
+        "table": _print_against_table,
+        "json": _print_against_json,
+        "csv": _print_against_csv,
+        "paths": _print_against_paths,
+    }[args.format]
+    printer(report)
+    return 0
+
+
+def _reference(args: argparse.Namespace) -> tuple[Path | None, Path]:
+    """(folder to index and check against or None, collection folder) for ``--against``: a
+    collection folder, a plain folder (indexed into the active collection, as ``dedup
+    FOLDER`` does) or a collection name."""
+    from lookalike.cli.common import (
+        collection_path,
+        database_url,
+        is_collection_name,
+        require_collection,
+    )
+    from lookalike.core.locations import CATALOG_FILE, CATALOG_LINK
+    from lookalike.errors import DedupError
+
+    value = args.against
+    path = Path(value).expanduser()
+    if path.is_dir():
+        if not any((path / name).is_file() for name in (CATALOG_FILE, CATALOG_LINK)):
+            return path.resolve(), collection_path(args.collection)
+        if args.collection:
+            raise DedupError(f"{value} is a collection; leave out --collection or give a folder")
+        return None, path
+    if path.exists():
+        raise DedupError(f"--against {value}: a reference is a folder or a collection, not a file")
+    if not is_collection_name(value):
+        raise DedupError(f"--against {value}: no such folder or collection")
+    if args.collection:
+        raise DedupError(f"{value} is a collection; leave out --collection or give a folder")
+    location = collection_path(value)
+    # A named reference must exist: checking against a fresh, empty one would call every
+    # image new.
+    require_collection(location, database_url(args), value)
+    return None, location
+
+
+def _against_method(report: AgainstReport) -> str:
+    if report.method is Method.EXACT:
+        return "exact: same content hash"
+    if report.method is Method.PERCEPTUAL:
+        return f"perceptual: pHash within {report.threshold:g} bits"
+    if report.method is Method.VERIFIED:
+        return f"verified: cosine >= {report.threshold:g} and >= {report.min_inliers} SIFT inliers"
+    return f"embedding: cosine >= {report.threshold:g}"
+
+
+def _match_score(report: AgainstReport, match: ReferenceMatch) -> str:
+    if match.score is None:
+        return "identical"
+    if report.method is Method.PERCEPTUAL:
+        return f"{match.score:.0f} bits"
+    text = f"cosine {match.score:.3f}"
+    return text if match.inliers is None else f"{text}, {match.inliers} inliers"
+
+
+def _print_against_table(report: AgainstReport) -> None:
+    print(
+        f"{len(report.found)} of {len(report.results)} image(s) already in the reference "
+        f"({report.reference_images} image(s); {_against_method(report)}) "
+        f"in {report.seconds:.1f}s"
+    )
+    for result in report.results:
+        if not result.found:
+            print(f"  new    {result.path}")
+            continue
+        print(f"  found  {result.path}")
+        for match in result.matches:
+            print(f"           = {match.path}  ({_match_score(report, match)})")
+    if report.failed:
+        print(f"\n{len(report.failed)} file(s) could not be read and were left out:")
+        for path, reason in report.failed:
+            print(f"  {path}: {reason}")
+
+
+def _print_against_json(report: AgainstReport) -> None:
+    payload: dict[str, Any] = {
+        "method": report.method.value,
+        "threshold": report.threshold,
+        "min_inliers": report.min_inliers,
+        "reference_images": report.reference_images,
+        "images": len(report.results),
+        "found": len(report.found),
+        "seconds": round(report.seconds, 3),
+        "results": [
+            {
+                "path": r.path,
+                "status": "found" if r.found else "new",
+                "matches": [asdict(m) for m in r.matches],
+            }
+            for r in report.results
+        ],
+        "failed": [{"path": p, "reason": r} for p, r in report.failed],
+    }
+    print(json.dumps(payload, indent=2))
+
+
+def _print_against_csv(report: AgainstReport) -> None:
+    """One row per (query, match), and one row with status ``new`` per new image."""
+    fields = ("path", "status", "match", "match_id", "score", "inliers")
+    writer = csv.DictWriter(sys.stdout, fieldnames=fields, lineterminator="\n")
+    writer.writeheader()
+    for result in report.results:
+        if not result.found:
+            writer.writerow({"path": result.path, "status": "new"})
+        for match in result.matches:
+            writer.writerow(
+                {
+                    "path": result.path,
+                    "status": "found",
+                    "match": match.path,
+                    "match_id": match.id,
+                    "score": match.score,
+                    "inliers": match.inliers,
+                }
+            )
+    for path, reason in report.failed:
+        print(f"lookalike: could not read {path}: {reason}", file=sys.stderr)
+
+
+def _print_against_paths(report: AgainstReport) -> None:
+    """The new images that already exist in the reference, one a line."""
+    for result in report.found:
+        print(result.path)
     for path, reason in report.failed:
         print(f"lookalike: could not read {path}: {reason}", file=sys.stderr)

@@ -9,6 +9,7 @@ IngestPipeline` for writes, :class:`~lookalike.core.search.Searcher` for queries
 
 from __future__ import annotations
 
+import hashlib
 import os
 import time
 from collections.abc import Sequence
@@ -29,12 +30,14 @@ from lookalike.core.ingest import (
     IngestJob,
     IngestPipeline,
     ProgressCallback,
+    ScanRules,
     ThreadExecutor,
     decode_file,
     embed_batch,
     scan_images,
 )
 from lookalike.core.local_store import LocalFeatureStore
+from lookalike.core.locations import CATALOG_FILE, CATALOG_LINK, default_collection_dir
 from lookalike.core.metadata import match_metadata, read_metadata_csv
 from lookalike.core.models import (
     DEFAULT_MODEL,
@@ -64,18 +67,8 @@ __all__ = [
     "default_collection_dir",
 ]
 
-CATALOG_FILE = "catalog.sqlite"
-# Names the catalog a collection folder uses when it is not the folder's own SQLite file.
-CATALOG_LINK = "catalog.url"
-
-
-def default_collection_dir(name: str = "default") -> Path:
-    """Where a named collection lives: $LOOKALIKE_HOME/NAME, else ~/.local/share/lookalike/NAME."""
-    home = os.environ.get("LOOKALIKE_HOME")
-    if home:
-        return Path(home) / name
-    data = os.environ.get("XDG_DATA_HOME") or Path.home() / ".local" / "share"
-    return Path(data) / "lookalike" / name
+# The text model paired with the image model for text queries (hf:<id or folder>), if any.
+TEXT_MODEL_SETTING = "text_model"
 
 
 @dataclass(frozen=True)
@@ -106,6 +99,15 @@ class Collection:
     its password) in ``catalog.url``, so later opens without ``db`` find it again.
 
     ``encoder`` uses an already built encoder (it must be the one ``model`` names).
+
+    ``precision`` (fp32, bf16 or auto) is the arithmetic of the vectors, chosen like the
+    model: a new collection takes ``auto`` (bf16 where the CPU runs it natively, about twice
+    as fast), records what it took, and keeps it; naming another one later is a model switch.
+    ``runtime`` only says where the encoder runs and never changes the vectors.
+
+    ``text_model`` (remembered; ``"none"`` forgets it) embeds text queries instead of the image
+    model: a sentence-transformers model trained into its space, e.g. a multilingual one for a
+    CLIP collection (:mod:`lookalike.encoders.text`).
     """
 
     def __init__(
@@ -119,10 +121,12 @@ class Collection:
         whitening: int | None = None,
         pooling: str | None = None,
         scales: str | None = None,
+        precision: str | None = None,
         runtime: str = "auto",
         device: str = "auto",
         threads: int | None = None,
         encoder: Encoder | None = None,
+        text_model: str | None = None,
     ) -> None:
         self.path = Path(path).expanduser()
         self.catalog = _open_catalog(self.path, db)
@@ -134,7 +138,7 @@ class Collection:
         }
         active = active_choice(self.catalog)
         requested = requested_choice(
-            active, model=model, layer=layer, pooling=pooling, scales=scales
+            active, model=model, layer=layer, pooling=pooling, scales=scales, precision=precision
         )
         if active is None:
             # A new collection: the model asked for is active from the start.
@@ -142,7 +146,9 @@ class Collection:
             self._target: ModelView | None = None
         else:
             legacy = settings("pooling") is None
-            self._active = self._view(active, legacy_pooling=legacy)
+            self._active = self._view(
+                active, legacy_pooling=legacy, legacy_precision=settings("precision") is None
+            )
             if requested != active:
                 self._target = self._view(requested, encoder=encoder)
             else:
@@ -159,6 +165,15 @@ class Collection:
             self.catalog.set_setting("index_spec", index_spec)
         if whitening is not None:
             self.catalog.set_setting(WHITENING_SETTING, str(parse_whitening(whitening)))
+        self._text_models: dict[str, Any] = {}
+        self._text_override: str | None = None
+        self._paired: tuple[Encoder, str, Encoder] | None = None
+        if text_model is not None:
+            try:
+                self._remember_text_model(text_model)
+            except BaseException:
+                self.catalog.close()  # the caller never gets this object to close
+                raise
         self.derived = DerivedFileStore(self.catalog, self.path)
         self.indexes = VectorIndexes(
             self.derived,
@@ -181,7 +196,12 @@ class Collection:
     # -- the model ----------------------------------------------------------------------
 
     def _view(
-        self, choice: ModelChoice, *, legacy_pooling: bool = False, encoder: Encoder | None = None
+        self,
+        choice: ModelChoice,
+        *,
+        legacy_pooling: bool = False,
+        legacy_precision: bool = False,
+        encoder: Encoder | None = None,
     ) -> ModelView:
         return ModelView(
             choice,
@@ -189,6 +209,7 @@ class Collection:
             self.path,
             self._runtime_options,
             legacy_pooling=legacy_pooling,
+            legacy_precision=legacy_precision,
             encoder=encoder,
         )
 
@@ -260,7 +281,9 @@ class Collection:
         active = active_choice(self.catalog)
         if active is None or active == self._active.choice:
             return False
-        self._active = self._view(active)
+        self._active = self._view(
+            active, legacy_precision=self.catalog.get_setting("precision") is None
+        )
         self._target = None
         self.indexes.forget()
         return True
@@ -268,10 +291,57 @@ class Collection:
     # -- the parts --------------------------------------------------------------------------
 
     @property
+    def text_model(self) -> str | None:
+        """The text model text queries use (``use_text_model``'s, else the remembered one),
+        or None: the image model embeds text itself, if it can."""
+        return self._text_override or self.catalog.get_setting(TEXT_MODEL_SETTING) or None
+
+    def use_text_model(self, name: str | None) -> None:
+        """Embed text queries with text model ``name`` in this object only (not remembered);
+        None goes back to the remembered one. It is built now, and a dimension mismatch with
+        the image model is a ``ModelMismatchError`` now."""
+        if name:
+            self._paired_encoder(self.encoder, name, check=True)
+        self._text_override = name or None
+
+    def _remember_text_model(self, name: str) -> None:
+        if name.strip().lower() in ("", "none"):
+            self.catalog.set_settings({TEXT_MODEL_SETTING: None})
+            return
+        # Checked against the model being indexed now, not at the first text search.
+        self._paired_encoder((self._target or self._active).encoder, name, check=True)
+        self.catalog.set_setting(TEXT_MODEL_SETTING, name)
+
+    def _paired_encoder(self, encoder: Encoder, name: str, *, check: bool = False) -> Encoder:
+        """``encoder`` with text model ``name``, built once per collection object: now with
+        ``check``, else at the first text query (image queries never wait for it)."""
+        from lookalike.encoders.text import TextPairedEncoder, create_text_model
+
+        if self._paired is None or self._paired[0] is not encoder or self._paired[1] != name:
+
+            def build() -> Any:
+                if name not in self._text_models:
+                    device = self._runtime_options["device"]
+                    self._text_models[name] = create_text_model(name, device=device)
+                return self._text_models[name]
+
+            self._paired = (encoder, name, TextPairedEncoder(encoder, build))
+        paired = self._paired[2]
+        if check:
+            assert isinstance(paired, TextPairedEncoder)
+            _ = paired.text_model
+        return paired
+
+    def _query_encoder(self) -> Encoder:
+        """The encoder queries use: the active one, paired with the text model if any."""
+        name = self.text_model
+        return self._paired_encoder(self.encoder, name) if name else self.encoder
+
+    @property
     def searcher(self) -> Searcher:
         """The query path over this collection's active model."""
         return Searcher(
-            encoder=self.encoder,
+            encoder=self._query_encoder(),
             catalog=self.catalog,
             model_id=self.model_id,
             index_for=self.vector_index,
@@ -301,6 +371,7 @@ class Collection:
         executor: IngestExecutor | None = None,
         follow_symlinks: bool = True,
         max_file_bytes: int | None = DEFAULT_MAX_FILE_BYTES,
+        rules: ScanRules | None = None,
     ) -> IndexReport:
         """Bring the collection in line with ``folder``: embed new and changed images, drop
         deleted ones, keep the rest. Entries that cannot be indexed never stop the run: they
@@ -308,6 +379,12 @@ class Collection:
         not decode, dangling symlinks, symlink loops, FIFOs and devices, files larger than
         ``max_file_bytes``, None for no limit). Symlinks to files and folders are followed
         unless ``follow_symlinks=False`` (then they are listed as not followed).
+
+        ``rules`` (:class:`ScanRules`) says what is left out on purpose, listed in the
+        report's ``skipped``: by default hidden files and folders, system folders (``.git``,
+        ``@eaDir``...), RAW files with a JPEG beside them, and the patterns of the folder's
+        ``.lookalikeignore``; images above its megapixel cap are listed in ``failed``. A file
+        indexed before and skipped now is removed, as if deleted.
 
         ``local_features=True`` also stores local features of every image (SIFT, or patch
         tokens with a ViT-family encoder), for ``search(..., rerank=n)``; the choice is
@@ -334,11 +411,16 @@ class Collection:
         local = self.local_store.choose(local_features, encoder)
         report = IndexReport()
 
-        scan = scan_images(root, follow_symlinks=follow_symlinks, max_file_bytes=max_file_bytes)
+        rules = rules or ScanRules()
+        scan = scan_images(
+            root, follow_symlinks=follow_symlinks, max_file_bytes=max_file_bytes, rules=rules
+        )
+        report.skipped = scan.skipped
         on_disk = scan.files
         prefix = str(root) + os.sep
         known = self.catalog.file_states(prefix)
         self.indexes.load_existing(encoder.identity.key, encoder.dim)
+        report.moved = self._record_moves(known, on_disk)
         gone = [state.id for path, state in known.items() if path not in on_disk]
         report.removed = self._remove_ids(gone)
         # Failures of files gone are forgotten; those of the scan are recorded again now, and
@@ -366,7 +448,8 @@ class Collection:
             todo += [p for p in elsewhere if os.path.isfile(p)]
 
         executor = executor or ThreadExecutor(workers)
-        batches = executor.batches(IngestJob(todo, encoder, view.recipe(), local, batch_size))
+        job = IngestJob(todo, encoder, view.recipe(), local, batch_size, rules.max_pixels)
+        batches = executor.batches(job)
         pipeline.run(batches, known, report, local=local, total=len(todo), progress=progress)
         if self._target is not None:
             report.switch = self._finish_switch()
@@ -397,6 +480,101 @@ class Collection:
         if metadata:
             self.catalog.update_metadata(image_id, metadata)
         return image_id
+
+    def index_files(
+        self,
+        paths: Sequence[str | Path],
+        *,
+        batch_size: int = 32,
+        workers: int | None = None,
+        progress: ProgressCallback | None = None,
+        executor: IngestExecutor | None = None,
+        rules: ScanRules | None = None,
+    ) -> IndexReport:
+        """Embed the given files (new ones, or changed ones again: a catalogued path keeps
+        its id) with the model searches use, through the same pipeline as :meth:`index`,
+        one transaction per batch. Files that cannot be indexed are listed in the report's
+        ``failed`` and in ``info``; of ``rules`` only the megapixel cap applies (the caller
+        chose the files). ``watch`` uses this."""
+        started = time.perf_counter()
+        todo = [os.fspath(p) for p in paths]
+        _ = self.model_id  # a new collection records its model now
+        view = self._active
+        encoder = view.encoder
+        local = self.local_store.choose(None, encoder)
+        ids = self.catalog.ids_for_paths(todo)
+        records = self.catalog.images(list(ids.values()))
+        known = {r.path: FileState(i, r.size, r.mtime, r.content_hash) for i, r in records.items()}
+        self.indexes.load_existing(encoder.identity.key, encoder.dim)
+        report = IndexReport()
+        executor = executor or ThreadExecutor(workers)
+        cap = (rules or ScanRules()).max_pixels
+        job = IngestJob(todo, encoder, view.recipe(), local, batch_size, max_pixels=cap)
+        self._pipeline(view).run(
+            executor.batches(job), known, report, local=local, total=len(todo), progress=progress
+        )
+        report.seconds = time.perf_counter() - started
+        return report
+
+    def _record_moves(self, known: dict[str, FileState], on_disk: dict[str, os.stat_result]) -> int:
+        """Find files renamed or moved within the folder since the last run (while no watcher
+        ran) and move their catalog entries instead of removing and embedding them again.
+
+        A vanished file and a new one are the same file when their sizes agree and the new
+        file's bytes hash to the stored content hash; only new files whose size matches a
+        vanished one are read. ``known`` is updated in place. Returns how many moved."""
+        gone: dict[tuple[int, str], list[str]] = {}
+        sizes = {state.size for path, state in known.items() if path not in on_disk}
+        if not sizes:
+            return 0
+        for path, state in known.items():
+            if path not in on_disk:
+                gone.setdefault((state.size, state.content_hash), []).append(path)
+        moves: dict[str, str] = {}
+        for path, stat in on_disk.items():
+            if path in known or stat.st_size not in sizes:
+                continue
+            digest = _content_hash(path)
+            candidates = gone.get((stat.st_size, digest or ""))
+            if candidates:
+                moves[candidates.pop()] = path
+        if not moves:
+            return 0
+        moved = self.move_files(moves)
+        for old, new in moves.items():
+            state = known.pop(old)
+            stat = on_disk[new]
+            if new in moved:
+                # A copy-then-delete gives the file a new mtime: record it, so the next run
+                # sees the file unchanged.
+                self.catalog.touch(state.id, stat.st_size, stat.st_mtime)
+                known[new] = FileState(state.id, stat.st_size, stat.st_mtime, state.content_hash)
+        return len(moved)
+
+    def move_files(self, moves: dict[str, str]) -> dict[str, int]:
+        """Record files renamed on disk, old path -> new path: each keeps its id, vectors,
+        local features and metadata, with nothing embedded again (see
+        :meth:`~lookalike.catalog.Catalog.move_paths`). Returns new path -> id of the images
+        moved; a catalogued image at a new path that is not moved away too is replaced."""
+        leaving = self.catalog.ids_for_paths(old for old, new in moves.items() if old != new)
+        replaced = self.catalog.ids_for_paths(
+            moves[old] for old in leaving if moves[old] not in leaving
+        )
+        if replaced:
+            # Loaded first, so the replacement updates the index files instead of a rebuild.
+            self.indexes.load_existing(self.encoder.identity.key, self.encoder.dim)
+        before, written = self.catalog.state, self.catalog.last_written_state
+        moved = self.catalog.move_paths(moves)
+        if self.catalog.last_written_state != written:  # images were replaced
+            self.indexes.apply(
+                "",
+                before=before,
+                after=self.catalog.last_written_state,
+                changes=1,
+                removed=np.asarray(list(replaced.values()), dtype=np.int64),
+            )
+            self.indexes.flush()
+        return moved
 
     def _finish_switch(self) -> str:
         """Make the switch target active if it covers every image: "done", else "pending"
@@ -515,6 +693,10 @@ class Collection:
         active = next(
             (m for m in models if m["name"] == self.model_name and m["layer"] == self.layer), None
         )
+        if active is None and models:
+            # An hf: model is stored under its checkpoint's name and its real layer, not the
+            # name the user typed: ask the encoder for its catalog id (this loads it).
+            active = next((m for m in models if m["id"] == self.model_id), None)
         return CollectionInfo(
             path=str(self.path),
             images=self.catalog.count(),
@@ -545,6 +727,19 @@ def _open_catalog(folder: Path, db: str | Path | Catalog | None) -> Catalog:
         catalog.close()
         raise LookalikeError(f"{folder}: cannot hold the collection ({error})") from error
     return catalog
+
+
+def _content_hash(path: str) -> str | None:
+    """The SHA-256 of a file's bytes as the catalog stores it, or None when it cannot be
+    read (the ingest pipeline reports that when it reads the file)."""
+    digest = hashlib.sha256()
+    try:
+        with open(path, "rb") as handle:
+            while chunk := handle.read(1 << 20):
+                digest.update(chunk)
+    except OSError:
+        return None
+    return digest.hexdigest()
 
 
 def _changed(state: FileState, stat: os.stat_result) -> bool:

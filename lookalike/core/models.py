@@ -22,6 +22,10 @@ from lookalike.errors import CatalogError
 DEFAULT_MODEL = "efficientnet-lite0"
 DEFAULT_LAYER = "head"
 DEFAULT_POOLING = "gem"
+# The arithmetic new collections ask for: the encoder takes bf16 where the CPU runs it natively
+# (OpenVINO; about 2x faster indexing, same retrieval quality within 0.005, see
+# benchmarks/results/index_throughput.md), else fp32. What it took is recorded, and kept.
+DEFAULT_PRECISION = "auto"
 SWITCH_SETTING = "switch_to"
 # Fine-tuned encoders saved with a collection live here (looked for before the user's own).
 ENCODERS_DIR = "encoders"
@@ -37,13 +41,14 @@ class ModelCatalog(Protocol):
 
 @dataclass(frozen=True)
 class ModelChoice:
-    """A model as the user names it: registry name, layer, pooling and scales (None: the
-    encoder's own choice)."""
+    """A model as the user names it: registry name, layer, pooling, scales and precision
+    (None: the encoder's own choice)."""
 
     name: str
     layer: str
     pooling: str | None = None
     scales: str | None = None
+    precision: str | None = None
 
     def settings(self) -> dict[str, str | None]:
         """The catalog settings that make this the active model."""
@@ -52,6 +57,7 @@ class ModelChoice:
             "layer": self.layer,
             "pooling": self.pooling,
             "scales": self.scales,
+            "precision": self.precision,
         }
 
     def to_json(self) -> str:
@@ -66,6 +72,7 @@ class ModelChoice:
                 str(fields["layer"]),
                 fields.get("pooling"),
                 fields.get("scales"),
+                fields.get("precision"),
             )
         except (ValueError, KeyError, TypeError) as error:
             raise CatalogError(f"the catalog's {SWITCH_SETTING} setting is damaged") from error
@@ -81,6 +88,7 @@ def active_choice(catalog: ModelCatalog) -> ModelChoice | None:
         catalog.get_setting("layer") or DEFAULT_LAYER,
         catalog.get_setting("pooling") or None,
         catalog.get_setting("scales") or None,
+        catalog.get_setting("precision") or None,
     )
 
 
@@ -97,6 +105,7 @@ def requested_choice(
     layer: str | None,
     pooling: str | None,
     scales: str | None,
+    precision: str | None = None,
 ) -> ModelChoice:
     """The model asked for: what is given, the rest as the active model has it."""
     name = model or (active.name if active else DEFAULT_MODEL)
@@ -106,6 +115,7 @@ def requested_choice(
         layer or (active.layer if active else DEFAULT_LAYER),
         pooling or (active.pooling if same and active else None),
         scales or (active.scales if same and active else None),
+        precision or (active.precision if same and active else None),
     )
 
 
@@ -120,6 +130,7 @@ class ModelView:
         runtime_options: dict[str, Any],
         *,
         legacy_pooling: bool = False,
+        legacy_precision: bool = False,
         encoder: Encoder | None = None,
     ) -> None:
         self.choice = choice
@@ -130,6 +141,8 @@ class ModelView:
         # stored vectors stay valid; new ones get GeM (it measured better on class-level and
         # copy-detection retrieval at the same cost, benchmarks/results/features.md).
         self.legacy_pooling = legacy_pooling
+        # Likewise a collection indexed before precision was an option holds fp32 vectors.
+        self.legacy_precision = legacy_precision
         self._encoder = encoder
         self._options: dict[str, Any] | None = None
         self._model_id: int | None = None
@@ -159,6 +172,7 @@ class ModelView:
                 "normalize": False,
                 "pooling": self.choice.pooling or self._default_pooling(),
                 "scales": self.choice.scales,
+                "precision": self.choice.precision or self._default_precision(),
                 "search_dirs": [self.folder / ENCODERS_DIR],
                 **self.runtime_options,
             }
@@ -170,6 +184,12 @@ class ModelView:
         if accepted is not None and "pooling" not in accepted:
             return None
         return "avg" if self.legacy_pooling else DEFAULT_POOLING
+
+    def _default_precision(self) -> str | None:
+        accepted = accepted_options(self.choice.name)
+        if accepted is not None and "precision" not in accepted:
+            return None
+        return "fp32" if self.legacy_precision else DEFAULT_PRECISION
 
     @property
     def model_id(self) -> int:
@@ -184,5 +204,6 @@ class ModelView:
         options = self.options()
         identity = self.encoder.identity
         pooling = identity.pooling if "pooling" in options else None
+        precision = identity.precision if "precision" in options else None
         layer = self.choice.layer if "layer" in options else identity.layer
-        return ModelChoice(self.choice.name, layer, pooling, self.choice.scales)
+        return ModelChoice(self.choice.name, layer, pooling, self.choice.scales, precision)

@@ -8,7 +8,8 @@ A query is one or more vectors (an image's, its crops', a text's, or a stored im
 3. metadata filters, widening the candidate list until ``k`` pass or every image was seen;
 4. multi-crop views merged, each image keeping its best score;
 5. re-ranking by local features (SIFT or patch tokens) when asked (cosine only);
-6. the cut to ``k`` and the threshold (:func:`lookalike.core.results.cut`).
+6. the cut to ``k`` and the threshold (:func:`lookalike.core.results.cut`);
+7. the order a ``sort`` key asks for, among those ``k`` (:func:`lookalike.core.filters.sort_items`).
 
 A combined :class:`Query` (several positive images, negative images, a text, each weighted)
 becomes one vector first: the weighted sum of the parts' L2-normalised vectors, negatives
@@ -29,7 +30,16 @@ import numpy as np
 from PIL import Image
 
 from lookalike.catalog import ImageRecord
-from lookalike.core.filters import Where, matches
+from lookalike.core.filters import (
+    Filter,
+    Near,
+    SortKey,
+    Where,
+    Within,
+    make_filter,
+    parse_sort,
+    sort_items,
+)
 from lookalike.core.local_store import LocalFeatureStore
 from lookalike.core.results import SearchResponse, SearchResult, best_first, cut
 from lookalike.core.transform import PreparedIndex
@@ -150,8 +160,14 @@ class Query:
 @dataclass(frozen=True)
 class SearchOptions:
     """How to search. ``threshold`` keeps results with score >= threshold for cosine and dot,
-    distance <= threshold for euclidean. ``where`` keeps images whose metadata has these
-    values. ``query_expansion=n`` ranks by the query averaged with its n nearest images
+    distance <= threshold for euclidean. ``where`` keeps images whose metadata meets every
+    condition (``"taken>=2024-01-01"``, ``"camera~=pixel"``, or the mapping ``{KEY: VALUE}``),
+    ``near`` those within a radius (``"LAT,LON,KM"`` or three numbers) and ``within`` those
+    inside a box (``"S,W,N,E"`` or four numbers): see :mod:`lookalike.core.filters`. Filters
+    never cut the count: candidates are widened until ``k`` pass or every image was seen.
+    ``sort`` (``"taken"``, ``"-taken"``, any metadata key) orders those ``k`` results by
+    that value, images without it last; the default ``"score"`` keeps them best first.
+    ``query_expansion=n`` ranks by the query averaged with its n nearest images
     (alpha-QE, cosine only). ``rerank=n`` verifies the n best candidates by local features
     (cosine only). ``multi_crop`` also searches with the query's centre and corner crops."""
 
@@ -162,9 +178,19 @@ class SearchOptions:
     query_expansion: int = 0
     rerank: int = 0
     multi_crop: bool = False
+    near: Near | str | Sequence[float] | None = None
+    within: Within | str | Sequence[float] | None = None
+    sort: str | SortKey | None = None
+    # ``where``, ``near`` and ``within`` parsed and checked together, and ``sort`` parsed.
+    filter: Filter = dataclasses.field(init=False, repr=False, compare=False)
+    sort_key: SortKey | None = dataclasses.field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "metric", Metric.parse(self.metric))
+        object.__setattr__(
+            self, "filter", make_filter(self.where, near=self.near, within=self.within)
+        )
+        object.__setattr__(self, "sort_key", parse_sort(self.sort))
         if self.metric is Metric.HAMMING:
             raise RequestError("hamming search needs binary codes; use cosine, euclidean or dot")
         if self.k < 1:
@@ -237,7 +263,7 @@ class Searcher:
         if not self.encoder.capabilities.text:
             raise EncoderError(
                 f"the collection's model {self.encoder.identity.model} cannot embed text; text "
-                "search needs a CLIP model, e.g. --model hf:openai/clip-vit-base-patch32"
+                "search needs a CLIP or SigLIP model, e.g. --model hf:openai/clip-vit-base-patch32"
             )
         return self.encoder.encode_text([text])[0:1]
 
@@ -352,7 +378,12 @@ class Searcher:
         ranked = ranked[: options.depth]
         if options.rerank and query_image is not None:
             ranked = self._reranked(query_image, ranked, options.rerank)
-        return cut(ranked, options.metric, options.k, options.threshold)
+        response = cut(ranked, options.metric, options.k, options.threshold)
+        if options.sort_key is not None:
+            response = dataclasses.replace(
+                response, results=sort_items(response.results, options.sort_key)
+            )
+        return response
 
     def _ranked(
         self, index: PreparedIndex, query: np.ndarray, options: SearchOptions
@@ -370,7 +401,7 @@ class Searcher:
                 raw = self.catalog.vectors_for(ids, self.model_id)
                 return np.asarray(index.transform(raw) @ original)
 
-        return self._filtered(index, prepared, options.depth, options.where, rescore)
+        return self._filtered(index, prepared, options.depth, options.filter, rescore)
 
     def _expand(self, index: PreparedIndex, prepared: np.ndarray, n: int) -> np.ndarray:
         return expand_query(
@@ -382,7 +413,7 @@ class Searcher:
         index: PreparedIndex,
         prepared: np.ndarray,
         depth: int,
-        where: Where | None,
+        where: Filter,
         rescore: Callable[[list[int]], np.ndarray] | None,
     ) -> list[SearchResult]:
         # Filters apply after ranking: widen the candidate list until enough pass or every
@@ -399,7 +430,7 @@ class Searcher:
             results = []
             for image_id, score in zip(ids.tolist(), scores.tolist(), strict=True):
                 record = records.get(image_id)
-                if record is not None and matches(record, where):
+                if record is not None and where.matches(record):
                     results.append(SearchResult.from_record(record, score))
                     if len(results) == depth:
                         return results
@@ -416,7 +447,7 @@ class Searcher:
         index: PreparedIndex,
         prepared: np.ndarray,
         depth: int,
-        where: Where,
+        where: Filter,
         rescore: Callable[[list[int]], np.ndarray] | None,
     ) -> list[SearchResult]:
         """The ``depth`` best images that pass ``where``, scored against every stored
@@ -430,7 +461,7 @@ class Searcher:
             records = self.catalog.images(ids[chunk].tolist())
             for position in chunk.tolist():
                 record = records.get(int(ids[position]))
-                if record is not None and matches(record, where):
+                if record is not None and where.matches(record):
                     kept.append((record, float(scores[position])))
             if len(kept) >= depth:
                 break
@@ -517,6 +548,9 @@ class SearchArgs(TypedDict, total=False):
     query_expansion: int
     rerank: int
     multi_crop: bool
+    near: Near | str | Sequence[float] | None
+    within: Within | str | Sequence[float] | None
+    sort: str | SortKey | None
 
 
 def search_options(**args: Unpack[SearchArgs]) -> SearchOptions:
@@ -530,6 +564,9 @@ def search_options(**args: Unpack[SearchArgs]) -> SearchOptions:
         query_expansion=args.get("query_expansion", default.query_expansion),
         rerank=args.get("rerank", default.rerank),
         multi_crop=args.get("multi_crop", default.multi_crop),
+        near=args.get("near", default.near),
+        within=args.get("within", default.within),
+        sort=args.get("sort", default.sort),
     )
 
 

@@ -31,6 +31,7 @@ import numpy as np
 from lookalike.core.ingest import Batch, EncoderRecipe, IngestJob, decode_file, embed_batch
 from lookalike.core.local_store import LocalFeatureKind
 from lookalike.errors import DistributedError, LookalikeError, ModelMismatchError
+from lookalike.images import DEFAULT_MAX_PIXELS
 
 ACTOR_PREFIX = "lookalike-embed"
 # Chunks queued per worker: one running, one waiting, so a worker never idles while the driver
@@ -105,10 +106,12 @@ class EmbedWorker:
         """The encoder identity, which the driver checks against its own before any work."""
         return self.encoder.identity.key
 
-    def embed(self, paths: list[str]) -> Batch:
-        """Decode and embed these files (and extract their local features)."""
+    def embed(self, paths: list[str], max_pixels: int = DEFAULT_MAX_PIXELS) -> Batch:
+        """Decode and embed these files (and extract their local features); images above
+        ``max_pixels`` are reported."""
         sift = self.local.sift if self.local is not None else None
-        decoded = [decode_file(path, self.encoder.preprocess, sift) for path in paths]
+        config = self.encoder.preprocess
+        decoded = [decode_file(p, config, sift, max_pixels=max_pixels) for p in paths]
         return embed_batch(self.encoder, decoded, self.local)
 
 
@@ -128,7 +131,7 @@ class RayExecutor:
             workers = _start_workers(ray, job.recipe, self.options, job.local, len(chunks))
             try:
                 _check_identity(ray, workers, job.encoder.identity.key)
-                yield from _run_chunks(ray, workers, chunks)
+                yield from _run_chunks(ray, workers, chunks, job.max_pixels)
             finally:
                 for worker in workers:
                     ray.kill(worker, no_restart=True)
@@ -177,14 +180,16 @@ def _check_identity(ray: ModuleType, workers: list[Any], expected: str) -> None:
             )
 
 
-def _run_chunks(ray: ModuleType, workers: list[Any], chunks: list[list[str]]) -> Iterator[Batch]:
+def _run_chunks(
+    ray: ModuleType, workers: list[Any], chunks: list[list[str]], max_pixels: int
+) -> Iterator[Batch]:
     todo = iter(chunks)
     pending: dict[Any, tuple[Any, list[str]]] = {}
 
     def submit(worker: Any) -> None:
         chunk = next(todo, None)
         if chunk is not None:
-            pending[worker.embed.remote(chunk)] = (worker, chunk)
+            pending[worker.embed.remote(chunk, max_pixels)] = (worker, chunk)
 
     for _ in range(_IN_FLIGHT_PER_WORKER):
         for worker in workers:

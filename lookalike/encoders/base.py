@@ -26,19 +26,25 @@ class EncoderIdentity:
     preprocess: PreprocessConfig
     pooling: str = "avg"
     scales: tuple[float, ...] = (1.0,)
+    # The arithmetic the network ran in: "fp32", or "bf16" (OpenVINO's fast CPU path), whose
+    # vectors differ slightly from fp32 ones and are never mixed with them.
+    precision: str = "fp32"
 
     @property
     def key(self) -> str:
         """A short stable string naming this identity, used by the catalog.
 
-        Pooling and scales appear only when they differ from plain single-scale average
-        pooling, so keys of vectors stored before those options existed stay the same.
+        Pooling, scales and precision appear only when they differ from plain single-scale
+        average pooling in fp32, so keys of vectors stored before those options existed stay
+        the same.
         """
         key = f"{self.model}/{self.layer}/{self.dim}/{self.weights_sha256[:12]}"
         if self.pooling != "avg":
             key += f"/{self.pooling}"
         if tuple(self.scales) != (1.0,):
             key += "/ms" + "+".join(f"{s:g}" for s in self.scales)
+        if self.precision != "fp32":
+            key += f"/{self.precision}"
         return key
 
 

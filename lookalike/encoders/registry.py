@@ -35,9 +35,10 @@ def register_encoder(name: str) -> Callable[[EncoderFactory], EncoderFactory]:
 
 
 def _builtin_lite_names() -> list[str]:
-    from lookalike.encoders.efficientnet_lite import VARIANTS
+    # From the torch-free module: naming or inspecting an encoder must not load torch.
+    from lookalike.encoders.lite import LITE_NAMES
 
-    return sorted(VARIANTS)
+    return sorted(LITE_NAMES)
 
 
 def list_encoders() -> list[str]:
@@ -60,9 +61,9 @@ def factory_for(name: str) -> EncoderFactory:
 
         return _bind_name(create_hf_encoder, name)
     if name in _builtin_lite_names():
-        from lookalike.encoders.efficientnet_lite import create_lite_encoder
+        from lookalike.encoders.lite import create_lite
 
-        return _bind_name(create_lite_encoder, name)
+        return _bind_name(create_lite, name)
     raise EncoderError(
         f"unknown encoder {name!r}; available: {', '.join(list_encoders())}, "
         "or hf:<hub id or folder>"

@@ -2,7 +2,9 @@
 and copy detection under image attacks."""
 
 from lookalike.evaluation.copydetect import (
+    ALL_ATTACKS,
     ATTACKS,
+    HARD_ATTACKS,
     AttackResult,
     CopyDetectionResult,
     apply_attack,
@@ -43,8 +45,10 @@ from lookalike.evaluation.report import (
 )
 
 __all__ = [
+    "ALL_ATTACKS",
     "ATTACKS",
     "DEFAULT_KS",
+    "HARD_ATTACKS",
     "AttackResult",
     "CopyDetectionResult",
     "EvaluationResult",

@@ -204,19 +204,193 @@ ATTACKS: dict[str, AttackFn] = {
 }
 
 
+# -- harder attacks: what copies shared online look like ---------------------------------------
+
+
+def _overlay(image: Image.Image, rng: np.random.Generator) -> Image.Image:
+    """Text and logo overlays: a caption of 3-5 lines in a small font, 1-3 solid boxes (logos,
+    stickers) 8-20% of each side, and a translucent watermark word (opacity 25-45%). Pixels
+    outside what is drawn are left exactly as they were."""
+    out = image.copy()
+    width, height = out.size
+    short = min(width, height)
+    draw = ImageDraw.Draw(out)
+    for _ in range(int(rng.integers(1, 4))):
+        box_w = max(4, round(width * rng.uniform(0.08, 0.2)))
+        box_h = max(4, round(height * rng.uniform(0.08, 0.2)))
+        left = int(rng.integers(0, width - box_w + 1))
+        top = int(rng.integers(0, height - box_h + 1))
+        colour = tuple(int(c) for c in rng.integers(0, 256, size=3))
+        draw.rectangle((left, top, left + box_w - 1, top + box_h - 1), fill=colour)
+        mark = str(rng.choice(_WORDS))[0].upper()
+        ink = (0, 0, 0) if sum(colour) > 384 else (255, 255, 255)
+        draw.text((left + box_w // 4, top + box_h // 8), mark, font=_font(box_h * 3 // 4), fill=ink)
+    lines = [
+        " ".join(str(w) for w in rng.choice(_WORDS, size=int(rng.integers(2, 5))))
+        for _ in range(int(rng.integers(3, 6)))
+    ]
+    font = _font(max(8, round(short * rng.uniform(0.05, 0.08))))
+    text = "\n".join(lines)
+    box = draw.multiline_textbbox((0, 0), text, font=font, stroke_width=1)
+    x = int(rng.integers(0, int(max(0, width - (box[2] - box[0])) + 1))) - box[0]
+    y = int(rng.integers(0, int(max(0, height - (box[3] - box[1])) + 1))) - box[1]
+    fill = tuple(int(c) for c in rng.integers(0, 256, size=3))
+    outline = (0, 0, 0) if sum(fill) > 384 else (255, 255, 255)
+    draw.multiline_text((x, y), text, font=font, fill=fill, stroke_width=1, stroke_fill=outline)
+    # The watermark: one word, large and faint, blended only where its glyphs are.
+    word = str(rng.choice(_WORDS)).upper()
+    layer = Image.new("L", out.size, 0)
+    mark_draw = ImageDraw.Draw(layer)
+    mark_font = _font(max(8, round(short * rng.uniform(0.15, 0.25))))
+    mark_box = mark_draw.textbbox((0, 0), word, font=mark_font)
+    mark_x = (width - (mark_box[2] - mark_box[0])) // 2 - mark_box[0]
+    mark_y = (height - (mark_box[3] - mark_box[1])) // 2 - mark_box[1]
+    opacity = rng.uniform(0.25, 0.45)
+    mark_draw.text((mark_x, mark_y), word, font=mark_font, fill=round(255 * opacity))
+    white = Image.new("RGB", out.size, (255, 255, 255))
+    return Image.composite(white, out, layer)
+
+
+def _filled_rotation(image: Image.Image, angle: float) -> Image.Image:
+    """Rotate by ``angle`` degrees on a grown canvas whose corners are filled with a blurred,
+    stretched copy of the photo (as apps fill them) instead of black."""
+    rotated = image.rotate(angle, Image.Resampling.BICUBIC, expand=True)
+    mask = Image.new("L", image.size, 255).rotate(angle, Image.Resampling.BICUBIC, expand=True)
+    radius = max(2.0, max(rotated.size) / 40)
+    background = image.resize(rotated.size, Image.Resampling.BILINEAR)
+    background = background.filter(ImageFilter.GaussianBlur(radius))
+    return Image.composite(rotated, background, mask)
+
+
+def _large_rotation(image: Image.Image, rng: np.random.Generator) -> Image.Image:
+    """Rotate 10-45 degrees either way on a grown canvas, corners filled (see above)."""
+    angle = rng.uniform(10.0, 45.0) * rng.choice([-1.0, 1.0])
+    return _filled_rotation(image, angle)
+
+
+def _crop_fraction(
+    image: Image.Image, rng: np.random.Generator, low: float, high: float
+) -> Image.Image:
+    """Keep a random ``low``-``high`` of the area, each side at least half its length."""
+    width, height = image.size
+    area = rng.uniform(low, high)
+    keep_w = rng.uniform(max(0.5, area), 1.0)
+    keep_h = max(0.5, min(1.0, area / keep_w))
+    crop_w, crop_h = max(1, round(width * keep_w)), max(1, round(height * keep_h))
+    left = int(rng.integers(0, width - crop_w + 1))
+    top = int(rng.integers(0, height - crop_h + 1))
+    return image.crop((left, top, left + crop_w, top + crop_h))
+
+
+def _rotation_crop_color(image: Image.Image, rng: np.random.Generator) -> Image.Image:
+    """Rotate 5-30 degrees either way (corners filled), keep 55-85% of that canvas, and change
+    the colours as ``color`` does."""
+    angle = rng.uniform(5.0, 30.0) * rng.choice([-1.0, 1.0])
+    rotated = _filled_rotation(image, angle)
+    return _color(_crop_fraction(rotated, rng, 0.55, 0.85), rng)
+
+
+def screenshot_layout(
+    size: tuple[int, int], rng: np.random.Generator
+) -> tuple[tuple[int, int], tuple[int, int, int, int]]:
+    """(canvas size, photo box (left, top, right, bottom)) of a screenshot of a photo of
+    ``size``: the photo shown at 60-95% of its size, centred across a canvas 5-30% wider,
+    between a top bar (status and title) and a bottom bar (buttons)."""
+    width, height = size
+    shown = rng.uniform(0.6, 0.95)
+    photo_w, photo_h = max(8, round(width * shown)), max(8, round(height * shown))
+    canvas_w = round(photo_w * rng.uniform(1.05, 1.3))
+    top_bar = max(6, round(canvas_w * rng.uniform(0.08, 0.14)))
+    bottom_bar = max(6, round(canvas_w * rng.uniform(0.1, 0.18)))
+    margin = max(2, round(canvas_w * rng.uniform(0.01, 0.04)))
+    left = (canvas_w - photo_w) // 2
+    top = top_bar + margin
+    canvas_h = top + photo_h + margin + bottom_bar
+    return (canvas_w, canvas_h), (left, top, left + photo_w, top + photo_h)
+
+
+def _screenshot(image: Image.Image, rng: np.random.Generator) -> Image.Image:
+    """The photo pasted, scaled, into a larger canvas with UI bars: a status and title bar on
+    top with an app name, a bottom bar of button icons (see :func:`screenshot_layout`)."""
+    (canvas_w, canvas_h), box = screenshot_layout(image.size, rng)
+    dark = bool(rng.integers(0, 2))
+    background = (18, 18, 18) if dark else (245, 245, 245)
+    bar = (40, 40, 40) if dark else (225, 225, 225)
+    ink = (230, 230, 230) if dark else (30, 30, 30)
+    canvas = Image.new("RGB", (canvas_w, canvas_h), background)
+    draw = ImageDraw.Draw(canvas)
+    # The bars end 2 pixels short of the photo (the layout leaves a margin of 2 or more).
+    top_bar = box[1] - 2
+    draw.rectangle((0, 0, canvas_w - 1, top_bar - 1), fill=bar)
+    font = _font(max(8, top_bar // 3))
+    draw.text((canvas_w // 30, top_bar // 10), "9:41", font=font, fill=ink)
+    title = " ".join(str(w) for w in rng.choice(_WORDS, size=2, replace=False)).title()
+    draw.text((canvas_w // 30, top_bar // 2), title, font=font, fill=ink)
+    bottom = box[3] + 2
+    draw.rectangle((0, bottom, canvas_w - 1, canvas_h - 1), fill=bar)
+    icons = int(rng.integers(3, 6))
+    icon = max(3, (canvas_h - bottom) // 3)
+    for i in range(icons):
+        centre = round((i + 0.5) * canvas_w / icons)
+        middle = (bottom + canvas_h) // 2
+        draw.rectangle(
+            (centre - icon // 2, middle - icon // 2, centre + icon // 2, middle + icon // 2),
+            outline=ink,
+            width=max(1, icon // 8),
+        )
+    photo = image.resize((box[2] - box[0], box[3] - box[1]), Image.Resampling.BILINEAR)
+    canvas.paste(photo, box[:2])
+    return canvas
+
+
+def _flip_crop(image: Image.Image, rng: np.random.Generator) -> Image.Image:
+    """Mirror left to right, then keep a random 50-80% of the area."""
+    return _crop_fraction(ImageOps.mirror(image), rng, 0.5, 0.8)
+
+
+def _small_scale(image: Image.Image, rng: np.random.Generator) -> Image.Image:
+    """Downscale to 10-25% of each side (a thumbnail), at least 16 pixels a side."""
+    factor = rng.uniform(0.1, 0.25)
+    width, height = image.size
+    size = (max(16, round(width * factor)), max(16, round(height * factor)))
+    return image.resize(size, Image.Resampling.BILINEAR)
+
+
+# Not in the default list: the classic attacks' figures and floors stay comparable with
+# earlier runs; ``--attacks all`` (or ``hard``, or their names) adds these. Heavy JPEG is
+# ``jpeg`` (quality 10-30) already.
+HARD_ATTACKS: dict[str, AttackFn] = {
+    "overlay": _overlay,
+    "rotation-large": _large_rotation,
+    "rotation-crop-color": _rotation_crop_color,
+    "screenshot": _screenshot,
+    "flip-crop": _flip_crop,
+    "scale-small": _small_scale,
+}
+ALL_ATTACKS: dict[str, AttackFn] = {**ATTACKS, **HARD_ATTACKS}
+# Names that stand for several attacks in an attack list.
+ATTACK_GROUPS: dict[str, tuple[str, ...]] = {
+    "all": tuple(ALL_ATTACKS),
+    "classic": tuple(ATTACKS),
+    "hard": tuple(HARD_ATTACKS),
+}
+
+
 def parse_attacks(names: str | Iterable[str] | None) -> list[str]:
-    """Attack names from a comma-separated string or a list (None: all), validated."""
+    """Attack names from a comma-separated string or a list (None: the classic ``ATTACKS``),
+    validated; ``all``, ``classic`` and ``hard`` stand for their groups."""
     if names is None:
         return list(ATTACKS)
     items = names.split(",") if isinstance(names, str) else list(names)
     chosen = [n.strip() for n in items if n.strip()]
-    unknown = [n for n in chosen if n not in ATTACKS]
+    expanded = [a for n in chosen for a in ATTACK_GROUPS.get(n, (n,))]
+    unknown = [n for n in expanded if n not in ALL_ATTACKS]
     if unknown or not chosen:
         raise LookalikeError(
             f"unknown attack(s) {', '.join(unknown) or '(none given)'}; "
-            f"available: {', '.join(ATTACKS)}"
+            f"available: {', '.join(ALL_ATTACKS)} (or {', '.join(ATTACK_GROUPS)})"
         )
-    return list(dict.fromkeys(chosen))
+    return list(dict.fromkeys(expanded))
 
 
 def attack_rng(seed: int, attack: str, source_id: int) -> np.random.Generator:
@@ -230,8 +404,11 @@ def apply_attack(
     image: ImageSource, attack: str, *, seed: int = 0, source_id: int = 0
 ) -> Image.Image:
     """One attacked copy of ``image`` (any image input), deterministic for the arguments."""
-    (name,) = parse_attacks([attack])
-    return ATTACKS[name](load_image(image), attack_rng(seed, name, source_id))
+    names = parse_attacks([attack])
+    if len(names) != 1:
+        raise LookalikeError(f"{attack!r} names {len(names)} attacks; apply one at a time")
+    (name,) = names
+    return ALL_ATTACKS[name](load_image(image), attack_rng(seed, name, source_id))
 
 
 @dataclass(frozen=True)
@@ -269,7 +446,7 @@ def generate_copies(
         image = load_image(database[source_id])
         for name in names:
             yield AttackedCopy(
-                source_id, name, ATTACKS[name](image, attack_rng(seed, name, source_id))
+                source_id, name, ALL_ATTACKS[name](image, attack_rng(seed, name, source_id))
             )
 
 
@@ -336,6 +513,16 @@ class CopyDetectionResult:
         return float(np.mean([a.micro_ap for a in self.attacks])) if self.attacks else 0.0
 
     @property
+    def min_recall_at_1(self) -> float:
+        """The weakest attack's recall@1."""
+        return float(min(a.recall_at_1 for a in self.attacks)) if self.attacks else 0.0
+
+    @property
+    def min_micro_ap(self) -> float:
+        """The weakest attack's micro-AP."""
+        return float(min(a.micro_ap for a in self.attacks)) if self.attacks else 0.0
+
+    @property
     def pooled_micro_ap(self) -> float:
         """Micro-AP over every attack's predictions at once (one threshold for all edits)."""
         if not self.attacks:
@@ -358,6 +545,8 @@ class CopyDetectionResult:
             "attacks": [a.to_dict() for a in self.attacks],
             "mean_recall_at_1": self.mean_recall_at_1,
             "mean_micro_ap": self.mean_micro_ap,
+            "min_recall_at_1": self.min_recall_at_1,
+            "min_micro_ap": self.min_micro_ap,
             "pooled_micro_ap": self.pooled_micro_ap,
         }
 

@@ -48,8 +48,9 @@ from google.protobuf.unknown_fields import (  # type: ignore[import-untyped, unu
 )
 from PIL import Image
 
+from lookalike.core.filters import parse_where
 from lookalike.core.results import SearchResponse
-from lookalike.core.search import MAX_QUERY_PARTS
+from lookalike.core.search import MAX_QUERY_PARTS, SearchArgs
 from lookalike.errors import (
     ImageError,
     LookalikeError,
@@ -497,6 +498,19 @@ def _text(value: Any) -> str:
     return json.dumps(value)
 
 
+def _filters(request: v1.SearchRequest) -> SearchArgs:
+    """The filter and sort options of a search request: the ``where`` map and the
+    ``filters`` expressions together, the GPS circle and box when set, and the sort key."""
+    near = request.near if request.HasField("near") else None
+    within = request.within if request.HasField("within") else None
+    return SearchArgs(
+        where=[*parse_where(dict(request.where)), *parse_where(list(request.filters))],
+        near=None if near is None else (near.lat, near.lon, near.km),
+        within=None if within is None else (within.south, within.west, within.north, within.east),
+        sort=request.sort or None,
+    )
+
+
 def _search_reply(response: SearchResponse) -> v1.SearchReply:
     reply = v1.SearchReply(
         matches=[
@@ -542,6 +556,7 @@ class LookalikeServicer(v1_grpc.LookalikeServicer):  # type: ignore[misc]
         if threshold is not None and not math.isfinite(threshold):
             raise RequestError(f"threshold must be a finite number, got {threshold}")
         combined = bool(request.images or negatives or request.text or request.weights)
+        filters = _filters(request)
         try:
             if not combined:
                 response = self.service.search(
@@ -550,10 +565,13 @@ class LookalikeServicer(v1_grpc.LookalikeServicer):  # type: ignore[misc]
                     k=k,
                     metric=metric,
                     threshold=threshold,
-                    where=dict(request.where),
                     query_expansion=request.query_expansion,
                     rerank=request.rerank,
                     multi_crop=request.multi_crop,
+                    where=filters["where"],
+                    near=filters["near"],
+                    within=filters["within"],
+                    sort=filters["sort"],
                 )
             else:
                 response = self.service.search_many(
@@ -564,10 +582,13 @@ class LookalikeServicer(v1_grpc.LookalikeServicer):  # type: ignore[misc]
                     k=k,
                     metric=metric,
                     threshold=threshold,
-                    where=dict(request.where),
                     query_expansion=request.query_expansion,
                     rerank=request.rerank,
                     multi_crop=request.multi_crop,
+                    where=filters["where"],
+                    near=filters["near"],
+                    within=filters["within"],
+                    sort=filters["sort"],
                 )
         except ImageError as error:
             raise _named(error, "image") from None

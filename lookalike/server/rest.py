@@ -13,7 +13,7 @@ import os
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager
 from importlib import resources
-from typing import Annotated, Any, BinaryIO
+from typing import TYPE_CHECKING, Annotated, Any, BinaryIO, Literal
 
 from fastapi import FastAPI, File, Form, Header, Query, Request, Response, UploadFile
 from fastapi import Path as PathParam
@@ -21,8 +21,9 @@ from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Streamin
 from pydantic import BaseModel, Field
 from starlette.concurrency import run_in_threadpool
 
+from lookalike.catalog import ImageRecord
 from lookalike.core.collection import Collection
-from lookalike.core.filters import parse_where
+from lookalike.core.filters import parse_sort, parse_where
 from lookalike.core.results import SearchResponse
 from lookalike.core.search import MAX_QUERY_PARTS
 from lookalike.errors import (
@@ -35,6 +36,9 @@ from lookalike.errors import (
 from lookalike.server.service import SearchService, ServiceLimits
 from lookalike.server.status import public_message, status_of
 
+if TYPE_CHECKING:
+    from lookalike.dedup.finder import DuplicateImage
+
 _log = logging.getLogger(__name__)
 
 # Catalog ids are positive SQLite integers.
@@ -42,6 +46,21 @@ ImageId = Annotated[int, PathParam(ge=1, le=2**63 - 1, description="catalog id o
 
 # Multipart framing and form fields on top of the image itself.
 _FORM_OVERHEAD = 64 * 1024
+
+# What the filter and sort fields of /search and /images/{id}/similar take.
+_WHERE_HELP = (
+    "a metadata filter KEY OP VALUE, OP one of = != >= <= > < ~= (~= case-insensitive "
+    "substring); dates compare as dates (taken>=2024-01-01), numbers as numbers; repeat the "
+    "field for several, all must hold; images without the key never match"
+)
+_NEAR_HELP = "LAT,LON,KM: only photos whose GPS position is within KM km of LAT,LON"
+_WITHIN_HELP = "S,W,N,E: only photos whose GPS position is inside this box (degrees)"
+_SORT_HELP = (
+    "order the k best results by a metadata key (taken; -taken for newest first), those "
+    "without it last; default: by score"
+)
+
+DedupMethod = Literal["exact", "perceptual", "embedding", "verified"]
 
 
 class Match(BaseModel):
@@ -58,13 +77,108 @@ class Match(BaseModel):
 
 
 class SearchReply(BaseModel):
-    """Results, best first; ``no_close_match`` when the threshold removed every candidate."""
+    """Results, best first; ``no_close_match`` when the threshold removed every candidate.
+    ``next_offset`` is the ``offset`` of the next page, null when this page came back short
+    (a full page may be followed by an empty one)."""
 
     results: list[Match]
     metric: str
     threshold: float | None
     no_close_match: bool
     best_score: float | None
+    offset: int = 0
+    next_offset: int | None = None
+
+
+class ImageItem(BaseModel):
+    """One image of the collection."""
+
+    id: int
+    filename: str
+    width: int
+    height: int
+    metadata: dict[str, Any] = Field(default_factory=dict)
+    url: str
+    thumbnail_url: str
+
+
+class BrowseReply(BaseModel):
+    """One page of the collection; ``total`` images pass the filters."""
+
+    items: list[ImageItem]
+    total: int
+    offset: int
+    next_offset: int | None
+
+
+class DuplicateItem(ImageItem):
+    """One image of a group of duplicates: ``score`` compares it with the suggested keeper
+    (cosine, or differing bits for the perceptual method; null for the keeper and exact
+    copies), ``inliers`` counts verified matches."""
+
+    size: int
+    modified: float
+    score: float | None = None
+    inliers: int | None = None
+
+
+class DuplicateGroupReply(BaseModel):
+    """Images judged duplicates of ``keeper``, the one suggested to keep."""
+
+    keeper: DuplicateItem
+    duplicates: list[DuplicateItem]
+
+
+class DuplicatesReply(BaseModel):
+    """One page of the groups of duplicates (``total`` groups, ``duplicates`` images besides
+    their keepers, among ``images``); ``can_move`` says whether this server moves them."""
+
+    method: str
+    threshold: float | None
+    min_inliers: int | None
+    images: int
+    total: int
+    duplicates: int
+    failed: int
+    offset: int
+    next_offset: int | None
+    can_move: bool
+    groups: list[DuplicateGroupReply]
+
+
+class MoveChoice(BaseModel):
+    """The keeper of one group and the ids of its images to move."""
+
+    keeper: int = Field(ge=1, le=2**63 - 1)
+    move: list[Annotated[int, Field(ge=1, le=2**63 - 1)]] = Field(min_length=1, max_length=1000)
+
+
+class MoveRequest(BaseModel):
+    """Which duplicates to move, among those found by ``method`` (and ``threshold``,
+    ``min_inliers``) as GET /duplicates found them; ``confirm`` must be true."""
+
+    confirm: bool = False
+    method: DedupMethod = "verified"
+    threshold: float | None = Field(default=None, allow_inf_nan=False)
+    min_inliers: int | None = Field(default=None, ge=3, le=10_000)
+    groups: list[MoveChoice] = Field(min_length=1, max_length=10_000)
+
+
+class MovedImage(BaseModel):
+    """What happened to one image asked to move: ``moved``, or why it was left in place
+    (``target exists``, ``source missing``, ``failed: ...``)."""
+
+    id: int
+    filename: str
+    status: str
+
+
+class MoveReply(BaseModel):
+    """How many of the chosen duplicates moved (out of the collection), and each outcome."""
+
+    moved: int
+    skipped: int
+    results: list[MovedImage]
 
 
 class Added(BaseModel):
@@ -109,7 +223,13 @@ def _parse_weights(text: str | None) -> list[float] | None:
         ) from None
 
 
-def _reply(response: SearchResponse) -> SearchReply:
+def _reply(
+    response: SearchResponse, *, k: int, offset: int, max_depth: int, sort: str | None
+) -> SearchReply:
+    """The reply of one page of results (``response`` holds that page only); the next page
+    is offered while it stays within ``max_depth`` results, and never for a sorted search
+    (the k best in that order are all it lists)."""
+    more = len(response.results) == k and offset + 2 * k <= max_depth and not parse_sort(sort)
     return SearchReply(
         results=[
             Match(
@@ -126,8 +246,41 @@ def _reply(response: SearchResponse) -> SearchReply:
         ],
         metric=response.metric.value,
         threshold=response.threshold,
-        no_close_match=response.no_close_match,
+        # A later page that is empty means the list ended, not that nothing was close.
+        no_close_match=response.no_close_match and offset == 0,
         best_score=response.best_score,
+        offset=offset,
+        next_offset=offset + k if more else None,
+    )
+
+
+def _item(record: ImageRecord) -> ImageItem:
+    image_id = int(record.id or 0)
+    return ImageItem(
+        id=image_id,
+        filename=os.path.basename(record.path),
+        width=record.width,
+        height=record.height,
+        metadata=record.metadata,
+        url=f"/images/{image_id}",
+        thumbnail_url=f"/images/{image_id}/thumbnail",
+    )
+
+
+def _duplicate_item(image: DuplicateImage, records: dict[int, ImageRecord]) -> DuplicateItem:
+    record = records.get(image.id)
+    return DuplicateItem(
+        id=image.id,
+        filename=os.path.basename(image.path),
+        width=image.width,
+        height=image.height,
+        metadata=record.metadata if record is not None else {},
+        url=f"/images/{image.id}",
+        thumbnail_url=f"/images/{image.id}/thumbnail",
+        size=image.size,
+        modified=image.mtime,
+        score=image.score,
+        inliers=image.inliers,
     )
 
 
@@ -146,8 +299,9 @@ async def _read_upload(upload: UploadFile, limits: ServiceLimits) -> bytes:
     return data
 
 
-def create_app(service: SearchService) -> FastAPI:
-    """The FastAPI app: the API under its paths, the web page at ``/``."""
+def create_app(service: SearchService, *, local_key: str | None = None) -> FastAPI:
+    """The FastAPI app: the API under its paths, the web page at ``/``; with ``local_key``
+    also the route ``lookalike search`` on this machine asks (:mod:`lookalike.server.local`)."""
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -162,6 +316,10 @@ def create_app(service: SearchService) -> FastAPI:
     )
     limits = service.limits
     page = resources.files("lookalike.server").joinpath("web/index.html").read_text("utf-8")
+    if local_key:
+        from lookalike.server.local import add_local_search
+
+        add_local_search(app, service, local_key)
 
     @app.middleware("http")
     async def refuse_oversized_bodies(
@@ -196,15 +354,17 @@ def create_app(service: SearchService) -> FastAPI:
 
     @app.get("/stats")
     def stats() -> dict[str, Any]:
-        """How many images, which model and which index kind."""
-        return service.stats()
+        """How many images, which model and which index kind; and what the web page adapts
+        to: ``text`` (the model embeds text), ``writes_need_token``, ``can_move_duplicates``
+        and ``metadata_keys`` (each key with its kind: text, number or date)."""
+        return {**service.stats(), **service.page_info()}
 
     @app.post("/search", response_model=SearchReply, responses={400: {}, 409: {}, 413: {}})
     async def search(
         image: Annotated[
-            list[UploadFile],
+            list[UploadFile] | None,
             File(description="the query image file; repeat the part for several positives"),
-        ],
+        ] = None,
         negative: Annotated[
             list[UploadFile] | None,
             File(description="a negative image to move away from (repeatable)"),
@@ -220,9 +380,15 @@ def create_app(service: SearchService) -> FastAPI:
             ),
         ] = None,
         k: Annotated[int, Form(ge=1)] = 10,
+        offset: Annotated[
+            int, Form(ge=0, description="skip this many of the best (the next page)")
+        ] = 0,
         metric: Annotated[str, Form(pattern="^(cosine|euclidean|dot)$")] = "cosine",
         threshold: Annotated[float | None, Form(allow_inf_nan=False)] = None,
-        where: Annotated[list[str], Form(description="metadata filters, KEY=VALUE")] = [],  # noqa: B006
+        where: Annotated[list[str], Form(description=_WHERE_HELP)] = [],  # noqa: B006
+        near: Annotated[str | None, Form(description=_NEAR_HELP)] = None,
+        within: Annotated[str | None, Form(description=_WITHIN_HELP)] = None,
+        sort: Annotated[str | None, Form(max_length=200, description=_SORT_HELP)] = None,
         query_expansion: Annotated[int, Form(ge=0, le=100)] = 0,
         rerank: Annotated[
             int, Form(ge=0, description="verify the best N by local features (0 to max k)")
@@ -236,7 +402,9 @@ def create_app(service: SearchService) -> FastAPI:
         ] = False,
     ) -> SearchReply:
         """The k indexed images most like the uploaded one, or like a combined query: the
-        weighted sum of the parts' normalised vectors (negatives subtracted), renormalised."""
+        weighted sum of the parts' normalised vectors (negatives subtracted), renormalised.
+        A text alone is a text search (CLIP models)."""
+        image = image or []
         negatives = negative or []
         if len(image) + len(negatives) > MAX_QUERY_PARTS:
             raise RequestError(f"a query may have at most {MAX_QUERY_PARTS} parts")
@@ -252,27 +420,138 @@ def create_app(service: SearchService) -> FastAPI:
                 text=text or None,  # a form's empty field: no text
                 weights=parsed_weights,
                 names=[upload.filename or "upload" for upload in image],
+                offset=offset,
                 k=k,
                 metric=metric,
                 threshold=threshold,
                 where=filters,
+                near=near,
+                within=within,
+                sort=sort,
                 query_expansion=query_expansion,
                 rerank=rerank,
                 multi_crop=multi_crop,
             )
 
         # Decoding and inference are CPU work: off the event loop, so it keeps accepting.
-        return _reply(await run_in_threadpool(run))
+        response = await run_in_threadpool(run)
+        return _reply(response, k=k, offset=offset, max_depth=limits.max_depth, sort=sort)
 
     @app.get("/images/{image_id}/similar", response_model=SearchReply, responses={404: {}})
     def similar(
         image_id: ImageId,
         k: Annotated[int, Query(ge=1)] = 10,
+        offset: Annotated[int, Query(ge=0, description="skip this many of the best")] = 0,
         metric: Annotated[str, Query(pattern="^(cosine|euclidean|dot)$")] = "cosine",
         threshold: Annotated[float | None, Query(allow_inf_nan=False)] = None,
+        where: Annotated[list[str], Query(description=_WHERE_HELP)] = [],  # noqa: B006
+        near: Annotated[str | None, Query(description=_NEAR_HELP)] = None,
+        within: Annotated[str | None, Query(description=_WITHIN_HELP)] = None,
+        sort: Annotated[str | None, Query(max_length=200, description=_SORT_HELP)] = None,
     ) -> SearchReply:
         """The k indexed images most like an indexed one (from its stored vector)."""
-        return _reply(service.search_by_id(image_id, k=k, metric=metric, threshold=threshold))
+        response = service.search_by_id(
+            image_id,
+            offset=offset,
+            k=k,
+            metric=metric,
+            threshold=threshold,
+            where=parse_where(where),
+            near=near,
+            within=within,
+            sort=sort,
+        )
+        return _reply(response, k=k, offset=offset, max_depth=limits.max_depth, sort=sort)
+
+    @app.get("/images", response_model=BrowseReply, responses={400: {}})
+    def browse(
+        offset: Annotated[int, Query(ge=0)] = 0,
+        limit: Annotated[int, Query(ge=1, description="images per page")] = 50,
+        where: Annotated[list[str], Query(description=_WHERE_HELP)] = [],  # noqa: B006
+        near: Annotated[str | None, Query(description=_NEAR_HELP)] = None,
+        within: Annotated[str | None, Query(description=_WITHIN_HELP)] = None,
+        sort: Annotated[
+            str,
+            Query(
+                max_length=200,
+                description="path (default), mtime, or a metadata key such as taken; a "
+                "leading - sorts descending",
+            ),
+        ] = "",
+    ) -> BrowseReply:
+        """The whole collection, a page at a time, filtered and sorted."""
+        records, total = service.browse(
+            offset=offset, limit=limit, where=where, near=near, within=within, sort=sort
+        )
+        end = offset + len(records)
+        return BrowseReply(
+            items=[_item(record) for record in records],
+            total=total,
+            offset=offset,
+            next_offset=end if end < total else None,
+        )
+
+    @app.get("/duplicates", response_model=DuplicatesReply, responses={400: {}})
+    def duplicates(
+        method: Annotated[
+            DedupMethod | None, Query(description="how duplicates are judged (default verified)")
+        ] = None,
+        threshold: Annotated[float | None, Query(allow_inf_nan=False)] = None,
+        min_inliers: Annotated[int | None, Query(ge=3, le=10_000)] = None,
+        offset: Annotated[int, Query(ge=0)] = 0,
+        limit: Annotated[int, Query(ge=1, le=200, description="groups per page")] = 20,
+    ) -> DuplicatesReply:
+        """Groups of near-duplicate images, each with its suggested keeper (the most pixels,
+        then the oldest file); found once per state of the collection, then paged."""
+        report = service.duplicates(method=method, threshold=threshold, min_inliers=min_inliers)
+        page = report.groups[offset : offset + limit]
+        records = service.records([m.id for g in page for m in g.members])
+        end = offset + len(page)
+        return DuplicatesReply(
+            method=report.method.value,
+            threshold=report.threshold,
+            min_inliers=report.min_inliers,
+            images=report.images,
+            total=len(report.groups),
+            duplicates=report.duplicates,
+            failed=len(report.failed),
+            offset=offset,
+            next_offset=end if end < len(report.groups) else None,
+            can_move=service.duplicates_to is not None,
+            groups=[
+                DuplicateGroupReply(
+                    keeper=_duplicate_item(group.keeper, records),
+                    duplicates=[_duplicate_item(d, records) for d in group.duplicates],
+                )
+                for group in page
+            ],
+        )
+
+    @app.post("/duplicates/move", response_model=MoveReply, responses={400: {}, 401: {}})
+    def move_duplicates(
+        request: MoveRequest, authorization: Annotated[str | None, Header()] = None
+    ) -> MoveReply:
+        """Move the chosen duplicates out of the collection, into the folder the server was
+        started with (``lookalike serve --duplicates-to DIR``): needs the bearer token when
+        one is configured, and ``confirm: true``. Files are never deleted or overwritten; a
+        move whose target exists is skipped and reported."""
+        service.check_token(_bearer(authorization))
+        if service.duplicates_to is not None and not request.confirm:
+            raise RequestError("moving files needs confirm: true")
+        outcomes = service.move_duplicates(
+            [(choice.keeper, choice.move) for choice in request.groups],
+            method=request.method,
+            threshold=request.threshold,
+            min_inliers=request.min_inliers,
+        )
+        results = [
+            MovedImage(id=image_id, filename=os.path.basename(move.source), status=move.status)
+            for image_id, move in outcomes
+        ]
+        from lookalike.dedup.moving import MOVED
+
+        moved = sum(1 for r in results if r.status == MOVED)
+        return MoveReply(moved=moved, skipped=len(results) - moved, results=results)
 
     @app.get("/images/{image_id}", response_class=FileResponse, responses={404: {}, 409: {}})
     def original(image_id: ImageId) -> Response:
@@ -333,8 +612,9 @@ def create_app(service: SearchService) -> FastAPI:
 
 def create_app_from_env() -> FastAPI:
     """App factory for ``uvicorn --factory`` and multi-worker serving: the collection folder
-    comes from $LOOKALIKE_COLLECTION, its catalog from $LOOKALIKE_DB when set, and the token
-    from $LOOKALIKE_TOKEN."""
+    comes from $LOOKALIKE_COLLECTION, its catalog from $LOOKALIKE_DB when set, the token
+    from $LOOKALIKE_TOKEN, the folder duplicates move to from $LOOKALIKE_DUPLICATES_TO, and
+    the key of the local route from $LOOKALIKE_LOCAL_KEY (set by ``lookalike serve``)."""
     path = os.environ.get("LOOKALIKE_COLLECTION")
     if not path:
         raise LookalikeError("set LOOKALIKE_COLLECTION to the collection folder to serve")
@@ -342,5 +622,9 @@ def create_app_from_env() -> FastAPI:
     collection = Collection(
         path, db=os.environ.get("LOOKALIKE_DB") or None, threads=int(threads) if threads else None
     )
-    service = SearchService(collection, token=os.environ.get("LOOKALIKE_TOKEN"))
-    return create_app(service)
+    service = SearchService(
+        collection,
+        token=os.environ.get("LOOKALIKE_TOKEN"),
+        duplicates_to=os.environ.get("LOOKALIKE_DUPLICATES_TO") or None,
+    )
+    return create_app(service, local_key=os.environ.get("LOOKALIKE_LOCAL_KEY") or None)

@@ -18,7 +18,7 @@ from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, BinaryIO, Unpack
+from typing import TYPE_CHECKING, Any, BinaryIO, Unpack
 
 import numpy as np
 from PIL import Image
@@ -36,6 +36,10 @@ from lookalike.errors import (
 )
 from lookalike.images import ImageSource, load_image
 from lookalike.knn.base import Metric
+
+if TYPE_CHECKING:
+    from lookalike.dedup import DedupReport, DuplicateGroup
+    from lookalike.dedup.moving import Move
 
 UPLOADS = "uploads"
 
@@ -55,6 +59,9 @@ MTIME_TOLERANCE = 0.01
 # The most neighbours one query may be expanded with.
 MAX_QUERY_EXPANSION = 100
 
+# Listings and duplicate reports kept for the web page's paging (each for one catalog state).
+_CACHED_ANSWERS = 16
+
 
 @dataclass(frozen=True)
 class ServiceLimits:
@@ -69,6 +76,10 @@ class ServiceLimits:
     # images of that size: 512 keeps it at 3.9 MB, within the 4 MiB a gRPC client accepts by
     # default (1024 would be 15.7 MB, 2600 101 MB).
     max_find_similar_size: int = 512
+    # How deep paging may go: offset + k at most this (the web page's infinite scroll).
+    max_depth: int = 1000
+    # The most images one browse page may list.
+    max_browse_limit: int = 200
 
 
 class SearchService:
@@ -80,12 +91,20 @@ class SearchService:
         *,
         token: str | None = None,
         limits: ServiceLimits | None = None,
+        duplicates_to: str | Path | None = None,
     ) -> None:
         self.collection = collection
         self.token = token or None
         self.limits = limits or ServiceLimits()
+        # Where POST /duplicates/move puts the duplicates it moves (None: moving is off).
+        self.duplicates_to = Path(duplicates_to).expanduser().resolve() if duplicates_to else None
         self._lock = threading.RLock()
         self._thumbnails: OrderedDict[tuple[int, str], bytes] = OrderedDict()
+        # Answers derived from the whole catalog, each valid for one catalog state.
+        self._records: tuple[tuple[int, str], list[ImageRecord]] | None = None
+        self._listings: OrderedDict[tuple[Any, ...], list[int]] = OrderedDict()
+        self._key_summary: tuple[tuple[int, str], list[dict[str, Any]]] | None = None
+        self._dedup: OrderedDict[tuple[Any, ...], DedupReport] = OrderedDict()
 
     def warm_up(self) -> None:
         """Load the model and the cosine index now, so no request pays for it."""
@@ -127,10 +146,15 @@ class SearchService:
             raise RequestError(f"k must be between 1 and {self.limits.max_k}, got {k}")
         return k
 
-    def _options(self, args: SearchArgs) -> SearchOptions:
+    def _options(self, args: SearchArgs, offset: int = 0) -> SearchOptions:
         """Search options within this server's limits (checked first, so a request hears
-        the server's bounds)."""
-        self.check_k(args.get("k", 10))
+        the server's bounds); with an ``offset``, options for the results up to the end of
+        that page (see :func:`_page`)."""
+        k = self.check_k(args.get("k", 10))
+        if not 0 <= offset <= self.limits.max_depth - k:
+            raise RequestError(
+                f"offset + k may be at most {self.limits.max_depth}; got offset {offset}, k {k}"
+            )
         rerank = args.get("rerank", 0)
         if not 0 <= rerank <= self.limits.max_k:
             raise RequestError(f"rerank must be between 0 and {self.limits.max_k}, got {rerank}")
@@ -139,6 +163,15 @@ class SearchService:
             raise RequestError(
                 f"query_expansion must be between 0 and {MAX_QUERY_EXPANSION}, got {expansion}"
             )
+        if offset:
+            options = search_options(**args)
+            if options.sort_key is not None:
+                # A sort orders the k best; pages of it would each re-sort a longer list.
+                raise RequestError(
+                    "a sorted search is one page (the k best, in that order): ask for a "
+                    "larger k instead of an offset"
+                )
+            return replace(options, k=k + offset)
         return search_options(**args)
 
     def _searcher(self) -> Searcher:
@@ -153,13 +186,15 @@ class SearchService:
         query: bytes | Image.Image,
         *,
         name: str = "<upload>",
+        offset: int = 0,
         **args: Unpack[SearchArgs],
     ) -> SearchResponse:
         """The k images most like an uploaded image file (or decoded pixels), through the
         collection's one search path; ``rerank=n`` verifies the n best candidates by local
         features. An upload is embedded from its bytes exactly as the library embeds a file
-        (JPEG draft decoding included), so both give the same scores."""
-        options = self._options(args)
+        (JPEG draft decoding included), so both give the same scores. ``offset`` skips that
+        many of the best (a later page)."""
+        options = self._options(args, offset)
         searcher = self._searcher()
         source: bytes | Image.Image = query
         if not isinstance(query, Image.Image):
@@ -173,7 +208,7 @@ class SearchService:
         if options.rerank:
             image = query if isinstance(query, Image.Image) else self.decode(query, name=name)
         with self._lock:
-            return searcher.search_views(views, options, query_image=image)
+            return _page(searcher.search_views(views, options, query_image=image), offset)
 
     def search_many(
         self,
@@ -183,15 +218,17 @@ class SearchService:
         text: str | None = None,
         weights: Sequence[float] | None = None,
         names: Sequence[str] = (),
+        offset: int = 0,
         **args: Unpack[SearchArgs],
     ) -> SearchResponse:
         """A combined query (several images, negatives, a text, weighted; see
         :class:`~lookalike.core.search.Query`) through the same path as :meth:`search`; one
         image alone is exactly :meth:`search`."""
-        options = self._options(args)
+        options = self._options(args, offset)
         query = Query.of(list(images), negatives=list(negatives), text=text, weights=weights)
         if query.single_image:
-            return self.search(images[0], name=names[0] if names else "image", **args)
+            name = names[0] if names else "image"
+            return self.search(images[0], name=name, offset=offset, **args)
         searcher = self._searcher()
         if text is not None and not searcher.encoder.capabilities.text:
             # A request's fault here, not the server's: say so as a 400.
@@ -225,15 +262,17 @@ class SearchService:
         if options.rerank and query.positives:
             image = self.decode(query.positives[0].source, name=labels[0])
         with self._lock:
-            return searcher.search_views(views, options, query_image=image)
+            return _page(searcher.search_views(views, options, query_image=image), offset)
 
-    def search_by_id(self, image_id: int, **args: Unpack[SearchArgs]) -> SearchResponse:
+    def search_by_id(
+        self, image_id: int, *, offset: int = 0, **args: Unpack[SearchArgs]
+    ) -> SearchResponse:
         """The k images most like an indexed image, from its stored vector (no decoding)."""
-        options = self._options(args)
+        options = self._options(args, offset)
         searcher = self._searcher()
         with self._lock:
             self._record(image_id)
-            return searcher.search_id(image_id, options)
+            return _page(searcher.search_id(image_id, options), offset)
 
     def add(
         self, data: bytes, *, filename: str = "", metadata: dict[str, Any] | None = None
@@ -295,6 +334,11 @@ class SearchService:
         """The catalog record of an image id."""
         with self._lock:
             return self._record(image_id)
+
+    def records(self, ids: Sequence[int]) -> dict[int, ImageRecord]:
+        """The catalog records of image ids (unknown ids are left out)."""
+        with self._lock:
+            return self.collection.catalog.images([i for i in ids if 0 < i < 2**63])
 
     def _record(self, image_id: int) -> ImageRecord:
         if not 0 < image_id < 2**63:
@@ -387,8 +431,12 @@ class SearchService:
                 if cached is not None:
                     self._thumbnails.move_to_end(key)
                     return cached
+            # A JPEG (HEIF, RAW) decodes at a reduced scale still above the thumbnail's size:
+            # a browse page of big photos costs a fraction of full decodes.
             image = load_image(
-                handle, max_pixels=max(self.limits.max_pixels, record.width * record.height)
+                handle,
+                max_pixels=max(self.limits.max_pixels, record.width * record.height),
+                draft_size=self.limits.thumbnail_size,
             )
         size = self.limits.thumbnail_size
         image.thumbnail((size, size), Image.Resampling.BILINEAR, reducing_gap=2.0)
@@ -423,6 +471,207 @@ class SearchService:
             "schema_version": info.schema_version,
         }
 
+    def page_info(self) -> dict[str, Any]:
+        """What the web page adapts to: whether the model embeds text, whether writes need
+        the token, whether duplicates can be moved, and the metadata keys with their kinds
+        (see :func:`lookalike.server.browsing.metadata_keys`)."""
+        from lookalike.server.browsing import metadata_keys
+
+        with self._lock:
+            self.collection.refresh()
+            # The searcher's encoder: a paired multilingual text model gives text too.
+            text = self.collection.searcher.encoder.capabilities.text
+            state = self.collection.catalog.state
+            if self._key_summary is None or self._key_summary[0] != state:
+                self._key_summary = (state, metadata_keys(self._all_records(state)))
+            keys = self._key_summary[1]
+        return {
+            "text": text,
+            "writes_need_token": self.token is not None,
+            "can_move_duplicates": self.duplicates_to is not None,
+            "metadata_keys": keys,
+        }
+
+    # -- browsing and duplicates (the web page's views) -----------------------------------
+
+    def _all_records(self, state: tuple[int, str]) -> list[ImageRecord]:
+        """Every catalog record, read once per catalog state (call under the lock)."""
+        if self._records is None or self._records[0] != state:
+            catalog = self.collection.catalog
+            ids = sorted(catalog.paths().values())
+            found = catalog.images(ids)
+            self._records = (state, [found[i] for i in ids if i in found])
+        return self._records[1]
+
+    def browse(
+        self,
+        *,
+        offset: int = 0,
+        limit: int = 50,
+        where: Sequence[str] = (),
+        near: str | None = None,
+        within: str | None = None,
+        sort: str = "",
+    ) -> tuple[list[ImageRecord], int]:
+        """One page of the collection: the records from ``offset`` on (at most ``limit``)
+        of the images that pass the filters, in the order ``sort`` names (see
+        :func:`lookalike.server.browsing.ordered_ids`), and how many images pass. The
+        ordered list is kept per catalog state, so paging does not list again."""
+        from lookalike.server.browsing import ordered_ids
+
+        if not 1 <= limit <= self.limits.max_browse_limit:
+            raise RequestError(
+                f"limit must be between 1 and {self.limits.max_browse_limit}, got {limit}"
+            )
+        if offset < 0:
+            raise RequestError(f"offset must be 0 or more, got {offset}")
+        with self._lock:
+            state = self.collection.catalog.state
+            key = (state, tuple(where), near, within, sort)
+            ids = self._listings.get(key)
+            if ids is None:
+                every = self._all_records(state)
+                ids = ordered_ids(every, where=where, near=near, within=within, sort=sort)
+                self._listings[key] = ids
+                while len(self._listings) > _CACHED_ANSWERS:
+                    self._listings.popitem(last=False)
+            self._listings.move_to_end(key)
+            page = ids[offset : offset + limit]
+            records = self.collection.catalog.images(page)
+        return [records[i] for i in page if i in records], len(ids)
+
+    def duplicates(
+        self,
+        *,
+        method: str | None = None,
+        threshold: float | None = None,
+        min_inliers: int | None = None,
+    ) -> DedupReport:
+        """Groups of duplicates in the collection, each with its suggested keeper (see
+        :func:`lookalike.dedup.find_duplicates`), found once per catalog state and way of
+        finding them, so that paging through them does not search again."""
+        from lookalike.dedup import DEFAULT_METHOD, find_duplicates
+        from lookalike.errors import DedupError
+
+        chosen = method or DEFAULT_METHOD.value
+        with self._lock:
+            self.collection.refresh()
+            key = (self.collection.catalog.state, chosen, threshold, min_inliers)
+            report = self._dedup.get(key)
+            if report is None:
+                try:
+                    report = find_duplicates(
+                        self.collection,
+                        method=chosen,
+                        threshold=threshold,
+                        min_inliers=min_inliers,
+                    )
+                except DedupError as error:  # a bad method or threshold: the request's fault
+                    raise RequestError(str(error)) from None
+                self._dedup[key] = report
+                while len(self._dedup) > _CACHED_ANSWERS:
+                    self._dedup.popitem(last=False)
+            self._dedup.move_to_end(key)
+            return report
+
+    def move_duplicates(
+        self,
+        choices: Sequence[tuple[int, Sequence[int]]],
+        *,
+        method: str | None = None,
+        threshold: float | None = None,
+        min_inliers: int | None = None,
+    ) -> list[tuple[int, Move]]:
+        """Move the chosen duplicates into :attr:`duplicates_to` (never deleting, never
+        overwriting; see :mod:`lookalike.dedup.moving`); moved files leave the collection.
+
+        ``choices`` are (keeper id, ids to move): every id must belong to one group of the
+        duplicates found the same way, the keeper any member of it (another than the
+        suggested one, if the user prefers), never among those moved. Returns (id, move)
+        for each image asked to move."""
+        from lookalike.dedup import DuplicateGroup
+        from lookalike.dedup.moving import MOVED, apply_moves, plan_moves
+        from lookalike.errors import DedupError
+
+        if self.duplicates_to is None:
+            raise RequestError(
+                "this server moves no duplicates: start it with `lookalike serve "
+                "--duplicates-to DIR` (a folder outside the indexed ones) to allow it"
+            )
+        if not choices:
+            raise RequestError("choose at least one group's duplicates to move")
+        with self._lock:
+            report = self.duplicates(method=method, threshold=threshold, min_inliers=min_inliers)
+            before = self.collection.catalog.state
+            group_of = {m.id: g for g in report.groups for m in g.members}
+            chosen: list[DuplicateGroup] = []
+            asked: set[int] = set()
+            for keeper_id, move_ids in choices:
+                group = group_of.get(keeper_id)
+                if group is None:
+                    raise RequestError(f"image {keeper_id} is in no group of duplicates")
+                members = {m.id: m for m in group.members}
+                if not move_ids:
+                    raise RequestError(f"nothing to move from the group of image {keeper_id}")
+                for image_id in move_ids:
+                    if image_id == keeper_id:
+                        raise RequestError(f"image {image_id} is the keeper; it is never moved")
+                    if image_id not in members:
+                        raise RequestError(
+                            f"image {image_id} is not in the group of image {keeper_id}"
+                        )
+                    if image_id in asked:
+                        raise RequestError(f"image {image_id} is asked to move twice")
+                    asked.add(image_id)
+                chosen.append(DuplicateGroup(members[keeper_id], [members[i] for i in move_ids]))
+            # Paths relative to the common folder of every group found, as the CLI keeps
+            # them, so moves from several requests land in one consistent tree.
+            every = [m.path for g in report.groups for m in g.members]
+            root = os.path.commonpath(every) if every else None
+            try:
+                moves = plan_moves(chosen, self.duplicates_to, root=root)
+            except DedupError as error:
+                raise RequestError(str(error)) from None
+            done = apply_moves(self.collection, moves)
+            moved = {m.source for m in done if m.status == MOVED}
+            self._after_moves(report, before, chosen, moved)
+        ids = [d.id for g in chosen for d in g.duplicates]
+        return list(zip(ids, done, strict=True))
+
+    def _after_moves(
+        self,
+        report: DedupReport,
+        before: tuple[int, str],
+        chosen: Sequence[DuplicateGroup],
+        moved: set[str],
+    ) -> None:
+        """Keep the groups of ``report`` less what was moved, for the new catalog state, when
+        that move was the only change since (so the view does not search again after every
+        move); else the next request finds the duplicates anew."""
+        from lookalike.dedup import DuplicateGroup
+
+        catalog = self.collection.catalog
+        after = catalog.state
+        if not moved or after == before:
+            return
+        if after[0] != before[0] + 1 or catalog.last_written_state != after:
+            return
+        keepers = {g.keeper.id for g in chosen}
+        groups = []
+        for group in report.groups:
+            left = [m for m in group.members if m.path not in moved]
+            if len(left) < 2:
+                continue
+            # The keeper the user chose, else the one suggested if it is still there.
+            keeper = next((m for m in left if m.id in keepers), None)
+            if keeper is None:
+                keeper = group.keeper if group.keeper in left else left[0]
+            groups.append(DuplicateGroup(keeper, [m for m in left if m.id != keeper.id]))
+        for key in [k for k in self._dedup if k[0] == before]:
+            kept = self._dedup.pop(key)
+            if kept is report:
+                self._dedup[(after, *key[1:])] = replace(report, groups=groups)
+
     # -- health and error answers ---------------------------------------------------------
 
     def health(self) -> dict[str, Any]:
@@ -455,6 +704,14 @@ class SearchService:
         if isinstance(catalog, str) and catalog:
             locations.append(catalog)
         return locations
+
+
+def _page(response: SearchResponse, offset: int) -> SearchResponse:
+    """The results of ``response`` after the first ``offset`` (its best score stays the best
+    of all, so "no close match" keeps its meaning)."""
+    if not offset:
+        return response
+    return replace(response, results=response.results[offset:])
 
 
 def _upload_key(folder: Path) -> str:

@@ -9,7 +9,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class SearchRequest(_message.Message):
-    __slots__ = ("image", "k", "metric", "threshold", "where", "rerank", "query_expansion", "multi_crop", "images", "negatives", "text", "weights")
+    __slots__ = ("image", "k", "metric", "threshold", "where", "rerank", "query_expansion", "multi_crop", "images", "negatives", "text", "weights", "filters", "near", "within", "sort")
     class WhereEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -29,6 +29,10 @@ class SearchRequest(_message.Message):
     NEGATIVES_FIELD_NUMBER: _ClassVar[int]
     TEXT_FIELD_NUMBER: _ClassVar[int]
     WEIGHTS_FIELD_NUMBER: _ClassVar[int]
+    FILTERS_FIELD_NUMBER: _ClassVar[int]
+    NEAR_FIELD_NUMBER: _ClassVar[int]
+    WITHIN_FIELD_NUMBER: _ClassVar[int]
+    SORT_FIELD_NUMBER: _ClassVar[int]
     image: bytes
     k: int
     metric: str
@@ -41,7 +45,33 @@ class SearchRequest(_message.Message):
     negatives: _containers.RepeatedScalarFieldContainer[bytes]
     text: str
     weights: _containers.RepeatedScalarFieldContainer[float]
-    def __init__(self, image: _Optional[bytes] = ..., k: _Optional[int] = ..., metric: _Optional[str] = ..., threshold: _Optional[float] = ..., where: _Optional[_Mapping[str, str]] = ..., rerank: _Optional[int] = ..., query_expansion: _Optional[int] = ..., multi_crop: _Optional[bool] = ..., images: _Optional[_Iterable[bytes]] = ..., negatives: _Optional[_Iterable[bytes]] = ..., text: _Optional[str] = ..., weights: _Optional[_Iterable[float]] = ...) -> None: ...
+    filters: _containers.RepeatedScalarFieldContainer[str]
+    near: Near
+    within: Within
+    sort: str
+    def __init__(self, image: _Optional[bytes] = ..., k: _Optional[int] = ..., metric: _Optional[str] = ..., threshold: _Optional[float] = ..., where: _Optional[_Mapping[str, str]] = ..., rerank: _Optional[int] = ..., query_expansion: _Optional[int] = ..., multi_crop: _Optional[bool] = ..., images: _Optional[_Iterable[bytes]] = ..., negatives: _Optional[_Iterable[bytes]] = ..., text: _Optional[str] = ..., weights: _Optional[_Iterable[float]] = ..., filters: _Optional[_Iterable[str]] = ..., near: _Optional[_Union[Near, _Mapping]] = ..., within: _Optional[_Union[Within, _Mapping]] = ..., sort: _Optional[str] = ...) -> None: ...
+
+class Near(_message.Message):
+    __slots__ = ("lat", "lon", "km")
+    LAT_FIELD_NUMBER: _ClassVar[int]
+    LON_FIELD_NUMBER: _ClassVar[int]
+    KM_FIELD_NUMBER: _ClassVar[int]
+    lat: float
+    lon: float
+    km: float
+    def __init__(self, lat: _Optional[float] = ..., lon: _Optional[float] = ..., km: _Optional[float] = ...) -> None: ...
+
+class Within(_message.Message):
+    __slots__ = ("south", "west", "north", "east")
+    SOUTH_FIELD_NUMBER: _ClassVar[int]
+    WEST_FIELD_NUMBER: _ClassVar[int]
+    NORTH_FIELD_NUMBER: _ClassVar[int]
+    EAST_FIELD_NUMBER: _ClassVar[int]
+    south: float
+    west: float
+    north: float
+    east: float
+    def __init__(self, south: _Optional[float] = ..., west: _Optional[float] = ..., north: _Optional[float] = ..., east: _Optional[float] = ...) -> None: ...
 
 class Match(_message.Message):
     __slots__ = ("id", "path", "score", "metadata", "width", "height")
