@@ -271,7 +271,7 @@ def test_a_folder_switched_to_another_catalog_never_uses_the_old_index(
 
 
 def test_cli_and_a_multi_worker_server_share_the_catalog_with_a_library_user(
-    postgres, photo_dir: Path, tmp_path: Path, collection_encoder
+    postgres, photo_dir: Path, tmp_path: Path
 ) -> None:
     import httpx
 
@@ -299,8 +299,8 @@ def test_cli_and_a_multi_worker_server_share_the_catalog_with_a_library_user(
     try:
         with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=120) as http:
             _wait_healthy(http, server)
+            # The library builds the encoder the CLI recorded (model, pooling, precision).
             with Collection(tmp_path / "library", db=url) as library:
-                library.use_encoder(collection_encoder)
                 (image_id,) = library.catalog.ids_for_paths(
                     [str((photo_dir / "astronaut.jpg").resolve())]
                 ).values()

@@ -98,14 +98,32 @@ class BaseInfo:
     weights_sha256: str
     pooling: str = "avg"
     scales: tuple[float, ...] = (1.0,)
+    # The arithmetic of the base's vectors the head was trained on (bf16 collections): the
+    # base runs the same way, so the head sees the vectors it learned from.
+    precision: str = "fp32"
 
     @classmethod
     def of(cls, identity: EncoderIdentity) -> BaseInfo:
         pooling = getattr(identity, "pooling", "avg")
         scales = tuple(getattr(identity, "scales", (1.0,)))
+        precision = getattr(identity, "precision", "fp32")
         return cls(
-            identity.model, identity.layer, identity.dim, identity.weights_sha256, pooling, scales
+            identity.model,
+            identity.layer,
+            identity.dim,
+            identity.weights_sha256,
+            pooling,
+            scales,
+            precision,
         )
+
+    def described(self) -> dict[str, Any]:
+        """The base as the manifest and the identity hash write it (fp32 left out, so
+        fine-tunes saved before precision was recorded keep their identity)."""
+        described: dict[str, Any] = {**self.__dict__, "scales": list(self.scales)}
+        if self.precision == "fp32":
+            del described["precision"]
+        return described
 
     def encoder_options(self) -> dict[str, Any]:
         """Options that rebuild this base with ``create_encoder`` (pooling and scales only
@@ -115,6 +133,8 @@ class BaseInfo:
             options["pooling"] = self.pooling
         if self.scales != (1.0,):
             options["scales"] = list(self.scales)
+        if self.precision != "fp32":
+            options["precision"] = self.precision
         return options
 
 
@@ -150,7 +170,7 @@ def _identity_sha(
 ) -> str:
     described = {
         "name": name,
-        "base": {**base.__dict__, "scales": list(base.scales)},
+        "base": base.described(),
         "head": head.to_dict(),
         "unfrozen_stages": unfrozen,
         "files": files,
@@ -180,7 +200,7 @@ def save_finetuned(
     manifest = {
         "format": FORMAT_VERSION,
         "name": name,
-        "base": {**base.__dict__, "scales": list(base.scales)},
+        "base": base.described(),
         "head": head.config.to_dict(),
         "unfrozen_stages": unfrozen_stages,
         "files": files,
