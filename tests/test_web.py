@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -14,18 +13,6 @@ from lookalike.core.collection import Collection
 from lookalike.server.rest import create_app
 from lookalike.server.service import SearchService
 
-CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
-CHROMIUM_FLAGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-]
-
 
 @pytest.fixture(scope="module")
 def page_url(photo_dir: Path, tmp_path_factory: pytest.TempPathFactory, encoder) -> Iterator[str]:
@@ -35,18 +22,6 @@ def page_url(photo_dir: Path, tmp_path_factory: pytest.TempPathFactory, encoder)
     with LiveServer(create_app(SearchService(collection))) as server:
         yield server.url
     collection.close()
-
-
-@pytest.fixture(scope="module")
-def browser():
-    if not os.path.exists(CHROMIUM):
-        pytest.skip("Debian's chromium is not installed (scripts/setup.sh installs it)")
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as playwright:
-        launched = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_FLAGS)
-        yield launched
-        launched.close()
 
 
 def test_pick_a_photo_and_see_its_match_first(

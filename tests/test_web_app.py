@@ -25,7 +25,6 @@ from conftest import PHOTO_NAMES, photo
 from PIL import Image
 from playwright.sync_api import TimeoutError as PlaywrightTimeout
 from test_rest import TOKEN, LiveServer, jpeg
-from test_web import CHROMIUM, CHROMIUM_FLAGS
 
 from lookalike.core.collection import Collection
 from lookalike.encoders import register_encoder
@@ -182,18 +181,6 @@ def text_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
     with LiveServer(create_app(SearchService(collection))) as server:
         yield Served(server.url, [], photos, None, collection)
     collection.close()
-
-
-@pytest.fixture(scope="module")
-def browser():
-    if not os.path.exists(CHROMIUM):
-        pytest.skip("Debian's chromium is not installed (scripts/setup.sh installs it)")
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as playwright:
-        launched = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_FLAGS)
-        yield launched
-        launched.close()
 
 
 class Page:

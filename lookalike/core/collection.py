@@ -9,7 +9,6 @@ IngestPipeline` for writes, :class:`~lookalike.core.search.Searcher` for queries
 
 from __future__ import annotations
 
-import hashlib
 import os
 import time
 from collections.abc import Sequence
@@ -32,6 +31,7 @@ from lookalike.core.ingest import (
     ProgressCallback,
     ScanRules,
     ThreadExecutor,
+    content_hash,
     decode_file,
     embed_batch,
     scan_images,
@@ -534,7 +534,7 @@ class Collection:
         for path, stat in on_disk.items():
             if path in known or stat.st_size not in sizes:
                 continue
-            digest = _content_hash(path)
+            digest = content_hash(path)
             candidates = gone.get((stat.st_size, digest or ""))
             if candidates:
                 moves[candidates.pop()] = path
@@ -727,19 +727,6 @@ def _open_catalog(folder: Path, db: str | Path | Catalog | None) -> Catalog:
         catalog.close()
         raise LookalikeError(f"{folder}: cannot hold the collection ({error})") from error
     return catalog
-
-
-def _content_hash(path: str) -> str | None:
-    """The SHA-256 of a file's bytes as the catalog stores it, or None when it cannot be
-    read (the ingest pipeline reports that when it reads the file)."""
-    digest = hashlib.sha256()
-    try:
-        with open(path, "rb") as handle:
-            while chunk := handle.read(1 << 20):
-                digest.update(chunk)
-    except OSError:
-        return None
-    return digest.hexdigest()
 
 
 def _changed(state: FileState, stat: os.stat_result) -> bool:

@@ -618,6 +618,20 @@ def decode_file(
     return Decoded(path, record=record, pixels=pixels, local_features=features)
 
 
+def content_hash(path: str) -> str | None:
+    """The SHA-256 of a file's bytes, as the catalog stores it (``decode_file`` hashes the
+    bytes it decodes the same way), or None when the file cannot be read: the ingest
+    pipeline reports why when it reads the file."""
+    digest = hashlib.sha256()
+    try:
+        with open(path, "rb") as handle:
+            while chunk := handle.read(1 << 20):
+                digest.update(chunk)
+    except OSError:
+        return None
+    return digest.hexdigest()
+
+
 def _open_failure(error: OSError) -> str:
     if isinstance(error, FileNotFoundError):
         return "no such file: deleted or moved before it could be read"

@@ -22,7 +22,6 @@ point leaves a consistent catalog, and the next start's catch-up does what is le
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import stat
@@ -43,6 +42,7 @@ from lookalike.core.ingest import (
     ScanRules,
     _file_problem,  # the scan's own wording for what cannot be read, as ``index`` reports it
     _stat_failure,
+    content_hash,
     has_image_suffix,
     scan_images,
 )
@@ -699,7 +699,7 @@ class FolderWatcher:
             if hint in candidates and sources[hint].mtime == info.st_mtime:
                 moves[hint] = target
                 continue
-            digest = digests[target] = _sha256(target)
+            digest = digests[target] = content_hash(target)
             same = [p for p in candidates if sources[p].content_hash == digest]
             match = _best(target, hint, same)
             if match is not None:
@@ -708,7 +708,7 @@ class FolderWatcher:
         new = [t for t in sorted(targets) if t not in known and t not in arriving]
         for target in new:
             if target not in digests:
-                digests[target] = _sha256(target)
+                digests[target] = content_hash(target)
         hashes = {d for t in new if (d := digests[t]) is not None}
         elsewhere = self.collection.catalog.file_states_by_hash(hashes) if hashes else {}
         for target in new:
@@ -843,15 +843,3 @@ def _settling(info: os.stat_result, settle: float) -> bool:
     (by its change time, which no program can set back, unlike the modification time)."""
     age = time.time() - info.st_ctime
     return 0 <= age < settle
-
-
-def _sha256(path: str) -> str | None:
-    """The content hash ``index`` stores, or None when the file cannot be read."""
-    digest = hashlib.sha256()
-    try:
-        with open(path, "rb") as handle:
-            while chunk := handle.read(1 << 20):
-                digest.update(chunk)
-    except OSError:
-        return None
-    return digest.hexdigest()

@@ -22,13 +22,13 @@ import numpy as np
 
 from lookalike.dedup.finder import (
     DEFAULT_METHOD,
-    DEFAULT_MIN_INLIERS,
     NEIGHBOURS,
     Method,
     _check_threshold,
     _Scope,
     _scope,
     _Verifier,
+    check_min_inliers,
     mirror_features,
 )
 from lookalike.errors import DedupError, ImageError
@@ -127,12 +127,7 @@ def find_in_reference(
     started = time.perf_counter()
     method = Method.parse(method)
     threshold = _check_threshold(method, threshold)
-    if min_inliers is not None and method is not Method.VERIFIED:
-        raise DedupError("min_inliers applies to the verified method only")
-    if min_inliers is None and method is Method.VERIFIED:
-        min_inliers = DEFAULT_MIN_INLIERS
-    if min_inliers is not None and min_inliers < 3:
-        raise DedupError(f"min_inliers must be at least 3, got {min_inliers}")
+    min_inliers = check_min_inliers(method, min_inliers)
     if max_matches < 1:
         raise DedupError(f"max_matches must be at least 1, got {max_matches}")
     paths, query_failures = query_files(queries)

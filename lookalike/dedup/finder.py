@@ -150,12 +150,7 @@ def find_duplicates(
     started = time.perf_counter()
     method = Method.parse(method)
     threshold = _check_threshold(method, threshold)
-    if min_inliers is not None and method is not Method.VERIFIED:
-        raise DedupError("min_inliers applies to the verified method only")
-    if min_inliers is None and method is Method.VERIFIED:
-        min_inliers = DEFAULT_MIN_INLIERS
-    if min_inliers is not None and min_inliers < 3:
-        raise DedupError(f"min_inliers must be at least 3, got {min_inliers}")
+    min_inliers = check_min_inliers(method, min_inliers)
     scope = _scope(collection, under)
     report = DedupReport(method, threshold, len(scope.states), min_inliers=min_inliers)
     report.failed.extend(scope.failures)
@@ -165,6 +160,19 @@ def find_duplicates(
     report.failed.sort()
     report.seconds = time.perf_counter() - started
     return report
+
+
+def check_min_inliers(method: Method, min_inliers: int | None) -> int | None:
+    """The minimum SIFT inliers a ``verified`` match needs (its default when None), or
+    None for the other methods; ``DedupError`` when it is given for another method or is
+    below 3 (fewer points cannot fix a transform)."""
+    if min_inliers is not None and method is not Method.VERIFIED:
+        raise DedupError("min_inliers applies to the verified method only")
+    if min_inliers is None and method is Method.VERIFIED:
+        min_inliers = DEFAULT_MIN_INLIERS
+    if min_inliers is not None and min_inliers < 3:
+        raise DedupError(f"min_inliers must be at least 3, got {min_inliers}")
+    return min_inliers
 
 
 def _check_threshold(method: Method, threshold: float | None) -> float | None:

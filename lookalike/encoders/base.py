@@ -3,9 +3,9 @@ loop. Encoders are built by name through :mod:`lookalike.encoders.registry`."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
@@ -46,6 +46,36 @@ class EncoderIdentity:
         if self.precision != "fp32":
             key += f"/{self.precision}"
         return key
+
+    def to_json(self) -> dict[str, Any]:
+        """Every field as plain JSON, for the manifests of prepared models."""
+        return {
+            "model": self.model,
+            "layer": self.layer,
+            "dim": self.dim,
+            "weights_sha256": self.weights_sha256,
+            "preprocess": self.preprocess.to_dict(),
+            "pooling": self.pooling,
+            "scales": list(self.scales),
+            "precision": self.precision,
+        }
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> EncoderIdentity:
+        """The identity :meth:`to_json` wrote (fp32 when it names no precision)."""
+        preprocess = dict(data["preprocess"])
+        for name in ("mean", "std"):
+            preprocess[name] = tuple(preprocess[name])
+        return cls(
+            model=str(data["model"]),
+            layer=str(data["layer"]),
+            dim=int(data["dim"]),
+            weights_sha256=str(data["weights_sha256"]),
+            preprocess=PreprocessConfig(**preprocess),
+            pooling=str(data["pooling"]),
+            scales=tuple(float(s) for s in data["scales"]),
+            precision=str(data.get("precision", "fp32")),
+        )
 
 
 @dataclass(frozen=True)

@@ -39,7 +39,6 @@ from typing import Any
 import numpy as np
 
 from lookalike.encoders.base import Encoder, EncoderBase, EncoderCapabilities, EncoderIdentity
-from lookalike.encoders.preprocess import PreprocessConfig
 from lookalike.errors import EncoderError
 
 _log = logging.getLogger(__name__)
@@ -450,7 +449,7 @@ def load_openvino_prepared(
             raise ValueError("made for other options")
         if not _unchanged([*manifest["sources"], model["state"]]):
             return None  # made from other files: the full build prepares it again
-        identity = identity_from_json(manifest["identity"])
+        identity = EncoderIdentity.from_json(manifest["identity"])
         capabilities = EncoderCapabilities(
             text=bool(manifest["capabilities"]["text"]),
             patch_tokens=bool(manifest["capabilities"]["patch_tokens"]),
@@ -488,7 +487,7 @@ def save_openvino_prepared(
         manifest = {
             "version": MANIFEST_VERSION,
             "fields": json.loads(json.dumps(dict(fields))),
-            "identity": identity_to_json(encoder.identity),
+            "identity": encoder.identity.to_json(),
             "capabilities": {
                 "text": encoder.capabilities.text,
                 "patch_tokens": encoder.capabilities.patch_tokens,
@@ -503,37 +502,6 @@ def save_openvino_prepared(
         _log.debug("could not record the prepared OpenVINO model: %s", error)
         return None
     return path
-
-
-def identity_to_json(identity: EncoderIdentity) -> dict[str, Any]:
-    """An identity as plain JSON (every field, precision included)."""
-    return {
-        "model": identity.model,
-        "layer": identity.layer,
-        "dim": identity.dim,
-        "weights_sha256": identity.weights_sha256,
-        "preprocess": identity.preprocess.to_dict(),
-        "pooling": identity.pooling,
-        "scales": list(identity.scales),
-        "precision": identity.precision,
-    }
-
-
-def identity_from_json(data: Mapping[str, Any]) -> EncoderIdentity:
-    """The identity :func:`identity_to_json` wrote."""
-    preprocess = dict(data["preprocess"])
-    for name in ("mean", "std"):
-        preprocess[name] = tuple(preprocess[name])
-    return EncoderIdentity(
-        model=str(data["model"]),
-        layer=str(data["layer"]),
-        dim=int(data["dim"]),
-        weights_sha256=str(data["weights_sha256"]),
-        preprocess=PreprocessConfig(**preprocess),
-        pooling=str(data["pooling"]),
-        scales=tuple(float(s) for s in data["scales"]),
-        precision=str(data["precision"]),
-    )
 
 
 def lite_fields(

@@ -33,7 +33,6 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from lookalike.encoders.base import Encoder, EncoderBase, EncoderCapabilities, EncoderIdentity
-from lookalike.encoders.preprocess import PreprocessConfig
 
 if TYPE_CHECKING:
     import onnxruntime
@@ -194,7 +193,7 @@ def load_prepared(
         data = model_path.read_bytes()
         if len(data) != model["size"] or hashlib.sha256(data).hexdigest() != model["sha256"]:
             raise ValueError(f"{model_path} does not match its manifest")
-        identity = _identity(manifest["identity"])
+        identity = EncoderIdentity.from_json(manifest["identity"])
         capabilities = EncoderCapabilities(
             text=bool(manifest["capabilities"]["text"]),
             patch_tokens=bool(manifest["capabilities"]["patch_tokens"]),
@@ -255,7 +254,7 @@ def save_prepared(
             "ort": ort.__version__,
             "cpu": cpu_fingerprint(),
             "fields": dict(fields),
-            "identity": _identity_json(encoder.identity),
+            "identity": encoder.identity.to_json(),
             "capabilities": {
                 "text": encoder.capabilities.text,
                 "patch_tokens": encoder.capabilities.patch_tokens,
@@ -301,33 +300,4 @@ def _same_vectors(ort: Any, data: bytes, encoder: Encoder) -> bool:
     scale = max(float(np.abs(expected).max()), 1.0)
     return got.shape == expected.shape and bool(
         np.abs(got - expected).max() <= _PROBE_TOLERANCE * scale
-    )
-
-
-def _identity_json(identity: EncoderIdentity) -> dict[str, Any]:
-    return {
-        "model": identity.model,
-        "layer": identity.layer,
-        "dim": identity.dim,
-        "weights_sha256": identity.weights_sha256,
-        "preprocess": identity.preprocess.to_dict(),
-        "pooling": identity.pooling,
-        "scales": list(identity.scales),
-        "precision": identity.precision,
-    }
-
-
-def _identity(data: Mapping[str, Any]) -> EncoderIdentity:
-    preprocess = dict(data["preprocess"])
-    for name in ("mean", "std"):
-        preprocess[name] = tuple(preprocess[name])
-    return EncoderIdentity(
-        model=str(data["model"]),
-        layer=str(data["layer"]),
-        dim=int(data["dim"]),
-        weights_sha256=str(data["weights_sha256"]),
-        preprocess=PreprocessConfig(**preprocess),
-        pooling=str(data["pooling"]),
-        scales=tuple(float(s) for s in data["scales"]),
-        precision=str(data.get("precision", "fp32")),
     )
