@@ -411,17 +411,25 @@ def manifest_key(fields: Mapping[str, Any]) -> str:
     """The manifest's file stem for an encoder built with ``fields`` (its family, name and
     the options that shape its graph and arithmetic)."""
     text = json.dumps({"fields": dict(fields), "version": MANIFEST_VERSION}, sort_keys=True)
+    return cache_stem(fields, text)
+
+
+def cache_stem(fields: Mapping[str, Any], described: str) -> str:
+    """A cache file's stem: the model's name made file-safe, and a hash of ``described``
+    (everything that decides the cached file's content)."""
     name = str(fields.get("name", "model"))
     safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
-    return f"{safe}-{hashlib.sha256(text.encode()).hexdigest()[:20]}"
+    return f"{safe}-{hashlib.sha256(described.encode()).hexdigest()[:20]}"
 
 
-def _file_state(path: Path) -> list[Any]:
+def file_state(path: Path) -> list[Any]:
+    """What tells a source file changed since a cache was built: path, size, mtime."""
     info = path.stat()
     return [str(path), info.st_size, info.st_mtime_ns]
 
 
-def _unchanged(states: Iterable[Any]) -> bool:
+def files_unchanged(states: Iterable[Any]) -> bool:
+    """Whether every file :func:`file_state` recorded is still as it was."""
     for path, size, mtime_ns in states:
         try:
             info = os.stat(path)
@@ -447,7 +455,7 @@ def load_openvino_prepared(
         model = manifest["model"]
         if manifest.get("fields") != json.loads(json.dumps(dict(fields))):
             raise ValueError("made for other options")
-        if not _unchanged([*manifest["sources"], model["state"]]):
+        if not files_unchanged([*manifest["sources"], model["state"]]):
             return None  # made from other files: the full build prepares it again
         identity = EncoderIdentity.from_json(manifest["identity"])
         capabilities = EncoderCapabilities(
@@ -493,8 +501,8 @@ def save_openvino_prepared(
                 "patch_tokens": encoder.capabilities.patch_tokens,
                 "poolings": list(encoder.capabilities.poolings),
             },
-            "model": {"state": _file_state(runner.path), "fp32_until": runner.fp32_until},
-            "sources": [_file_state(Path(s)) for s in sources],
+            "model": {"state": file_state(runner.path), "fp32_until": runner.fp32_until},
+            "sources": [file_state(Path(s)) for s in sources],
         }
         path = folder / f"{manifest_key(fields)}.json"
         _write_json(path, manifest)

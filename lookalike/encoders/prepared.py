@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from lookalike.encoders.base import Encoder, EncoderBase, EncoderCapabilities, EncoderIdentity
+from lookalike.encoders.openvino_runtime import cache_stem, file_state, files_unchanged
 
 if TYPE_CHECKING:
     import onnxruntime
@@ -104,25 +105,7 @@ def prepared_key(fields: Mapping[str, Any], ort_version: str) -> str:
         sort_keys=True,
         default=str,
     )
-    name = str(fields.get("name", "model"))
-    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
-    return f"{safe}-{hashlib.sha256(text.encode()).hexdigest()[:20]}"
-
-
-def _file_state(path: Path) -> list[Any]:
-    info = path.stat()
-    return [str(path), info.st_size, info.st_mtime_ns]
-
-
-def _sources_unchanged(sources: Iterable[Any]) -> bool:
-    for path, size, mtime_ns in sources:
-        try:
-            info = os.stat(path)
-        except OSError:
-            return False
-        if info.st_size != size or info.st_mtime_ns != mtime_ns:
-            return False
-    return True
+    return cache_stem(fields, text)
 
 
 def _session_options(ort: Any, threads: int | None, *, optimise: bool) -> Any:
@@ -187,7 +170,7 @@ def load_prepared(
     try:
         manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
         model = manifest["model"]
-        if manifest.get("key") != key or not _sources_unchanged(manifest["sources"]):
+        if manifest.get("key") != key or not files_unchanged(manifest["sources"]):
             return None  # made from other files: the full build prepares it again
         model_path = folder / str(model["file"])
         data = model_path.read_bytes()
@@ -235,7 +218,7 @@ def save_prepared(
     model_path = folder / f"{key}.onnx"
     try:
         folder.mkdir(parents=True, exist_ok=True)
-        states = [_file_state(Path(p)) for p in [onnx_source, *sources]]
+        states = [file_state(Path(p)) for p in [onnx_source, *sources]]
         temporary = _temporary(folder, ".onnx")
         try:
             options = _session_options(ort, None, optimise=True)
