@@ -554,20 +554,7 @@ class SearchArgs(TypedDict, total=False):
 
 
 def search_options(**args: Unpack[SearchArgs]) -> SearchOptions:
-    """``SearchOptions`` from keyword arguments (a metric may be given by name)."""
-    default = _DEFAULT_OPTIONS
-    return SearchOptions(
-        k=args.get("k", default.k),
-        metric=Metric.parse(args.get("metric", default.metric)),
-        threshold=args.get("threshold", default.threshold),
-        where=args.get("where", default.where),
-        query_expansion=args.get("query_expansion", default.query_expansion),
-        rerank=args.get("rerank", default.rerank),
-        multi_crop=args.get("multi_crop", default.multi_crop),
-        near=args.get("near", default.near),
-        within=args.get("within", default.within),
-        sort=args.get("sort", default.sort),
-    )
-
-
-_DEFAULT_OPTIONS = SearchOptions()
+    """``SearchOptions`` from keyword arguments (a metric may be given by name: the
+    options parse it); what is not given keeps the options' default."""
+    # A metric name is accepted here: SearchOptions.__post_init__ parses it.
+    return SearchOptions(**args)  # type: ignore[arg-type]

@@ -28,6 +28,7 @@ from lookalike.dedup.finder import (
     _Scope,
     _scope,
     _Verifier,
+    best_inliers,
     check_min_inliers,
     mirror_features,
 )
@@ -282,7 +283,7 @@ def _candidates(
         if cosine[-1] < threshold or width >= total:
             break
         width = min(width * 4, total)
-    inside = {s.id for s in scope.states.values()}
+    inside = scope.id_set
     return [
         (int(i), float(c))
         for i, c in zip(ids.tolist(), cosine.tolist(), strict=True)
@@ -332,8 +333,6 @@ def _verified(
     workers: int | None,
     failed: list[tuple[str, str]],
 ) -> Matches:
-    from lookalike.local.matching import DEFAULT_RULE, verify
-
     # Both are set for the verified method (see _check_threshold and find_in_reference).
     assert threshold is not None and min_inliers is not None
     verifier = _Verifier(collection, min_inliers, failed)
@@ -352,18 +351,7 @@ def _verified(
             target = verifier.features(image_id)
             if target is None:
                 continue
-            inliers = 0
-            for view in views:
-                result = verify(
-                    view,
-                    target,
-                    ratio=DEFAULT_RULE.ratio,
-                    threshold=DEFAULT_RULE.threshold,
-                    min_matches=min_inliers,
-                )
-                inliers = max(inliers, result.inliers)
-                if inliers >= min_inliers:
-                    break
+            inliers = best_inliers(views, target, min_inliers)
             if inliers >= min_inliers:
                 confirmed.append((image_id, cosine, inliers))
         if confirmed:

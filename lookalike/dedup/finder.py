@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import enum
+import functools
 import os
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -201,6 +202,11 @@ class _Scope:
 
     def ids(self) -> np.ndarray:
         return np.sort(np.fromiter((s.id for s in self.states.values()), dtype=np.int64))
+
+    @functools.cached_property
+    def id_set(self) -> frozenset[int]:
+        """The ids in scope, for membership tests (built once, not per query)."""
+        return frozenset(s.id for s in self.states.values())
 
 
 def _scope(collection: Collection, under: str | Path | None) -> _Scope:
@@ -507,6 +513,27 @@ def mirror_features(features: LocalFeatures) -> LocalFeatures:
     )
 
 
+def best_inliers(views: Sequence[LocalFeatures], target: LocalFeatures, min_inliers: int) -> int:
+    """The most RANSAC inliers any of ``views`` (an image's features, and their mirror)
+    shares with ``target`` under the default match rule; stops at the first view that
+    reaches ``min_inliers``."""
+    from lookalike.local.matching import DEFAULT_RULE, verify
+
+    best = 0
+    for view in views:
+        found = verify(
+            view,
+            target,
+            ratio=DEFAULT_RULE.ratio,
+            threshold=DEFAULT_RULE.threshold,
+            min_matches=min_inliers,
+        )
+        best = max(best, found.inliers)
+        if best >= min_inliers:
+            break
+    return best
+
+
 class _Verifier:
     """Inliers of image pairs by SIFT matching and RANSAC, the mirror image of the first
     tried too; features from the catalog when stored, else extracted from the file once."""
@@ -532,25 +559,12 @@ class _Verifier:
         return self._pairs[key]
 
     def _count(self, a: int, b: int) -> int:
-        from lookalike.local.matching import DEFAULT_RULE, verify
-
         source, target = self.features(a), self.features(b)
         if source is None or target is None:
             return 0
-        best = 0
-        for view in (source, self.mirrored(a)):
-            assert view is not None  # the mirror of features that exist
-            found = verify(
-                view,
-                target,
-                ratio=DEFAULT_RULE.ratio,
-                threshold=DEFAULT_RULE.threshold,
-                min_matches=self.min_inliers,
-            )
-            best = max(best, found.inliers)
-            if best >= self.min_inliers:
-                break
-        return best
+        mirrored = self.mirrored(a)
+        assert mirrored is not None  # the mirror of features that exist
+        return best_inliers((source, mirrored), target, self.min_inliers)
 
     def features(self, image_id: int) -> LocalFeatures | None:
         if image_id not in self._features:

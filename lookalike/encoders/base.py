@@ -89,6 +89,23 @@ class EncoderCapabilities:
     patch_tokens: bool = False
     poolings: tuple[str, ...] = ()
 
+    def to_json(self) -> dict[str, Any]:
+        """Plain JSON, for the manifests of prepared models."""
+        return {
+            "text": self.text,
+            "patch_tokens": self.patch_tokens,
+            "poolings": list(self.poolings),
+        }
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> EncoderCapabilities:
+        """The capabilities :meth:`to_json` wrote."""
+        return cls(
+            text=bool(data["text"]),
+            patch_tokens=bool(data["patch_tokens"]),
+            poolings=tuple(data["poolings"]),
+        )
+
 
 NO_CAPABILITIES = EncoderCapabilities()
 

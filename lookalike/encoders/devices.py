@@ -11,7 +11,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, Literal
 
-from lookalike.encoders.prepared import PreparedEncoder, cuda_possible
+from lookalike.encoders.openvino_runtime import cuda_possible
+from lookalike.encoders.prepared import PreparedEncoder
 from lookalike.errors import EncoderError
 
 if TYPE_CHECKING:

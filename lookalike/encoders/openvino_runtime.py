@@ -458,11 +458,7 @@ def load_openvino_prepared(
         if not files_unchanged([*manifest["sources"], model["state"]]):
             return None  # made from other files: the full build prepares it again
         identity = EncoderIdentity.from_json(manifest["identity"])
-        capabilities = EncoderCapabilities(
-            text=bool(manifest["capabilities"]["text"]),
-            patch_tokens=bool(manifest["capabilities"]["patch_tokens"]),
-            poolings=tuple(manifest["capabilities"]["poolings"]),
-        )
+        capabilities = EncoderCapabilities.from_json(manifest["capabilities"])
         runner = OpenVinoRunner(
             Path(model["state"][0]),
             precision=identity.precision,
@@ -496,11 +492,7 @@ def save_openvino_prepared(
             "version": MANIFEST_VERSION,
             "fields": json.loads(json.dumps(dict(fields))),
             "identity": encoder.identity.to_json(),
-            "capabilities": {
-                "text": encoder.capabilities.text,
-                "patch_tokens": encoder.capabilities.patch_tokens,
-                "poolings": list(encoder.capabilities.poolings),
-            },
+            "capabilities": encoder.capabilities.to_json(),
             "model": {"state": file_state(runner.path), "fp32_until": runner.fp32_until},
             "sources": [file_state(Path(s)) for s in sources],
         }
@@ -550,7 +542,7 @@ def load_lite_prepared(
     with ``create_lite_encoder``, which leaves the manifest for next time)."""
     if device not in ("cpu", "auto") or runtime not in ("auto", "openvino"):
         return None
-    if device == "auto" and _gpu_possible():
+    if device == "auto" and cuda_possible():
         return None  # the full build decides whether torch sees a GPU
     check_precision(precision)
     chosen = default_precision(runtime) if precision == "auto" else precision
@@ -560,6 +552,11 @@ def load_lite_prepared(
     return load_openvino_prepared(fields, normalize=normalize, threads=threads)
 
 
-def _gpu_possible() -> bool:
-    """Whether a GPU driver is present (decided without torch)."""
+def cuda_possible() -> bool:
+    """Whether this machine may have a GPU that torch would use for ``device="auto"``,
+    decided without importing torch (a driver's device files): when it may, an ``auto``
+    encoder is built the full way, which picks the GPU if there is one."""
+    if os.name == "nt":
+        system = os.environ.get("SYSTEMROOT", r"C:\Windows")
+        return os.path.exists(os.path.join(system, "System32", "nvcuda.dll"))
     return any(os.path.exists(p) for p in ("/dev/nvidiactl", "/proc/driver/nvidia", "/dev/kfd"))

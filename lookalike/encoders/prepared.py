@@ -33,7 +33,11 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from lookalike.encoders.base import Encoder, EncoderBase, EncoderCapabilities, EncoderIdentity
-from lookalike.encoders.openvino_runtime import cache_stem, file_state, files_unchanged
+from lookalike.encoders.openvino_runtime import (
+    cache_stem,
+    file_state,
+    files_unchanged,
+)
 
 if TYPE_CHECKING:
     import onnxruntime
@@ -80,16 +84,6 @@ def cpu_fingerprint() -> str:
     except OSError:
         parts.append(platform.processor())
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
-
-
-def cuda_possible() -> bool:
-    """Whether this machine may have a GPU that torch would use for ``device="auto"``,
-    decided without importing torch (a driver's device files): when it may, an ``auto``
-    encoder is built the full way, which picks the GPU if there is one."""
-    if os.name == "nt":
-        system = os.environ.get("SYSTEMROOT", r"C:\Windows")
-        return os.path.exists(os.path.join(system, "System32", "nvcuda.dll"))
-    return any(os.path.exists(p) for p in ("/dev/nvidiactl", "/proc/driver/nvidia", "/dev/kfd"))
 
 
 def prepared_key(fields: Mapping[str, Any], ort_version: str) -> str:
@@ -177,11 +171,7 @@ def load_prepared(
         if len(data) != model["size"] or hashlib.sha256(data).hexdigest() != model["sha256"]:
             raise ValueError(f"{model_path} does not match its manifest")
         identity = EncoderIdentity.from_json(manifest["identity"])
-        capabilities = EncoderCapabilities(
-            text=bool(manifest["capabilities"]["text"]),
-            patch_tokens=bool(manifest["capabilities"]["patch_tokens"]),
-            poolings=tuple(manifest["capabilities"]["poolings"]),
-        )
+        capabilities = EncoderCapabilities.from_json(manifest["capabilities"])
         session = ort.InferenceSession(
             data, _session_options(ort, threads, optimise=False), providers=["CPUExecutionProvider"]
         )
@@ -238,11 +228,7 @@ def save_prepared(
             "cpu": cpu_fingerprint(),
             "fields": dict(fields),
             "identity": encoder.identity.to_json(),
-            "capabilities": {
-                "text": encoder.capabilities.text,
-                "patch_tokens": encoder.capabilities.patch_tokens,
-                "poolings": list(encoder.capabilities.poolings),
-            },
+            "capabilities": encoder.capabilities.to_json(),
             "model": {
                 "file": model_path.name,
                 "size": len(data),

@@ -224,11 +224,11 @@ class SearchService:
         """A combined query (several images, negatives, a text, weighted; see
         :class:`~lookalike.core.search.Query`) through the same path as :meth:`search`; one
         image alone is exactly :meth:`search`."""
-        options = self._options(args, offset)
         query = Query.of(list(images), negatives=list(negatives), text=text, weights=weights)
         if query.single_image:
             name = names[0] if names else "image"
             return self.search(images[0], name=name, offset=offset, **args)
+        options = self._options(args, offset)
         searcher = self._searcher()
         if text is not None and not searcher.encoder.capabilities.text:
             # A request's fault here, not the server's: say so as a 400.
