@@ -10,17 +10,29 @@ AP over that single ranking with the number of queries as positives), then the m
         [--attacks crop,rotation,...] [--model efficientnet-lite0] [--layer head]
 
 Prints a Markdown report (copy it to benchmarks/results/); progress goes to stderr.
+
+``--compare LABEL=REPORT`` (repeated) instead prints one table of recall@1 and micro-AP per
+attack, side by side, from the ``report.json`` files of ``lookalike eval --copy-detection``
+runs (or the ``{"attacks": [...]}`` files of the same shape), with the mean, the min, the
+micro-AP pooled over attacks and the milliseconds per query:
+
+    python benchmarks/copy_detection.py --compare before=runs/before/report.json \
+        --compare after=runs/after/report.json
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import platform
 import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
+
+import numpy as np
 
 from lookalike.encoders import create_encoder
 from lookalike.evaluation.copydetect import ATTACKS, parse_attacks, run_copy_detection
@@ -41,7 +53,11 @@ def main() -> None:
     parser.add_argument("--layer", default="head")
     parser.add_argument("--metric", default="cosine", choices=("cosine", "euclidean", "dot"))
     parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--compare", action="append", metavar="LABEL=REPORT", default=[])
     args = parser.parse_args()
+    if args.compare:
+        compare(args.compare)
+        return
 
     os.environ.setdefault("LOOKALIKE_CACHE", str(Path(tempfile.gettempdir()) / "lookalike-bench"))
     dataset = load_dataset(args.dataset)
@@ -107,6 +123,45 @@ def main() -> None:
         f"\nmicro-AP pooled over all attacks at once (one threshold for every kind of edit): "
         f"{result.pooled_micro_ap:.3f}"
     )
+
+
+def _report(path: str) -> dict[str, Any]:
+    data = json.loads(Path(path).read_text())
+    found: dict[str, Any] = data.get("copy_detection", data)
+    return found
+
+
+def compare(columns: list[str]) -> None:
+    """One Markdown table of several runs' per-attack recall@1 and micro-AP."""
+    runs = []
+    for column in columns:
+        label, _, path = column.partition("=")
+        runs.append((label, _report(path)))
+    attacks = [a["attack"] for a in runs[0][1]["attacks"]]
+    header = " | ".join(f"{label} R@1 | {label} µAP" for label, _ in runs)
+    print(f"| attack | {header} |")
+    print("|---|" + "---:|" * (2 * len(runs)))
+    table = {label: {a["attack"]: a for a in run["attacks"]} for label, run in runs}
+    for attack in attacks:
+        cells = " | ".join(
+            f"{table[label][attack]['recall_at_1']:.3f} | {table[label][attack]['micro_ap']:.3f}"
+            for label, _ in runs
+        )
+        print(f"| {attack} | {cells} |")
+    for name, pick in (("mean", np.mean), ("min", np.min)):
+        cells = " | ".join(
+            f"**{pick([a['recall_at_1'] for a in table[label].values()]):.3f}** | "
+            f"**{pick([a['micro_ap'] for a in table[label].values()]):.3f}**"
+            for label, _ in runs
+        )
+        print(f"| **{name}** | {cells} |")
+    pooled = " | ".join(f"| {run.get('pooled_micro_ap', float('nan')):.3f}" for _, run in runs)
+    print(f"| micro-AP pooled over attacks | {pooled} |")
+    speed = " | ".join(
+        f"{np.mean([a.get('query_ms', 0.0) for a in table[label].values()]):.1f} ms |"
+        for label, _ in runs
+    )
+    print(f"| mean time per query | {speed} |")
 
 
 if __name__ == "__main__":

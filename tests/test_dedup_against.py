@@ -17,7 +17,13 @@ from PIL import Image, ImageDraw, ImageOps
 
 from lookalike.cli.main import main
 from lookalike.core.collection import Collection
-from lookalike.dedup import AgainstReport, Method, find_duplicates, find_in_reference
+from lookalike.dedup import (
+    DEFAULT_MIN_INLIERS,
+    AgainstReport,
+    Method,
+    find_duplicates,
+    find_in_reference,
+)
 from lookalike.errors import DedupError
 
 ORIGINALS = ("astronaut", "chelsea", "coffee")
@@ -111,7 +117,7 @@ def test_every_transformed_copy_is_found_and_matched_to_its_original(
         best = result.matches[0]
         assert best.path == str(reference / f"{original_of(stem)}.jpg"), stem
         assert best.score is not None and best.score >= 0.85
-        assert best.inliers is not None and best.inliers >= 25
+        assert best.inliers is not None and best.inliers >= DEFAULT_MIN_INLIERS
         # Only the original matches: unrelated photos are never taken for copies.
         assert [m.path for m in result.matches] == [best.path]
 
@@ -240,7 +246,8 @@ def test_cli_folder_reference_json(
     args = ["-c", str(cache), "dedup", str(new), "--against", str(reference)]
     assert main([*args, "--format", "json", "--quiet", "--workers", "1"]) == 0
     payload = json.loads(capsys.readouterr().out)
-    assert payload["method"] == "verified" and payload["min_inliers"] == 25
+    assert payload["method"] == "verified"
+    assert payload["min_inliers"] == DEFAULT_MIN_INLIERS
     assert payload["reference_images"] == len(ORIGINALS) + len(UNRELATED) + 2
     assert payload["images"] == len(ORIGINALS) * len(EDITS) + len(NEW_NAMES)
     assert payload["found"] == len(ORIGINALS) * len(EDITS)
@@ -250,7 +257,7 @@ def test_cli_folder_reference_json(
         if result["status"] == "found":
             best = result["matches"][0]
             assert Path(best["path"]).stem == original_of(result["path"])
-            assert best["inliers"] >= 25 and best["score"] >= 0.85
+            assert best["inliers"] >= DEFAULT_MIN_INLIERS and best["score"] >= 0.85
     # The reference folder went into the collection; the new images did not.
     with Collection(cache) as indexed:
         paths = set(indexed.catalog.file_states())
@@ -277,7 +284,7 @@ def test_cli_collection_reference_every_format(
         ("camera.jpg", "new", ""),
         ("coffee-text.jpg", "found", "coffee.jpg"),
     ]
-    assert rows[1]["match"] == "" and int(rows[0]["inliers"]) >= 25
+    assert rows[1]["match"] == "" and int(rows[0]["inliers"]) >= DEFAULT_MIN_INLIERS
 
     assert main([*base, "--format", "table"]) == 0
     table = capsys.readouterr().out

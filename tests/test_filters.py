@@ -620,3 +620,14 @@ def test_grpc_bad_filters_are_invalid_argument(
         rpc.v1.Search(request, timeout=60)
     assert caught.value.code() is grpc.StatusCode.INVALID_ARGUMENT
     assert message in caught.value.details()
+
+
+def test_odd_stored_numbers_never_raise() -> None:
+    """Stored text that only looks like a number (odd whitespace, beyond float range) is not
+    one: it fails numeric conditions and positions instead of raising."""
+    assert not make_filter(["iso>=1"]).matches(record(iso="\x1c5x"))
+    assert make_filter(["iso>=1"]).matches(record(iso="\x1c5"))  # stripped like any space
+    assert not make_filter(["iso<=3"]).matches(record(iso="\x1c5"))  # compared as 5
+    make_filter(["iso>=1"]).matches(record(iso="1e400"))  # compared as text, never raising
+    assert not make_filter(near="1,2,10").matches(record(lat="1e400", lon="2"))
+    assert not make_filter(within="0,0,5,5").matches(record(lat="1", lon="-1e999"))

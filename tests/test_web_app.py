@@ -757,6 +757,27 @@ def test_duplicates_view_choose_keeper_and_move_with_token_and_confirmation(
     assert desktop.errors == []
 
 
+def test_verified_duplicates_show_the_estimated_transform(
+    dup_server: Served, desktop: Page
+) -> None:
+    """The default method says what turned the keeper into each copy: the half-size rocket
+    is scaled 0.5x, the byte copy of the coffee has the keeper's geometry."""
+    with httpx.Client(base_url=dup_server.url, timeout=120) as client:
+        groups = client.get("/duplicates").json()["groups"]
+    by_name = {d["filename"]: d for g in groups for d in g["duplicates"]}
+    small = by_name["rocket-small.jpg"]["transform"]
+    assert small["mirrored"] is False and abs(small["rotation_degrees"]) < 2
+    assert small["scale"] == pytest.approx(0.5, rel=0.05) and small["inliers"] >= 25
+    page = desktop.open(dup_server.url, "duplicates")
+    page.click("#dup-find")
+    page.wait_for_selector(".group .member")
+    rocket = page.locator(".member", has=page.locator(".name", has_text="rocket-small.jpg"))
+    assert "scaled 0.5x" in rocket.text_content()
+    coffee = page.locator(".member", has=page.locator(".name", has_text="coffee-copy.jpg"))
+    assert "same geometry" in coffee.text_content()
+    assert desktop.errors == []
+
+
 def test_duplicates_view_explains_when_the_server_moves_nothing(
     app_server: Served, desktop: Page
 ) -> None:

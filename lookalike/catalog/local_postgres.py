@@ -90,10 +90,17 @@ class LocalPostgres:
 
     Use as a context manager; :meth:`create_database` gives each user a fresh database.
     ``durable=True`` keeps PostgreSQL's default crash safety (fsync and synchronous commits),
-    for benchmarks that should count what a real deployment pays.
+    for benchmarks that should count what a real deployment pays. ``settings`` adds server
+    settings (e.g. ``{"shared_buffers": "2GB"}`` for a benchmark whose index should fit).
     """
 
-    def __init__(self, binaries: PostgresBinaries | None = None, *, durable: bool = False) -> None:
+    def __init__(
+        self,
+        binaries: PostgresBinaries | None = None,
+        *,
+        durable: bool = False,
+        settings: dict[str, str] | None = None,
+    ) -> None:
         found = binaries or find_postgres()
         if found is None:
             raise CatalogError(
@@ -102,6 +109,7 @@ class LocalPostgres:
             )
         self.binaries = found
         self.durable = durable
+        self.settings = dict(settings or {})
         self.port = 0
         self._folder: Path | None = None
         self._run_as: list[str] = []
@@ -146,6 +154,7 @@ class LocalPostgres:
         )  # fmt: skip
         self.port = _free_port()
         settings = _SETTINGS if not self.durable else {k: _SETTINGS[k] for k in _SERVING}
+        settings = {**settings, **self.settings}
         options = " ".join(f"-c {key}={value}" for key, value in settings.items())
         options += f" -p {self.port} -k {data}"
         self._run(

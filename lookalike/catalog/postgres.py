@@ -288,6 +288,28 @@ class PostgresCatalog:
         rows = self._rows(sql, params)
         return rows[0] if rows else ()
 
+    def run(self, work: Callable[[psycopg.Connection], T], *, own: bool = False) -> T:
+        """Run ``work`` on this catalog's connection (autocommit: ``work`` opens any
+        transaction itself) under its lock, psycopg errors raised as typed ones: the pgvector
+        index's statements (:mod:`lookalike.catalog.pgvector_index`). ``own``: on a new
+        connection of its own instead, closed afterwards, for long work (building an index)
+        that should hold neither this object's connection nor its lock."""
+        import psycopg
+
+        if own:
+            db = self._connect()
+            try:
+                return work(db)
+            except psycopg.Error as error:
+                raise self._failure(error) from error
+            finally:
+                db.close()
+        with self._lock:
+            try:
+                return work(self._connection())
+            except psycopg.Error as error:
+                raise self._failure(error) from error
+
     def _write(self, work: Callable[[psycopg.Connection], T]) -> T:
         """Run ``work`` in one transaction, again when it lost a deadlock or a serialisation
         conflict to a concurrent writer (it then had no effect)."""

@@ -34,8 +34,11 @@ from lookalike.dedup.moving import Move
 if TYPE_CHECKING:
     from lookalike.core.collection import Collection
     from lookalike.dedup.against import AgainstReport, ReferenceMatch
+    from lookalike.local.matching import EstimatedTransform
 
 _CSV_FIELDS = ("group", "role", "path", "width", "height", "size", "mtime", "score", "inliers")
+# The estimated transform of a verified duplicate, flattened into CSV columns.
+_TRANSFORM_FIELDS = ("rotation_degrees", "scale", "mirrored")
 
 
 def add_dedup_arguments(parser: argparse.ArgumentParser) -> None:
@@ -61,14 +64,15 @@ def add_dedup_arguments(parser: argparse.ArgumentParser) -> None:
         choices=[m.value for m in Method],
         default=DEFAULT_METHOD.value,
         help=f"exact: same bytes; perceptual: pHash bits; embedding: cosine of the stored "
-        f"vectors; verified: embedding candidates confirmed by SIFT + RANSAC "
-        f"(default: {DEFAULT_METHOD.value})",
+        f"vectors; verified: copies confirmed by SIFT + RANSAC (one transform: rotation, "
+        f"scale, mirror, reported), candidates from the embedding and from shared local "
+        f"features (default: {DEFAULT_METHOD.value})",
     )
     parser.add_argument(
         "--threshold",
         type=float,
-        help=f"perceptual: most differing bits; embedding, verified: least cosine "
-        f"(defaults: {thresholds})",
+        help=f"perceptual: most differing bits; embedding: least cosine; verified: least "
+        f"cosine of the embedding candidates (defaults: {thresholds})",
     )
     parser.add_argument(
         "--min-inliers",
@@ -172,15 +176,36 @@ def _describe(report: DedupReport) -> str:
     if report.method is Method.PERCEPTUAL:
         return f"perceptual: pHash within {report.threshold:g} bits"
     if report.method is Method.VERIFIED:
-        return f"verified: cosine >= {report.threshold:g} and >= {report.min_inliers} SIFT inliers"
+        return _verified_method(report.threshold, report.min_inliers)
     return f"embedding: cosine >= {report.threshold:g}"
 
 
-def _score(report: DedupReport, score: float | None, inliers: int | None) -> str:
+def _verified_method(threshold: float | None, min_inliers: int | None) -> str:
+    return (
+        f"verified: copies confirmed by >= {min_inliers} SIFT inliers of one transform, "
+        f"candidates at cosine >= {threshold:g} or sharing local features"
+    )
+
+
+def _score(
+    report: DedupReport,
+    score: float | None,
+    inliers: int | None,
+    transform: EstimatedTransform | None = None,
+) -> str:
     if score is None:
         return "identical"
     text = f"{score:.0f} bits" if report.method is Method.PERCEPTUAL else f"cosine {score:.3f}"
-    return text if inliers is None else f"{text}, {inliers} inliers"
+    return _verified_text(text, inliers, transform)
+
+
+def _verified_text(text: str, inliers: int | None, transform: EstimatedTransform | None) -> str:
+    """A score with the verified inliers and transform, when there are some."""
+    if inliers is not None:
+        text = f"{text}, {inliers} inliers"
+    if transform is not None:
+        text = f"{text}, {transform.describe()}"
+    return text
 
 
 def _print_table(report: DedupReport, moves: list[Move] | None, *, applied: bool) -> None:
@@ -196,7 +221,8 @@ def _print_table(report: DedupReport, moves: list[Move] | None, *, applied: bool
         for duplicate in group.duplicates:
             size = f"{duplicate.width}x{duplicate.height}"
             print(
-                f"  duplicate  {size}  {_score(report, duplicate.score, duplicate.inliers)}  "
+                f"  duplicate  {size}  "
+                f"{_score(report, duplicate.score, duplicate.inliers, duplicate.transform)}  "
                 f"{duplicate.path}"
             )
     if report.failed:
@@ -233,7 +259,7 @@ def _print_json(report: DedupReport, moves: list[Move] | None, *, applied: bool)
 
 
 def _print_csv(report: DedupReport, moves: list[Move] | None, *, applied: bool) -> None:
-    fields = list(_CSV_FIELDS)
+    fields = list(_CSV_FIELDS) + list(_TRANSFORM_FIELDS)
     target_of = {}
     if moves is not None:
         fields += ["target", "status"]
@@ -245,6 +271,8 @@ def _print_csv(report: DedupReport, moves: list[Move] | None, *, applied: bool) 
             ("duplicate", d) for d in group.duplicates
         ]:
             row = {k: v for k, v in asdict(image).items() if k in fields}
+            if image.transform is not None:
+                row.update({k: getattr(image.transform, k) for k in _TRANSFORM_FIELDS})
             row.update(group=number, role=role)
             move = target_of.get(image.path)
             if move is not None:
@@ -342,7 +370,7 @@ def _against_method(report: AgainstReport) -> str:
     if report.method is Method.PERCEPTUAL:
         return f"perceptual: pHash within {report.threshold:g} bits"
     if report.method is Method.VERIFIED:
-        return f"verified: cosine >= {report.threshold:g} and >= {report.min_inliers} SIFT inliers"
+        return _verified_method(report.threshold, report.min_inliers)
     return f"embedding: cosine >= {report.threshold:g}"
 
 
@@ -351,8 +379,7 @@ def _match_score(report: AgainstReport, match: ReferenceMatch) -> str:
         return "identical"
     if report.method is Method.PERCEPTUAL:
         return f"{match.score:.0f} bits"
-    text = f"cosine {match.score:.3f}"
-    return text if match.inliers is None else f"{text}, {match.inliers} inliers"
+    return _verified_text(f"cosine {match.score:.3f}", match.inliers, match.transform)
 
 
 def _print_against_table(report: AgainstReport) -> None:
@@ -398,7 +425,7 @@ def _print_against_json(report: AgainstReport) -> None:
 
 def _print_against_csv(report: AgainstReport) -> None:
     """One row per (query, match), and one row with status ``new`` per new image."""
-    fields = ("path", "status", "match", "match_id", "score", "inliers")
+    fields = ("path", "status", "match", "match_id", "score", "inliers", *_TRANSFORM_FIELDS)
     writer = csv.DictWriter(sys.stdout, fieldnames=fields, lineterminator="\n")
     writer.writeheader()
     for result in report.results:
@@ -413,6 +440,11 @@ def _print_against_csv(report: AgainstReport) -> None:
                     "match_id": match.id,
                     "score": match.score,
                     "inliers": match.inliers,
+                    **(
+                        {k: getattr(match.transform, k) for k in _TRANSFORM_FIELDS}
+                        if match.transform is not None
+                        else {}
+                    ),
                 }
             )
     for path, reason in report.failed:

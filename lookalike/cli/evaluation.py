@@ -28,7 +28,7 @@ DEFAULT_OUT = "eval-report"
 
 def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
     """Add the arguments of ``lookalike eval`` to ``parser`` (a subcommand parser)."""
-    from lookalike.evaluation.copydetect import ATTACKS
+    from lookalike.evaluation.copydetect import ALL_ATTACKS
 
     parser.add_argument(
         "dataset",
@@ -49,14 +49,21 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--query-split", default="test", metavar="NAME")
     parser.add_argument("--database-split", default="train", metavar="NAME")
-    parser.add_argument("--model", default="efficientnet-lite0", help="encoder name")
-    parser.add_argument("--layer", default="head", help="layer to pool: head or stage4..stage7")
+    parser.add_argument(
+        "--model",
+        help="encoder name (default: efficientnet-lite0; for copy detection, a new collection's "
+        "default model)",
+    )
+    parser.add_argument(
+        "--layer", help="layer to pool: head or stage4..stage7 (default: the model's head)"
+    )
     parser.add_argument("--metric", choices=SCORE_METRICS, default="cosine")
     parser.add_argument("--runtime", choices=("auto", "onnx", "openvino", "torch"), default="auto")
     parser.add_argument(
         "--precision",
         choices=("auto", "fp32", "bf16"),
-        help="EfficientNet-Lite arithmetic (default: the encoder's own, fp32)",
+        help="EfficientNet-Lite arithmetic (default: the encoder's own, fp32; for copy "
+        "detection, a new collection's: auto)",
     )
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument(
@@ -69,15 +76,42 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
         "--copy-detection",
         action="store_true",
         help="find attacked copies of database images among the database instead of "
-        "measuring class-level retrieval",
+        "measuring class-level retrieval: the database (--database-split when the dataset has "
+        "it) is indexed into a collection and every copy is searched through it, as `lookalike "
+        "search` does",
     )
     parser.add_argument(
         "--attacks",
-        default=",".join(ATTACKS),
+        default="all",
         metavar="LIST",
-        help=f"comma-separated copy-detection attacks (default: {','.join(ATTACKS)}); 'all' "
-        "adds overlay, rotation-large, rotation-crop-color, screenshot, flip-crop, scale-small "
-        "('hard': those alone)",
+        help=f"comma-separated copy-detection attacks (default: all {len(ALL_ATTACKS)}: "
+        f"{','.join(ALL_ATTACKS)}); 'classic' and 'hard' name the first 10 and the last 6",
+    )
+    parser.add_argument(
+        "--collection",
+        metavar="DIR",
+        help="copy detection: the collection to index the database into and search (kept, so "
+        "a later run indexes nothing again; default: a temporary one)",
+    )
+    parser.add_argument(
+        "--local-features",
+        action="store_true",
+        help="copy detection: also store local features of the database (for --rerank)",
+    )
+    parser.add_argument(
+        "--rerank",
+        type=int,
+        default=0,
+        metavar="N",
+        help="copy detection: verify the N best candidates by local features, as `search "
+        "--rerank N` (needs --local-features, or a --collection that has them)",
+    )
+    parser.add_argument(
+        "--no-copy-views",
+        dest="copy_views",
+        action="store_false",
+        help="copy detection: search with each copy as it is only (no un-rotated or "
+        "trimmed views: the search before they were the default)",
     )
     parser.add_argument(
         "--copies",
@@ -111,6 +145,8 @@ def run_eval(args: argparse.Namespace) -> int:
     for name in ("batch_size", "copies", "top_k"):
         if getattr(args, name) < 1:
             raise LookalikeError(f"--{name.replace('_', '-')} must be at least 1")
+    if args.rerank < 0:
+        raise LookalikeError("--rerank must be 0 or more")
     if args.seed < 0:
         raise LookalikeError("--seed must be non-negative")
 
@@ -168,29 +204,62 @@ def _copy_detection_database(args: argparse.Namespace) -> tuple[list[Path], dict
 
 
 def _run_copy_detection(args: argparse.Namespace) -> int:
+    import tempfile
+
     from lookalike.cli.common import ProgressBars
-    from lookalike.evaluation.copydetect import parse_attacks, run_copy_detection
+    from lookalike.core.collection import Collection
+    from lookalike.evaluation.copydetect import (
+        CollectionSearch,
+        parse_attacks,
+        run_copy_detection,
+    )
     from lookalike.evaluation.report import encoder_info, write_report
 
     attacks = parse_attacks(args.attacks)
     database, described = _copy_detection_database(args)
-    encoder = _encoder(args)
-    with ProgressBars(quiet=args.quiet) as bars:
-        copies = run_copy_detection(
-            database,
-            encoder=encoder,
-            attacks=attacks,
-            copies=args.copies,
-            seed=args.seed,
-            k=args.top_k,
-            metric=args.metric,
-            batch_size=args.batch_size,
-            save_dir=args.save_copies,
-            progress=bars.update,
+    with tempfile.TemporaryDirectory(prefix="lookalike-eval-") as scratch:
+        folder = Path(args.collection).expanduser() if args.collection else Path(scratch)
+        collection = Collection(
+            folder,
+            model=args.model,
+            layer=args.layer,
+            precision=args.precision,
+            runtime=args.runtime,
         )
-    extra = {"dataset": described, "encoder": encoder_info(encoder)}
+        with collection, ProgressBars(quiet=args.quiet) as bars:
+            search = CollectionSearch(
+                collection,
+                database,
+                local_features=args.local_features,
+                progress=bars.update,
+                metric=args.metric,
+                rerank=args.rerank,
+                copy_views=args.copy_views,
+            )
+            copies = run_copy_detection(
+                database,
+                search=search,
+                attacks=attacks,
+                copies=args.copies,
+                seed=args.seed,
+                k=args.top_k,
+                metric=args.metric,
+                batch_size=args.batch_size,
+                save_dir=args.save_copies,
+                progress=bars.update,
+            )
+            encoder = collection.encoder
+            described["collection"] = str(folder) if args.collection else None
+            described["indexed_now"] = search.indexed
+            kind = collection.local_store.kind()
+            search_info = {
+                "rerank": args.rerank,
+                "copy_views": args.copy_views,
+                "local_features": kind.name if kind is not None else None,
+            }
+    extra = {"dataset": described, "encoder": encoder_info(encoder), "search": search_info}
     report_path, plot_path = write_report(Path(args.out), copy_detection=copies, extra=extra)
-    _print_copy_detection(args, len(database), copies)
+    _print_copy_detection(args, encoder, len(database), copies)
     print(f"wrote {report_path} and {plot_path}")
     return 0
 
@@ -200,10 +269,14 @@ def _encoder(args: argparse.Namespace) -> Encoder:
     takes it)."""
     from lookalike.encoders import create_encoder
 
-    options: dict[str, Any] = {"layer": args.layer, "normalize": False, "runtime": args.runtime}
+    options: dict[str, Any] = {
+        "layer": args.layer or "head",
+        "normalize": False,
+        "runtime": args.runtime,
+    }
     if args.precision is not None:
         options["precision"] = args.precision
-    return create_encoder(args.model, **options)
+    return create_encoder(args.model or "efficientnet-lite0", **options)
 
 
 def _print_retrieval(
@@ -231,29 +304,33 @@ def _print_retrieval(
 
 
 def _print_copy_detection(
-    args: argparse.Namespace, database_size: int, result: CopyDetectionResult
+    args: argparse.Namespace, encoder: Encoder, database_size: int, result: CopyDetectionResult
 ) -> None:
+    identity = encoder.identity
+    how = [f"rerank {args.rerank}" if args.rerank else "no re-ranking"]
+    how.append("copy views" if args.copy_views else "no copy views")
     print(
         f"copy detection: {len(result.sources)} images attacked, searched among "
-        f"{database_size} (model {args.model}, layer {args.layer}, metric {args.metric}, "
-        f"seed {args.seed})"
+        f"{database_size} (model {identity.model}, layer {identity.layer}, metric "
+        f"{args.metric}, {', '.join(how)}, seed {args.seed})"
     )
     print()
     k = result.k
     w = max([10, *(len(a.attack) for a in result.attacks)])
     header = (
         f"{'attack':<{w}}  {'queries':>7}  {'recall@1':>8}  {f'recall@{k}':>9}  {'micro-AP':>8}"
+        f"  {'ms/query':>8}"
     )
     print(header)
     for attack in result.attacks:
         print(
             f"{attack.attack:<{w}}  {attack.queries:>7}  {attack.recall_at_1:>8.4f}  "
-            f"{attack.recall_at_k:>9.4f}  {attack.micro_ap:>8.4f}"
+            f"{attack.recall_at_k:>9.4f}  {attack.micro_ap:>8.4f}  {attack.query_ms:>8.1f}"
         )
     recall_k = sum(a.recall_at_k for a in result.attacks) / max(1, len(result.attacks))
     print(
         f"{'mean':<{w}}  {'':>7}  {result.mean_recall_at_1:>8.4f}  {recall_k:>9.4f}  "
-        f"{result.mean_micro_ap:>8.4f}"
+        f"{result.mean_micro_ap:>8.4f}  {result.mean_query_ms:>8.1f}"
     )
     min_k = min((a.recall_at_k for a in result.attacks), default=0.0)
     print(

@@ -167,7 +167,7 @@ def _cmd_search(args: argparse.Namespace) -> int:
     if args.text is not None:
         shown = f"{shown} {args.text}".strip() if args.images or args.negatives else args.text
     reply = None
-    if args.server:
+    if args.server and not args.index:  # a one-off index is searched in this process
         from lookalike.cli.remote import search_remotely
 
         # A running `lookalike serve` of this collection has the model and index loaded.
@@ -176,6 +176,13 @@ def _cmd_search(args: argparse.Namespace) -> int:
     if reply is None:
         reply = _search_locally(args, weights)
     results: list[dict[str, Any]] = reply["results"]
+    if reply.get("partial"):
+        # Partial results are still results: printed as usual, with a warning beside them.
+        print(
+            "warning: part of the sharded index did not answer; these are the best results "
+            "of the shards that did",
+            file=sys.stderr,
+        )
     if output == "json":
         payload = {
             "query": shown,
@@ -197,8 +204,24 @@ def _cmd_search(args: argparse.Namespace) -> int:
     else:
         for rank, result in enumerate(results, 1):
             meta = " ".join(f"{k}={v}" for k, v in result["metadata"].items())
-            print(f"{rank:3d}  {result['score']:8.4f}  {result['path']}  {meta}".rstrip())
+            copy = _copy_columns(result)
+            print(f"{rank:3d}  {result['score']:8.4f}  {copy}{result['path']}  {meta}".rstrip())
     return 0
+
+
+def _copy_columns(result: dict[str, Any]) -> str:
+    """A copy search's probability and transform, as table columns ("" otherwise)."""
+    probability = result.get("copy_probability")
+    if probability is None:
+        return ""
+    transform = result.get("transform")
+    if transform is None:
+        edit = "transform unknown"
+    else:
+        from lookalike.local.matching import EstimatedTransform
+
+        edit = f"{EstimatedTransform(**transform).describe()}, {transform['inliers']} inliers"
+    return f"p={probability:.3f}  ({edit})  "
 
 
 def _search_locally(args: argparse.Namespace, weights: list[float] | None) -> dict[str, Any]:
@@ -215,11 +238,15 @@ def _search_locally(args: argparse.Namespace, weights: list[float] | None) -> di
         query_expansion=args.qe,
         rerank=args.rerank,
         multi_crop=args.multi_crop,
+        copy_views=not args.no_copy_views,
+        copies=args.copies,
         near=args.near,
         within=args.within,
         sort=args.sort,
     )
     with open_collection(args, create=False, runtime=args.runtime) as collection:
+        if args.index:
+            collection.use_index(args.index)
         if args.text_model:
             collection.use_text_model(args.text_model)
         response = collection.searcher.search_query(query, options)
@@ -228,6 +255,7 @@ def _search_locally(args: argparse.Namespace, weights: list[float] | None) -> di
         "threshold": response.threshold,
         "no_close_match": response.no_close_match,
         "best_score": response.best_score,
+        "partial": response.partial,
         "results": [asdict(r) for r in response.results],
     }
 
@@ -256,7 +284,9 @@ def _cmd_info(args: argparse.Namespace) -> int:
     print(f"collection: {info.path}")
     print(f"images:     {info.images}")
     print(f"model:      {info.model} (layer {info.layer}, dim {info.dim})")
-    print(f"index:      {info.index_spec}")
+    held = " (an HNSW index inside PostgreSQL)" if info.index_spec.startswith("pgvector") else ""
+    print(f"index:      {info.index_spec}{held}")
+    print(f"recall@10:  {_recall_line(info.index_recall, info.index_tuning)}")
     print(f"schema:     v{info.schema_version}")
     for model in info.models:
         print(f"  vectors of {model['key']}: {model['vectors']}")
@@ -265,6 +295,23 @@ def _cmd_info(args: argparse.Namespace) -> int:
         for path, reason in info.failures:
             print(f"  {path}: {reason}")
     return 0
+
+
+def _recall_line(recall: float | None, tuning: dict[str, Any] | None) -> str:
+    """What ``info`` says about the index's measured recall and its tuned knob."""
+    if recall is None:
+        return "not measured (a named spec, or the index is built at the next search)"
+    if tuning is None or tuning.get("knob") is None:
+        return f"{recall:.3f} (exact search)"
+    line = (
+        f"{recall:.3f} ± {tuning['stderr']:.3f} on {tuning['sample']} held-out vectors"
+        f" (target {tuning['target']:g}) with {tuning['knob']}={tuning['value']}: {tuning['spec']}"
+    )
+    for fallback in tuning.get("fallbacks") or []:
+        line += f"; tried first: {fallback['spec']}, {fallback['recall']:.3f}"
+    if not tuning.get("reached", True):
+        line += " -- below the target: no structure that reaches it fits the memory budget"
+    return line
 
 
 def _cmd_remove(args: argparse.Namespace) -> int:
@@ -564,7 +611,10 @@ def build_parser() -> argparse.ArgumentParser:
     index.add_argument(
         "--index",
         help="vector index spec, e.g. exact, hnsw:M=32,ef=128, ivfpq:nlist=4096,m=64 "
-        "(default: auto, chosen by collection size and memory)",
+        "(default: auto, i.e. auto:recall=0.95: chosen by collection size and memory, its "
+        "search knob tuned on the collection's own vectors to reach that recall@10); "
+        "pgvector[:options] or shared: an HNSW index inside the PostgreSQL catalog that every "
+        "server shares (docs/scaling.md)",
     )
     index.add_argument(
         "--runtime",
@@ -774,6 +824,19 @@ def build_parser() -> argparse.ArgumentParser:
         help="also search with the query's centre and corner crops; best score per image",
     )
     search.add_argument(
+        "--copies",
+        action="store_true",
+        help="only verified copies of the image (SIFT + RANSAC), most probable first, each "
+        "with the calibrated probability that it is a copy and how the query was made from "
+        "it (rotation, scale, mirror); needs an index made with --local-features",
+    )
+    search.add_argument(
+        "--no-copy-views",
+        action="store_true",
+        help="search with the image as it is only, not also un-rotated both ways and "
+        "without borders (what finds edited copies)",
+    )
+    search.add_argument(
         "--format",
         choices=("table", "json", "csv", "paths"),
         default="table",
@@ -781,6 +844,11 @@ def build_parser() -> argparse.ArgumentParser:
         "columns, with a header; paths: one path a line, for xargs",
     )
     search.add_argument("--json", action="store_true", help="the same as --format json")
+    search.add_argument(
+        "--index",
+        help="search with this index spec for this search only (default: the collection's), "
+        "e.g. pgvector to search inside the PostgreSQL catalog; searches in this process",
+    )
     search.add_argument("--runtime", choices=("auto", "onnx", "openvino", "torch"), default="auto")
     search.add_argument(
         "--server",

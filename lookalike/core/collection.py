@@ -48,6 +48,7 @@ from lookalike.core.models import (
     pending_switch,
     requested_choice,
 )
+from lookalike.core.pgvector import is_catalog_spec, resolve_spec
 from lookalike.core.results import SearchResponse, SearchResult
 from lookalike.core.search import Query, SearchArgs, Searcher, search_options
 from lookalike.core.transform import WHITENING_SETTING, PreparedIndex, parse_whitening
@@ -84,6 +85,10 @@ class CollectionInfo:
     failures: list[tuple[str, str]]
     schema_version: int
     index_spec: str
+    # recall@10 of the cosine index as measured when it was tuned (``auto``), 1.0 for exact
+    # search, None when unknown (another spec, or not built since the last change)
+    index_recall: float | None = None
+    index_tuning: dict[str, Any] | None = None  # lookalike.knn.tuning.Tuning as JSON
 
 
 class Collection:
@@ -157,10 +162,14 @@ class Collection:
                 if encoder is not None:
                     self._active.use_encoder(encoder)
         self._checked_generation = self.catalog.generation
-        if index_spec is not None and index_spec != AUTO:
-            from lookalike.knn import parse_spec
+        # An index this catalog cannot hold (pgvector on SQLite) fails now, before anything
+        # is remembered, not at the first search.
+        spec = self._checked_spec(index_spec or settings("index_spec") or AUTO, whitening)
+        if index_spec is not None and not is_catalog_spec(index_spec):
+            from lookalike.knn import parse_auto, parse_spec
 
-            parse_spec(index_spec)  # a bad spec fails now, not at the first search
+            if parse_auto(index_spec) is None:  # a bad spec fails now, not at the first search
+                parse_spec(index_spec)
         if index_spec is not None:
             self.catalog.set_setting("index_spec", index_spec)
         if whitening is not None:
@@ -178,10 +187,36 @@ class Collection:
         self.indexes = VectorIndexes(
             self.derived,
             self.catalog.vectors,
-            spec=settings("index_spec") or AUTO,
+            spec=spec,
             whitening=parse_whitening(settings(WHITENING_SETTING)),
         )
         self.local_store = LocalFeatureStore(self.catalog)
+
+    def _checked_spec(self, spec: str, whitening: int | None) -> str:
+        """``spec`` as the indexes take it (``pgvector``/``shared`` resolved against this
+        catalog, with the whitening asked for or remembered); one the catalog cannot hold
+        raises ``IndexSpecError``, closing the catalog (the caller never gets this object)."""
+        if whitening is None:
+            whitening = parse_whitening(self.catalog.get_setting(WHITENING_SETTING))
+        try:
+            return resolve_spec(spec, self.catalog, whitening=parse_whitening(whitening))
+        except BaseException:
+            self.catalog.close()
+            raise
+
+    def use_index(self, spec: str | None) -> None:
+        """Search with index ``spec`` in this object only, not remembered (None: the
+        remembered one again), e.g. ``pgvector`` to search inside a PostgreSQL catalog; one
+        this catalog cannot hold raises ``IndexSpecError``."""
+        configured = spec or self.catalog.get_setting("index_spec") or AUTO
+        resolved = resolve_spec(configured, self.catalog, whitening=self.indexes.whitening)
+        if not is_catalog_spec(configured):
+            from lookalike.knn import parse_auto, parse_spec
+
+            if parse_auto(configured) is None:
+                parse_spec(configured)
+        self.indexes.forget()
+        self.indexes.spec = resolved
 
     def close(self) -> None:
         """Release the catalog connection."""
@@ -635,7 +670,9 @@ class Collection:
     def search(self, query: ImageSource, **options: Unpack[SearchArgs]) -> SearchResponse:
         """The ``k`` indexed images most like ``query`` (any image, indexed or not); the
         options (``k``, ``metric``, ``threshold``, ``where``, ``query_expansion``,
-        ``rerank``, ``multi_crop``) are :class:`~lookalike.core.search.SearchOptions`'."""
+        ``rerank``, ``multi_crop``, ``copy_views``, ``copies``) are
+        :class:`~lookalike.core.search.SearchOptions`'. ``copies=True`` returns only verified
+        copies of ``query``, each with ``copy_probability`` and ``transform``."""
         return self.searcher.search_image(query, search_options(**options))
 
     def search_many(
@@ -707,7 +744,18 @@ class Collection:
             failures=self.catalog.failures(),
             schema_version=self.catalog.schema_version,
             index_spec=self.indexes.spec,
+            **self._index_measure(active),
         )
+
+    def _index_measure(self, model: dict[str, Any] | None) -> dict[str, Any]:
+        """``index_recall`` and ``index_tuning`` of the active model's cosine index."""
+        if model is None:
+            return {}
+        recall, tuning = self.indexes.tuning(model["key"], Metric.COSINE)
+        return {
+            "index_recall": recall,
+            "index_tuning": None if tuning is None else tuning.to_json(),
+        }
 
 
 def _open_catalog(folder: Path, db: str | Path | Catalog | None) -> Catalog:

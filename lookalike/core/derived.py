@@ -30,6 +30,7 @@ from typing import Any, Generic, Protocol, TypeVar
 import numpy as np
 
 from lookalike.catalog import Catalog
+from lookalike.core.pgvector import held_by_catalog, is_catalog_spec, open_index
 from lookalike.core.transform import (
     CENTER_MIN_VECTORS,
     PreparedIndex,
@@ -38,8 +39,9 @@ from lookalike.core.transform import (
     learn_whitening,
 )
 from lookalike.errors import CorruptIndexError, StorageError, VectorIndexError
-from lookalike.knn import choose_spec, create_index, read_index_header
+from lookalike.knn import choose_spec, create_index, parse_auto, read_index_header
 from lookalike.knn.base import Metric, l2_normalize
+from lookalike.knn.tuning import Tuning, build_tuned
 
 AUTO = "auto"
 CATALOG_ID_SETTING = "catalog_id"
@@ -266,13 +268,24 @@ class VectorIndexes:
         return min(self.whitening, dim)
 
     def spec_for(self, n: int, dim: int) -> str:
-        """The configured spec, or the automatic choice for n vectors."""
-        if self.spec != AUTO:
+        """The configured spec, or for ``auto`` the structure chosen for n vectors before
+        tuning (which may fall back to another: :mod:`lookalike.knn.tuning`)."""
+        if parse_auto(self.spec) is None:
             return self.spec
         return choose_spec(n, dim, memory_budget_bytes=self.memory_budget_bytes)
 
     def get(self, model_id: int, model_key: str, dim: int, metric: Metric) -> PreparedIndex:
         """An index that reflects the catalog as it is now."""
+        if is_catalog_spec(self.spec):
+            # Held by the catalog (pgvector): found in the database (built there once), kept
+            # in step by PostgreSQL; only its count is refreshed here, per catalog state.
+            return self.store.get(
+                (model_key, metric),
+                load=lambda state: open_index(
+                    self.store.catalog, model_id, dim, metric, self.spec, whitening=self.whitening
+                ),
+                build=lambda state: _never_built(),
+            )
         whitening = self.whitening_dims(dim)
         return self.store.get(
             (model_key, metric),
@@ -292,14 +305,19 @@ class VectorIndexes:
             meta = header.get("metadata", {})
             if not self.store.is_current(meta, state):
                 return None
-            if meta.get("model") != model_key or meta.get("configured_spec") != self.spec:
+            configured = meta.get("configured_spec")
+            if meta.get("model") != model_key or _canonical(configured) != _canonical(self.spec):
                 return None
             if meta.get("input_dim", header["dim"]) != dim:
                 return None
-            if self.spec == AUTO and _backend(meta.get("spec", "")) != _backend(
-                self.spec_for(header["count"], header["dim"])
-            ):
-                return None  # the collection grew past the point where another kind fits
+            if parse_auto(self.spec) is not None:
+                tuning = Tuning.from_json(meta.get("tuning"))
+                if tuning is None:
+                    return None  # written before auto indexes were tuned
+                if _backend(tuning.chosen) != _backend(
+                    self.spec_for(header["count"], header["dim"])
+                ):
+                    return None  # the collection grew past the point where another kind fits
             index = PreparedIndex.from_file(path, meta)
             if index.needs_relearning(header["count"], self.whitening_dims(dim)):
                 return None
@@ -318,15 +336,57 @@ class VectorIndexes:
             dims = expected_whitening(len(ids), self.whitening_dims(dim), metric)
             if dims:
                 whitening = learn_whitening(unit - center, dims)
+            del unit  # a full copy: gone before the index holds its own
         out_dim = dim if whitening is None else whitening.shape[1]
         spec = self.spec_for(len(ids), out_dim)
         index = PreparedIndex(
             create_index(spec, dim=out_dim, metric=metric), center, whitening, len(ids)
         )
-        if len(ids):
+        target = parse_auto(self.spec)
+        if target is not None and len(ids):
+            # Built from the vectors as the index holds them, its knob tuned on a held-out
+            # sample of them; the structure may differ from ``spec`` (a fallback).
+            prepared = index.transform(vectors)
+            del vectors
+            index.index, index.tuning = build_tuned(
+                ids,
+                prepared,
+                metric=metric,
+                target=target,
+                memory_budget_bytes=self.memory_budget_bytes,
+            )
+            del prepared
+            spec = index.index.spec
+        elif len(ids):
             index.add(ids, vectors)
+        elif target is not None:  # nothing to tune yet: an empty exact index answers exactly
+            index.tuning = Tuning(target, 1.0, chosen=spec, spec=spec)
         self._save(index, model_key, metric, state, spec)  # a search answers even if not saved
         return index
+
+    def tuning(self, model_key: str, metric: Metric) -> tuple[float | None, Tuning | None]:
+        """The recall@10 of one model's index for ``metric`` and the tuning that measured it,
+        from the copy in memory or the file if either reflects the catalog now: (1.0, None)
+        for an exact index that is not ``auto``, (None, None) for another one or when the
+        index has not been built since the last change (it is at the next search)."""
+        loaded = self.store.loaded().get((model_key, metric))
+        if loaded is not None and loaded.state == self.store.catalog.state:
+            tuning = getattr(loaded.value, "tuning", None)
+            index = getattr(loaded.value, "index", None)
+            backend = getattr(index, "backend", "")
+        else:
+            try:
+                header = read_index_header(self.path(model_key, metric))
+                meta = header.get("metadata", {})
+                if not self.store.stamped_now(meta):
+                    return None, None
+                tuning = Tuning.from_json(meta.get("tuning"))
+            except (CorruptIndexError, VectorIndexError, OSError):
+                return None, None
+            backend = header.get("backend", "")
+        if isinstance(tuning, Tuning):
+            return tuning.recall, tuning
+        return (1.0 if backend == "exact" else None), None
 
     def _save(
         self,
@@ -340,6 +400,8 @@ class VectorIndexes:
     ) -> bool:
         """Save one index stamped with ``state``; False (and a warning) when the disk
         refused."""
+        if held_by_catalog(index):
+            return True  # it lives in the database: no file
         path = self.path(model_key, metric)
         metadata = {
             **self.store.stamp(state),
@@ -369,8 +431,8 @@ class VectorIndexes:
         removed = removed if removed is not None else np.empty(0, dtype=np.int64)
         loaded_indexes = self.store.loaded()
         for key, loaded in list(loaded_indexes.items()):
-            if not _is_index_key(key):
-                continue
+            if not _is_index_key(key) or held_by_catalog(loaded.value):
+                continue  # the catalog's own index followed the write already
             if loaded.state != before or after[0] != before[0] + changes:
                 del loaded_indexes[key]
                 continue
@@ -404,7 +466,7 @@ class VectorIndexes:
         logged at debug level: that error (a full catalog disk, say) already explains it."""
         quiet = sys.exc_info()[1] is not None
         for key, loaded in self.store.loaded().items():
-            if _is_index_key(key) and loaded.dirty:
+            if _is_index_key(key) and loaded.dirty and not held_by_catalog(loaded.value):
                 index: PreparedIndex = loaded.value
                 state, spec = loaded.state, index.index.spec
                 if self._save(index, key[0], key[1], state, spec, quiet=quiet):
@@ -416,9 +478,22 @@ class VectorIndexes:
             self.store.drop(key)
 
 
+def _never_built() -> PreparedIndex:
+    raise AssertionError("a catalog-held index is opened, never built here")
+
+
 def _is_index_key(key: Any) -> bool:
     return isinstance(key, tuple) and len(key) == 2 and isinstance(key[1], Metric)
 
 
 def _backend(spec: str) -> str:
     return spec.partition(":")[0].strip().lower()
+
+
+def _canonical(spec: Any) -> Any:
+    """A configured spec in one form: ``auto`` and ``auto:recall=0.95`` are the same."""
+    try:
+        target = parse_auto(spec) if isinstance(spec, str) else None
+    except VectorIndexError:
+        return spec
+    return spec if target is None else f"auto:recall={target!r}"

@@ -60,7 +60,7 @@ OPERATORS = ("!=", ">=", "<=", "~=", "=", ">", "<")
 Where = Mapping[str, Any] | Sequence["str | Condition"] | str
 
 _EARTH_RADIUS_KM = 6371.0088
-_NUMBER = re.compile(r"[+\-]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][+\-]?\d+)?")
+_NUMBER = re.compile(r"[+\-]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][+\-]?\d+)?", re.ASCII)
 # ISO 8601 as people type it (2024, 2024-05, 2024-05-01, 2024-05-01T10:30[:15[.5]][+02:00]);
 # EXIF's 2024:05:01 10:30:15 as CSV files may hold it.
 _DATE = re.compile(
@@ -110,8 +110,13 @@ def _number(value: Any) -> float | None:
         return None
     if isinstance(value, int | float):
         return float(value) if math.isfinite(value) else None
-    if isinstance(value, str) and _NUMBER.fullmatch(value.strip()):
-        return float(value)
+    if isinstance(value, str):
+        # float() strips other whitespace than str.strip() (a stored "\x1c5"), so it reads
+        # the stripped text; a number past float range ("1e400") is no number to compare.
+        text = value.strip()
+        if _NUMBER.fullmatch(text):
+            number = float(text)
+            return number if math.isfinite(number) else None
     return None
 
 

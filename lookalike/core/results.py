@@ -4,15 +4,20 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from lookalike.catalog import ImageRecord
 from lookalike.knn.base import Metric
 
+if TYPE_CHECKING:
+    from lookalike.local.matching import EstimatedTransform
+
 
 @dataclass(frozen=True)
 class SearchResult:
-    """One hit: the catalog id, where the file is, its score and metadata."""
+    """One hit: the catalog id, where the file is, its score and metadata. A copy search
+    (``copies=True``) also gives ``copy_probability``, how likely this image is the source
+    of the query (calibrated), and ``transform``, how the query was made from it."""
 
     id: int
     path: str
@@ -20,6 +25,8 @@ class SearchResult:
     metadata: dict[str, Any] = field(default_factory=dict)
     width: int = 0
     height: int = 0
+    copy_probability: float | None = None
+    transform: EstimatedTransform | None = None
 
     @classmethod
     def from_record(cls, record: ImageRecord, score: float) -> SearchResult:
@@ -37,12 +44,16 @@ class SearchResult:
 @dataclass(frozen=True)
 class SearchResponse:
     """Results of one query, best first. ``no_close_match`` is set when a threshold removed
-    every candidate; ``best_score`` then says how close the nearest one was."""
+    every candidate; ``best_score`` then says how close the nearest one was. ``partial`` is
+    set when part of a sharded index did not answer (``missing_shards`` names those shards):
+    the results are the best of what did."""
 
     results: list[SearchResult]
     metric: Metric
     threshold: float | None = None
     best_score: float | None = None
+    partial: bool = False
+    missing_shards: tuple[int, ...] = ()
 
     @property
     def no_close_match(self) -> bool:

@@ -22,7 +22,9 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import AbstractContextManager, contextmanager, nullcontext
+from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any, Protocol, TypedDict, Unpack
 
@@ -40,7 +42,7 @@ from lookalike.core.filters import (
     parse_sort,
     sort_items,
 )
-from lookalike.core.local_store import LocalFeatureStore
+from lookalike.core.local_store import COPY_CANDIDATES, RERANK_WIDEN, LocalFeatureStore
 from lookalike.core.results import SearchResponse, SearchResult, best_first, cut
 from lookalike.core.transform import PreparedIndex
 from lookalike.encoders.base import Encoder
@@ -52,8 +54,9 @@ from lookalike.errors import (
     RequestError,
 )
 from lookalike.images import ImageSource, load_image
-from lookalike.knn.base import Metric
+from lookalike.knn.base import Metric, SearchHits
 from lookalike.knn.exact import score_matrix
+from lookalike.local.rerank import COPY_PROBABILITY, CopyCheck
 
 # Records are fetched this many at a time when every image is ranked exactly.
 _EXHAUSTIVE_CHUNK = 1024
@@ -169,7 +172,13 @@ class SearchOptions:
     that value, images without it last; the default ``"score"`` keeps them best first.
     ``query_expansion=n`` ranks by the query averaged with its n nearest images
     (alpha-QE, cosine only). ``rerank=n`` verifies the n best candidates by local features
-    (cosine only). ``multi_crop`` also searches with the query's centre and corner crops."""
+    (cosine only). ``multi_crop`` also searches with the query's centre and corner crops.
+    ``copy_views`` (on by default) also searches a single image query un-rotated both ways and
+    without solid borders, so edited copies are found (:func:`lookalike.core.multicrop.
+    copy_views`); ``False`` searches with the image as it is only. ``copies`` returns only
+    verified copies of a single image query (SIFT local features, RANSAC), each with its
+    calibrated ``copy_probability`` and estimated ``transform``, most probable first (cosine
+    only)."""
 
     k: int = 10
     metric: Metric = Metric.COSINE
@@ -178,6 +187,8 @@ class SearchOptions:
     query_expansion: int = 0
     rerank: int = 0
     multi_crop: bool = False
+    copy_views: bool = True
+    copies: bool = False
     near: Near | str | Sequence[float] | None = None
     within: Within | str | Sequence[float] | None = None
     sort: str | SortKey | None = None
@@ -207,11 +218,53 @@ class SearchOptions:
             raise RequestError(
                 f"re-ranking needs cosine scores; this search used {self.metric.value}"
             )
+        if self.copies and self.metric is not Metric.COSINE:
+            raise RequestError(
+                f"a copy search needs cosine scores; this search used {self.metric.value}"
+            )
+
+    @property
+    def verifies(self) -> bool:
+        """Whether local features verify candidates (``rerank`` or ``copies``): the query
+        image itself is needed."""
+        return bool(self.rerank) or self.copies
+
+    @property
+    def verify_depth(self) -> int:
+        """How many candidates are verified first (more when none verifies strongly)."""
+        return max(self.rerank, COPY_CANDIDATES) if self.copies else self.rerank
 
     @property
     def depth(self) -> int:
         """How many ranked candidates the steps before the cut need."""
-        return max(self.k, self.rerank)
+        if not self.verifies:
+            return self.k
+        return max(self.k, self.verify_depth * RERANK_WIDEN)
+
+
+@dataclass(frozen=True)
+class QueryViews:
+    """The vectors [n, dim] of one query's views, and how much worse each view's scores
+    count when the views are merged (``penalties`` [n], 0 for the query's own views; none
+    given: all 0). ``later`` embeds more views (copy views) only when asked: it returns
+    these views with them added."""
+
+    vectors: np.ndarray
+    penalties: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros(1))
+    later: Callable[[], QueryViews] | None = dataclasses.field(
+        default=None, compare=False, repr=False
+    )
+
+    def __post_init__(self) -> None:
+        vectors = np.asarray(self.vectors, dtype=np.float32)
+        vectors = vectors.reshape(-1, vectors.shape[-1]) if vectors.ndim else vectors
+        penalties = np.asarray(self.penalties, dtype=np.float64).reshape(-1)
+        if len(penalties) == 1 and len(vectors) > 1:
+            penalties = np.full(len(vectors), penalties[0])
+        if len(penalties) != len(vectors):
+            raise RequestError(f"{len(penalties)} view penalties for {len(vectors)} views")
+        object.__setattr__(self, "vectors", vectors)
+        object.__setattr__(self, "penalties", penalties)
 
 
 class SearchCatalog(Protocol):
@@ -246,15 +299,36 @@ class Searcher:
 
     # -- turning a query into vectors (no catalog or index access: safe outside a lock) ------
 
-    def image_views(self, query: ImageSource, options: SearchOptions) -> np.ndarray:
+    def image_views(self, query: ImageSource, options: SearchOptions) -> QueryViews:
         """The query vectors of an image: its own (decoded as indexed images are, so an
-        indexed file finds itself at similarity 1), plus its crops' with ``multi_crop``."""
-        if not options.multi_crop:
-            return self.encoder.embed([query])
-        from lookalike.core.multicrop import query_crops
+        indexed file finds itself at similarity 1), plus its crops' with ``multi_crop``, plus
+        its copy views with ``copy_views`` (cosine only; embedded later, and only when the
+        query's own best score is weak: :meth:`search_views`)."""
+        extra = options.copy_views and options.metric is Metric.COSINE
+        if options.multi_crop:
+            from lookalike.core.multicrop import query_crops
 
-        image = query if isinstance(query, Image.Image) else load_image(query)
-        return self.encoder.embed(query_crops(image))
+            image = query if isinstance(query, Image.Image) else load_image(query)
+            own = query_crops(image)
+        elif extra:
+            # The decode the encoder makes of a file: the query's own vector is unchanged.
+            image = load_image(query, draft_size=self.encoder.preprocess.resolution)
+            own = [image]
+        else:
+            return QueryViews(self.encoder.embed([query]))
+        vectors = self.encoder.embed(own)
+        if not extra:
+            return QueryViews(vectors)
+        resolution = self.encoder.preprocess.resolution
+
+        def later() -> QueryViews:
+            from lookalike.core.multicrop import VIEW_PENALTY, copy_views
+
+            added = copy_views(image, resolution)
+            penalties = np.concatenate([np.zeros(len(own)), np.full(len(added), VIEW_PENALTY)])
+            return QueryViews(np.concatenate([vectors, self.encoder.embed(added)]), penalties)
+
+        return QueryViews(vectors, later=later)
 
     def text_vector(self, text: str) -> np.ndarray:
         """The query vector of a text (encoders with ``capabilities.text`` only)."""
@@ -281,7 +355,7 @@ class Searcher:
         if hasattr(query, "read"):
             query = query.read()  # a file object reads once; the encoder and re-ranking decode
         image = None
-        if options.rerank:
+        if options.verifies:
             image = query if isinstance(query, Image.Image) else load_image(query)
         return self.search_views(self.image_views(query, options), options, query_image=image)
 
@@ -289,7 +363,7 @@ class Searcher:
         """The images that best match a text (cosine)."""
         if options.metric is not Metric.COSINE:
             raise RequestError("text search ranks by cosine")
-        if options.rerank:
+        if options.verifies:
             raise RequestError("re-ranking compares images; a text query has none")
         return self.search_views(self.text_vector(text), options)
 
@@ -297,6 +371,10 @@ class Searcher:
         """Refuse option combinations a combined query cannot honour."""
         if query.single_image:
             return
+        if options.copies:
+            raise RequestError(
+                f"a copy search takes a single image; this query has {len(query.parts)} parts"
+            )
         if options.multi_crop:
             raise RequestError(
                 "multi-crop applies to a single-image query only; this query has "
@@ -307,7 +385,7 @@ class Searcher:
         if options.rerank and not query.positives:
             raise RequestError("re-ranking compares images; a text query has none")
 
-    def query_views(self, query: Query, options: SearchOptions) -> np.ndarray:
+    def query_views(self, query: Query, options: SearchOptions) -> np.ndarray | QueryViews:
         """The query vector(s) of a combined query: a single image's views (with its crops
         under ``multi_crop``), else the weighted sum of the parts' L2-normalised vectors,
         negatives subtracted, renormalised. No catalog or index access: safe outside a lock."""
@@ -333,7 +411,7 @@ class Searcher:
 
     def rerank_image(self, query: Query, options: SearchOptions) -> Image.Image | None:
         """The image re-ranking compares against: the first positive (only with ``rerank``)."""
-        if not options.rerank or not query.positives:
+        if not options.verifies or not query.positives:
             return None
         source = query.positives[0].source
         return source if isinstance(source, Image.Image) else load_image(source)
@@ -348,24 +426,66 @@ class Searcher:
 
     def search_id(self, image_id: int, options: SearchOptions) -> SearchResponse:
         """The images most like an indexed one, from its stored vector (no decoding)."""
-        if options.rerank:
+        if options.verifies:
             raise RequestError("re-ranking by id needs the image itself; search with the file")
         return self.search_views(self.stored_vector(image_id), options)
 
     def search_views(
         self,
-        views: np.ndarray,
+        views: np.ndarray | QueryViews,
         options: SearchOptions,
         *,
         query_image: Image.Image | None = None,
+        lock: AbstractContextManager[Any] | None = None,
     ) -> SearchResponse:
-        """Search with one or more query vectors of the same query (``views``: [n, dim]); each
-        image keeps its best score over the views. ``query_image`` is needed to re-rank."""
-        if options.rerank and query_image is None:
+        """Search with one or more query vectors of the same query (``views``: [n, dim], or
+        :class:`QueryViews` with a penalty per view); each image keeps its best score over
+        the views, less that view's penalty. Views' ``later`` ones (copy views) are embedded
+        and searched too when the best score is under ``COPY_VIEWS_BELOW``: an unedited copy
+        or a close match needs none. ``query_image`` is needed to re-rank. ``lock`` (a
+        server's) is held around every index and catalog access, not while embedding."""
+        if options.verifies and query_image is None:
             raise RequestError("re-ranking needs the query image")
+        from lookalike.core.multicrop import COPY_VIEWS_BELOW
+
+        guard: AbstractContextManager[Any] = lock if lock is not None else nullcontext()
+        with _collecting_missing() as missing:
+            with guard:
+                per_view = self._per_view(views, options)
+            ranked = _merge_views(per_view, options.metric)
+            weak = not ranked or ranked[0].score < COPY_VIEWS_BELOW
+            if isinstance(views, QueryViews) and views.later is not None and weak:
+                more = views.later()  # the slow part: outside the lock
+                seen = len(views.vectors)
+                added = QueryViews(more.vectors[seen:], more.penalties[seen:])
+                with guard:
+                    per_view += self._per_view(added, options)
+                ranked = _merge_views(per_view, options.metric)
+        ranked = ranked[: options.depth]
+        if options.verifies and query_image is not None:
+            with guard:
+                ranked = self._verified(query_image, ranked, options)
+        response = cut(ranked, options.metric, options.k, options.threshold)
+        if missing.partial:
+            shards = tuple(sorted(missing.shards))
+            response = dataclasses.replace(response, partial=True, missing_shards=shards)
+        if options.sort_key is not None:
+            response = dataclasses.replace(
+                response, results=sort_items(response.results, options.sort_key)
+            )
+        return response
+
+    def _per_view(
+        self, views: np.ndarray | QueryViews, options: SearchOptions
+    ) -> list[list[SearchResult]]:
+        """The ``options.depth`` best images of each view, scored worse by its penalty."""
         index = self.index_for(options.metric)
         if len(index) == 0:
             raise EmptyCollectionError("the collection has no indexed images yet")
+        penalties = None
+        if isinstance(views, QueryViews):
+            penalties = views.penalties
+            views = views.vectors
         views = np.asarray(views, dtype=np.float32)
         views = views.reshape(-1, views.shape[-1]) if views.ndim else views.reshape(1, -1)
         if views.shape[1] != index.input_dim:
@@ -373,17 +493,41 @@ class Searcher:
                 f"query vector has dim {views.shape[1]}, the collection's model has "
                 f"{index.input_dim}"
             )
+        if penalties is None:
+            penalties = np.zeros(len(views))
+        return self._ranked_views(index, views, penalties, options)
+
+    def _ranked_views(
+        self,
+        index: PreparedIndex,
+        views: np.ndarray,
+        penalties: np.ndarray,
+        options: SearchOptions,
+    ) -> list[list[SearchResult]]:
+        """``_ranked`` of each view, its scores worse by its penalty. Without filters or
+        expansion, all views go to the index in one search (one pass over an exact index,
+        not one per view)."""
+        if len(views) > 1 and not options.filter and not options.query_expansion:
+            hits = index.index.search(index.transform(views), options.depth)
+            _note_missing(hits)
+            records = self.catalog.images(sorted({int(i) for i in hits.ids.ravel() if i >= 0}))
+            sign = -1.0 if options.metric.higher_is_better else 1.0
+            per_view = [
+                [
+                    SearchResult.from_record(records[i], score + sign * penalty)
+                    for i, score in zip(ids, scores, strict=True)
+                    if i in records
+                ]
+                for ids, scores, penalty in zip(
+                    hits.ids.tolist(), hits.scores.tolist(), penalties.tolist(), strict=True
+                )
+            ]
+            wanted = min(options.depth, len(index))
+            if all(len(results) >= wanted for results in per_view):
+                return per_view
+            # Hits the catalog no longer has: the one-view path below widens past them.
         per_view = [self._ranked(index, view[None, :], options) for view in views]
-        ranked = per_view[0] if len(per_view) == 1 else _merge_views(per_view, options.metric)
-        ranked = ranked[: options.depth]
-        if options.rerank and query_image is not None:
-            ranked = self._reranked(query_image, ranked, options.rerank)
-        response = cut(ranked, options.metric, options.k, options.threshold)
-        if options.sort_key is not None:
-            response = dataclasses.replace(
-                response, results=sort_items(response.results, options.sort_key)
-            )
-        return response
+        return _penalised(per_view, penalties, options.metric)
 
     def _ranked(
         self, index: PreparedIndex, query: np.ndarray, options: SearchOptions
@@ -419,8 +563,17 @@ class Searcher:
         # Filters apply after ranking: widen the candidate list until enough pass or every
         # image was seen, so a filter never silently cuts the result count.
         fetch = depth if not where else max(10 * depth, 100)
+        # An index inside the database (pgvector) filters while it scans: its hits already
+        # pass the SQL form of the filter, which may be broader than ``where``, never narrower.
+        pushdown = getattr(index.index, "search_filtered", None) if where else None
+        if pushdown is not None:
+            fetch = depth
         while True:
-            hits = index.index.search(prepared, fetch)
+            if pushdown is not None:
+                hits = pushdown(prepared, fetch, where)
+            else:
+                hits = index.index.search(prepared, fetch)
+            _note_missing(hits)
             ids, scores = hits.ids[0], hits.scores[0]
             valid = ids >= 0
             ids, scores = ids[valid], scores[valid]
@@ -434,6 +587,8 @@ class Searcher:
                     results.append(SearchResult.from_record(record, score))
                     if len(results) == depth:
                         return results
+            if pushdown is not None and (len(ids) < fetch or fetch >= len(index)):
+                return results  # every image that passes the SQL form was seen
             if fetch >= len(index):
                 if where and len(results) < depth and len(ids) < len(index):
                     # An approximate index (IVF probes a few lists) may leave images out even
@@ -474,18 +629,36 @@ class Searcher:
             for (record, _), score in zip(kept, values, strict=True)
         ]
 
-    def _reranked(
-        self, query: Image.Image, ranked: list[SearchResult], n: int
+    def _verified(
+        self, query: Image.Image, ranked: list[SearchResult], options: SearchOptions
     ) -> list[SearchResult]:
-        """``ranked`` with its first ``n`` re-scored by local-feature verification and
-        re-sorted (verification only raises scores, so the rest stays in order after them)."""
-        head, tail = ranked[:n], ranked[n:]
-        if not head:
-            return ranked
-        scores = self.local_store.rescore(self.encoder, query, [(r.id, r.score) for r in head])
-        order = np.argsort(-scores, kind="stable")
-        head = [dataclasses.replace(head[i], score=float(scores[i])) for i in order]
-        return head + tail
+        """``ranked`` with its head verified by local features: the first
+        ``options.verify_depth`` candidates, then the next as many, up to ``RERANK_WIDEN``
+        times as many, while none verified has ``STRONG_INLIERS`` (a copy whose global
+        vector drifted sits deeper; :meth:`LocalFeatureStore.verify_widening`). Re-scored
+        and re-sorted (verification only raises scores, so the rest stays in order after
+        them); with ``copies``, only the likely copies, most probable first."""
+        if options.copies and self.local_store.kind() is None:
+            raise RequestError(
+                "a copy search verifies local features, and this collection stores none: "
+                "index it with local features first (lookalike index --local-features)"
+            )
+        local = self.local_store.query_local(self.encoder, query)
+        if options.copies and local.tokens is not None:
+            raise RequestError(
+                "a copy search verifies SIFT local features; this collection stores patch "
+                "tokens, which have no geometry to verify"
+            )
+        scores, checks = self.local_store.verify_widening(
+            local, [(r.id, r.score) for r in ranked], options.verify_depth
+        )
+        if options.copies and checks is not None:
+            return _likely_copies(ranked, checks)
+        head = [
+            dataclasses.replace(r, score=float(s)) for r, s in zip(ranked, scores, strict=False)
+        ]
+        order = np.argsort([-r.score for r in head], kind="stable")
+        return [head[i] for i in order] + ranked[len(head) :]
 
 
 def expand_query(
@@ -498,6 +671,7 @@ def expand_query(
     weighted by its similarity clipped at 0, renormalised. Measured +4 points of class-level
     mAP on clothing-small."""
     hits = index.index.search(prepared, n)
+    _note_missing(hits)
     ids = [i for i in hits.ids[0].tolist() if i >= 0]
     if not ids:
         return prepared
@@ -506,6 +680,39 @@ def expand_query(
     expanded = prepared[0] + weights @ neighbours
     normalised: np.ndarray = (expanded / max(float(np.linalg.norm(expanded)), 1e-12))[None, :]
     return normalised
+
+
+@dataclass
+class _Missing:
+    """Whether an index search of the query being answered came back partial, and which
+    shards did not answer."""
+
+    partial: bool = False
+    shards: set[int] = dataclasses.field(default_factory=set)
+
+
+# The steps between the index and the response (expansion, widening, filters, views) pass
+# plain result lists; the index searches of one query record what was missing here rather
+# than in every step's signature. A context variable keeps concurrent queries apart.
+_MISSING: ContextVar[_Missing | None] = ContextVar("lookalike_missing_shards", default=None)
+
+
+@contextmanager
+def _collecting_missing() -> Iterator[_Missing]:
+    missing = _Missing()
+    token = _MISSING.set(missing)
+    try:
+        yield missing
+    finally:
+        _MISSING.reset(token)
+
+
+def _note_missing(hits: SearchHits) -> None:
+    """Record a partial answer of the index (a lost shard) for the query's response."""
+    missing = _MISSING.get()
+    if hits.partial and missing is not None:
+        missing.partial = True
+        missing.shards.update(hits.missing)
 
 
 def _unit(vector: np.ndarray) -> np.ndarray:
@@ -528,7 +735,34 @@ def _read_files(query: Query) -> Query:
     return Query(parts)
 
 
+def _likely_copies(ranked: list[SearchResult], checks: list[CopyCheck]) -> list[SearchResult]:
+    """The checked candidates that are likely copies (``COPY_PROBABILITY`` or more), with
+    their probability and transform, most probable first; their scores stay the global
+    ones (what the probability was calibrated on)."""
+    found = [
+        dataclasses.replace(r, copy_probability=c.probability, transform=c.transform)
+        for r, c in zip(ranked, checks, strict=False)
+        if c.probability >= COPY_PROBABILITY
+    ]
+    return sorted(found, key=lambda r: (-(r.copy_probability or 0.0), -r.score))
+
+
+def _penalised(
+    per_view: list[list[SearchResult]], penalties: np.ndarray, metric: Metric
+) -> list[list[SearchResult]]:
+    """Each view's results scored ``penalty`` worse (lower, or a larger distance)."""
+    sign = -1.0 if metric.higher_is_better else 1.0
+    return [
+        results
+        if not penalty
+        else [dataclasses.replace(r, score=r.score + sign * penalty) for r in results]
+        for results, penalty in zip(per_view, penalties.tolist(), strict=True)
+    ]
+
+
 def _merge_views(per_view: list[list[SearchResult]], metric: Metric) -> list[SearchResult]:
+    if len(per_view) == 1:
+        return per_view[0]
     best: dict[int, SearchResult] = {}
     for result in (r for results in per_view for r in results):
         kept = best.get(result.id)
@@ -548,6 +782,8 @@ class SearchArgs(TypedDict, total=False):
     query_expansion: int
     rerank: int
     multi_crop: bool
+    copy_views: bool
+    copies: bool
     near: Near | str | Sequence[float] | None
     within: Within | str | Sequence[float] | None
     sort: str | SortKey | None

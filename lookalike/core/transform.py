@@ -13,6 +13,7 @@ import numpy as np
 from lookalike.errors import CorruptIndexError, VectorIndexError
 from lookalike.knn import Index, load_index
 from lookalike.knn.base import Metric, SearchHits, l2_normalize
+from lookalike.knn.tuning import Tuning
 
 # Below this many vectors the collection's mean is too noisy to centre on.
 CENTER_MIN_VECTORS = 256
@@ -56,6 +57,9 @@ class PreparedIndex:
     from the collection, unsupervised): cosine on centred vectors ignores the direction every
     embedding shares, which measured +4 points of class-level mAP on clothing-small (0.486 ->
     0.528). Euclidean distance is unchanged by centring and dot products are left raw.
+
+    ``tuning`` is what an ``auto`` index measured when its search knob was tuned
+    (:mod:`lookalike.knn.tuning`), saved and loaded with it.
     """
 
     def __init__(
@@ -64,8 +68,10 @@ class PreparedIndex:
         center: np.ndarray | None = None,
         whitening: np.ndarray | None = None,
         learned_on: int = 0,
+        tuning: Tuning | None = None,
     ) -> None:
         self.index = index
+        self.tuning = tuning
         self.center = None if center is None else np.asarray(center, dtype=np.float32)
         self.whitening = None if whitening is None else np.asarray(whitening, dtype=np.float32)
         self.learned_on = learned_on  # how many vectors the transform was learned from
@@ -116,6 +122,7 @@ class PreparedIndex:
                 "whitening": whitening,
                 "input_dim": self.input_dim,
                 "learned_on": self.learned_on,
+                "tuning": None if self.tuning is None else self.tuning.to_json(),
             },
         )
 
@@ -137,12 +144,16 @@ class PreparedIndex:
             None if center is None else np.array(center),
             matrix,
             int(metadata.get("learned_on", 0)),
+            Tuning.from_json(metadata.get("tuning")),
         )
 
     def needs_relearning(self, count: int, dims: int) -> bool:
         """Whether a collection of ``count`` vectors wants a transform learned afresh: the
         configured whitening differs, or the collection is much smaller or larger than the
-        one the transform was learned from."""
+        one the transform was learned from; or its search knob tuned afresh: it holds twice
+        the vectors it was tuned on."""
+        if self.tuning is not None and self.tuning.needs_retuning(count):
+            return True
         whitened = 0 if self.whitening is None else self.whitening.shape[1]
         if whitened != expected_whitening(count, dims, self.metric):
             return True

@@ -5,8 +5,10 @@ Each query image is compared only with reference images, by the same methods and
 as :func:`lookalike.dedup.find_duplicates`: ``exact`` (same bytes), ``perceptual`` (pHash
 bits, the mirror image too), ``embedding`` (cosine of the query's vector and the stored
 vectors, candidates from the collection's index) and ``verified`` (embedding candidates
-confirmed by SIFT + RANSAC inliers, the mirrored query tried too). Query images are read
-from their files and never added to the collection.
+confirmed by the copy test of :mod:`lookalike.dedup.verification`, the mirrored query tried
+too, with the estimated transform). Unlike ``find_duplicates``, candidates come from the
+embedding only: a copy rotated far enough to fall below the threshold is not found. Query
+images are read from their files and never added to the collection.
 """
 
 from __future__ import annotations
@@ -27,16 +29,15 @@ from lookalike.dedup.finder import (
     _check_threshold,
     _Scope,
     _scope,
-    _Verifier,
-    best_inliers,
     check_min_inliers,
-    mirror_features,
+    copy_rule,
 )
 from lookalike.errors import DedupError, ImageError
 
 if TYPE_CHECKING:
     from lookalike.core.collection import Collection
     from lookalike.local.features import LocalFeatures
+    from lookalike.local.matching import EstimatedTransform
 
 # Reference matches kept per query image, best first.
 DEFAULT_MAX_MATCHES = 5
@@ -46,7 +47,8 @@ DEFAULT_MAX_MATCHES = 5
 class ReferenceMatch:
     """A reference image a query image duplicates. ``score``: cosine similarity
     (``embedding``, ``verified``), differing bits (``perceptual``), None for ``exact``;
-    ``inliers``: verified SIFT matches (``verified`` only)."""
+    ``inliers``: verified SIFT matches and ``transform``: what turned the reference image
+    into the query image (``verified`` only)."""
 
     id: int
     path: str
@@ -54,6 +56,7 @@ class ReferenceMatch:
     height: int
     score: float | None = None
     inliers: int | None = None
+    transform: EstimatedTransform | None = None
 
 
 @dataclass(frozen=True)
@@ -161,24 +164,26 @@ def find_in_reference(
 Matches = dict[str, list[ReferenceMatch]]
 
 
+# A reference image found for a query: (id, score, inliers, transform).
+Found = tuple[int, float | None, int | None, "EstimatedTransform | None"]
+
+
 def _matches(
-    collection: Collection,
-    found: Sequence[tuple[int, float | None, int | None]],
-    order: Sequence[float],
+    collection: Collection, found: Sequence[Found], order: Sequence[float]
 ) -> list[ReferenceMatch]:
-    """ReferenceMatch of (id, score, inliers), sorted by ``order`` (lower first), then path."""
-    records = collection.catalog.images([i for i, _, _ in found])
+    """ReferenceMatch of each found image, sorted by ``order`` (lower first), then path."""
+    records = collection.catalog.images([item[0] for item in found])
     ranked = sorted(
         (
-            (key, records[i], score, inliers)
-            for (i, score, inliers), key in zip(found, order, strict=True)
-            if i in records
+            (key, records[item[0]], item)
+            for item, key in zip(found, order, strict=True)
+            if item[0] in records
         ),
-        key=lambda item: (item[0], item[1].path),
+        key=lambda entry: (entry[0], entry[1].path),
     )
     return [
-        ReferenceMatch(int(r.id or 0), r.path, r.width, r.height, score, inliers)
-        for _, r, score, inliers in ranked
+        ReferenceMatch(int(r.id or 0), r.path, r.width, r.height, score, inliers, transform)
+        for _, r, (_, score, inliers, transform) in ranked
     ]
 
 
@@ -204,7 +209,9 @@ def _exact(
             continue
         ids = by_hash.get(digest, [])
         if ids:
-            found[path] = _matches(collection, [(i, None, None) for i in ids], [0.0] * len(ids))
+            found[path] = _matches(
+                collection, [(i, None, None, None) for i in ids], [0.0] * len(ids)
+            )
     return found
 
 
@@ -250,7 +257,9 @@ def _perceptual(
         if len(hits):
             scores = [float(bits[h]) for h in hits]
             found[hashed.path] = _matches(
-                collection, [(ids[h], s, None) for h, s in zip(hits, scores, strict=True)], scores
+                collection,
+                [(ids[h], s, None, None) for h, s in zip(hits, scores, strict=True)],
+                scores,
             )
     return found
 
@@ -319,7 +328,7 @@ def _embedding(
         hits = _candidates(collection, scope, vector, threshold)
         if hits:
             found[path] = _matches(
-                collection, [(i, c, None) for i, c in hits], [-c for _, c in hits]
+                collection, [(i, c, None, None) for i, c in hits], [-c for _, c in hits]
             )
     return found
 
@@ -333,9 +342,13 @@ def _verified(
     workers: int | None,
     failed: list[tuple[str, str]],
 ) -> Matches:
+    from lookalike.dedup.verification import Verifier, check_pair
+    from lookalike.local.matching import mirror_features
+
     # Both are set for the verified method (see _check_threshold and find_in_reference).
     assert threshold is not None and min_inliers is not None
-    verifier = _Verifier(collection, min_inliers, failed)
+    rule = copy_rule(min_inliers)
+    verifier = Verifier(collection, failed)
     found: Matches = {}
     for path, vector in _embedded(collection, paths, failed):
         hits = _candidates(collection, scope, vector, threshold)
@@ -345,17 +358,21 @@ def _verified(
         if features is None:
             continue
         verifier.prefetch([i for i, _ in hits], workers)
-        views = (features, mirror_features(features))
-        confirmed = []
+        mirrored = mirror_features(features)
+        confirmed: list[Found] = []
         for image_id, cosine in hits:
             target = verifier.features(image_id)
             if target is None:
                 continue
-            inliers = best_inliers(views, target, min_inliers)
-            if inliers >= min_inliers:
-                confirmed.append((image_id, cosine, inliers))
+            # Checked from the query; reversed, its transform turns the reference image into
+            # the query, as find_duplicates reports a duplicate against its keeper.
+            check = check_pair(features, target, mirrored=mirrored).reversed()
+            if rule.accepts(check):
+                confirmed.append((image_id, cosine, check.inliers, check.transform))
         if confirmed:
-            found[path] = _matches(collection, confirmed, [-float(n) for _, _, n in confirmed])
+            found[path] = _matches(
+                collection, confirmed, [-float(item[2] or 0) for item in confirmed]
+            )
     return found
 
 

@@ -7,15 +7,22 @@ Methods:
 - ``embedding``: cosine similarity of the stored embeddings (L2-normalised, not centred, so a
   threshold means the same in every collection) at least ``threshold``; candidates from the
   collection's own vector index.
-- ``verified``: embedding candidates at a looser ``threshold``, each confirmed by SIFT
-  matching and a RANSAC similarity with at least ``min_inliers`` inliers
-  (:mod:`lookalike.local`), the mirrored image tried too. Stored local features are used
-  when the collection has them; otherwise only the candidates' files are read.
+- ``verified`` (the default): copies confirmed by SIFT matching, the mirrored image tried
+  too: one RANSAC similarity (any rotation, scale and crop) must explain nearly all
+  tentative matches with at least ``min_inliers`` inliers, to a fraction of a pixel (see
+  :mod:`lookalike.dedup.verification`); each duplicate reports the transform (rotation,
+  scale, mirror). Candidates are images that share visual words of their keypoints (found
+  whatever the embedding says, e.g. rotations; :mod:`lookalike.dedup.words`) and each
+  image's nearest embedding neighbours at cosine ``threshold`` or more. Stored local
+  features are used when the collection has them; otherwise every image in scope is read
+  once to extract them.
 
-Groups never come from an N x N comparison: candidates are k-NN searches of an index, linked
-into components, and each component is split into star-shaped groups around a keeper (see
-:mod:`lookalike.dedup.grouping`), so every duplicate in a group matched its keeper. The keeper
-is the image with the most pixels, then the oldest file (modification time), then the path.
+Groups never come from an N x N comparison: candidates are k-NN searches of an index (or an
+inverted file of words), linked into components, and each component is split into
+star-shaped groups around a keeper (see :mod:`lookalike.dedup.grouping`), so every duplicate
+in a group matched its keeper. The keeper is the image with the most pixels, then the oldest
+file (modification time), then the path; for ``verified``, pixels of picture: the padded
+corners of a copy rotated on a grown canvas do not count.
 """
 
 from __future__ import annotations
@@ -25,7 +32,7 @@ import enum
 import functools
 import os
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol, cast
@@ -34,16 +41,18 @@ import numpy as np
 
 from lookalike.catalog import FileState, ImageRecord
 from lookalike.dedup.grouping import (
+    SEARCH_BUDGET,
     hamming_pairs,
     neighbour_pairs,
     star_groups,
     union_find_groups,
 )
-from lookalike.errors import DedupError, ImageError
+from lookalike.errors import DedupError
 
 if TYPE_CHECKING:
     from lookalike.core.collection import Collection
-    from lookalike.local.features import LocalFeatures
+    from lookalike.dedup.verification import CopyRule, Verifier
+    from lookalike.local.matching import EstimatedTransform
 
 
 class Method(str, enum.Enum):
@@ -64,31 +73,47 @@ class Method(str, enum.Enum):
             raise DedupError(f"unknown dedup method {value!r}; expected one of: {names}") from None
 
 
-# Calibrated on clothing-small with transformed copies (benchmarks/dedup_accuracy.py,
-# results in benchmarks/results/dedup.md). Embeddings alone cannot separate a cropped or
-# rotated copy (cosine down to ~0.75) from another garment shot on the same background (up
-# to ~0.94); SIFT inliers can, above the ~35 that a shared carpet or bedspread gives at most
-# to different garments once the cosine is 0.85 or more.
+# Tuned on grocery-store's training split with transformed copies (benchmarks/
+# dedup_accuracy.py; results in benchmarks/results/dedup_accuracy.md). Embeddings alone
+# cannot separate a rotated copy (cosine 0.55-0.8) from another photo of the same shelf (up
+# to ~0.95), nor can SIFT inliers (different shots share up to ~170): one transform that
+# explains 90% of the tentative matches to within 0.35 pixel can. The verified threshold
+# only picks embedding candidates; candidates also come from shared visual words.
 DEFAULT_METHOD = Method.VERIFIED
 DEFAULT_THRESHOLDS: dict[Method, float | None] = {
     Method.EXACT: None,
     Method.PERCEPTUAL: 10,
     Method.EMBEDDING: 0.90,
-    Method.VERIFIED: 0.85,
+    Method.VERIFIED: 0.75,
 }
-DEFAULT_MIN_INLIERS = 25
+DEFAULT_MIN_INLIERS = 10
+# The copy test beyond inliers (see lookalike.dedup.verification): the share of tentative
+# SIFT matches one similarity explains, and the median residual of its inliers in pixels of
+# the ~512-pixel feature frames.
+MIN_AGREEMENT = 0.9
+# 0.3 was best on the tuning split (precision 0.9985 against 0.9944, the same recall), but
+# keypoints are stored as float16 (0.25 px steps in the 256-512 range), and heavy JPEG on
+# smooth photos moves them by about that: 0.35 leaves them the room.
+MAX_RESIDUAL = 0.35
 # Nearest neighbours asked of the index per image; more are asked for images whose k
 # nearest all pass the threshold.
 NEIGHBOURS = 16
 # HNSW search list while looking for duplicates (the index's own ef serves search quality).
 DEDUP_EF = 40
+# Embedding neighbours per image that the verified method checks, and their search list.
+VERIFIED_NEIGHBOURS = 3
+VERIFIED_EF = 10
+# Keepers with at least this share of the most picture pixels are as large (5%: scales are
+# estimated to ~1%, areas to twice that, and a rotated copy's picture is an estimate).
+SAME_PICTURE = 0.95
 
 
 @dataclass(frozen=True)
 class DuplicateImage:
     """One image of a group. ``score`` compares it to the keeper (None for the keeper and for
     exact copies): cosine similarity for ``embedding`` and ``verified``, differing bits for
-    ``perceptual``; ``inliers`` counts the verified matches (``verified`` only)."""
+    ``perceptual``; ``inliers`` counts the verified matches and ``transform`` says what turned
+    the keeper into this image: rotation, scale, mirror (``verified`` only)."""
 
     id: int
     path: str
@@ -98,6 +123,7 @@ class DuplicateImage:
     mtime: float
     score: float | None = None
     inliers: int | None = None
+    transform: EstimatedTransform | None = None
 
     @property
     def pixels(self) -> int:
@@ -222,8 +248,11 @@ def _scope(collection: Collection, under: str | Path | None) -> _Scope:
 
 
 def _image(
-    record: ImageRecord, score: float | None = None, inliers: int | None = None
+    record: ImageRecord,
+    score: float | None = None,
+    detail: Detail | None = None,
 ) -> DuplicateImage:
+    inliers, transform = detail if detail is not None else (None, None)
     return DuplicateImage(
         id=int(record.id or 0),
         path=record.path,
@@ -233,6 +262,7 @@ def _image(
         mtime=record.mtime,
         score=score,
         inliers=inliers,
+        transform=transform,
     )
 
 
@@ -242,15 +272,21 @@ def keeper_order(records: Sequence[ImageRecord]) -> list[ImageRecord]:
     return sorted(records, key=lambda r: (-(r.width * r.height), r.mtime, r.path))
 
 
+# What a verified match adds to a score: inliers and the estimated transform.
+Detail = tuple[int | None, "EstimatedTransform | None"]
 # A matcher judges candidates against a keeper (both catalog ids): a bool mask, a score per
-# candidate, and inliers per candidate or None.
-Matcher = Callable[[int, np.ndarray], tuple[np.ndarray, np.ndarray, np.ndarray | None]]
+# candidate, and a detail per candidate or None.
+Matcher = Callable[[int, np.ndarray], tuple[np.ndarray, np.ndarray, list[Detail] | None]]
 
 
 def _groups_from_pairs(
-    collection: Collection, pairs: Sequence[tuple[int, int]], match: Matcher
+    collection: Collection,
+    pairs: Sequence[tuple[int, int]],
+    match: Matcher,
+    order: Callable[[list[ImageRecord]], list[ImageRecord]] = keeper_order,
 ) -> list[DuplicateGroup]:
-    """Components of the pairs (catalog ids), split into star groups around keepers."""
+    """Components of the pairs (catalog ids), split into star groups around keepers taken
+    in ``order``."""
     ids = np.unique(np.asarray(pairs, dtype=np.int64).reshape(-1))
     if not len(ids):
         return []
@@ -258,22 +294,20 @@ def _groups_from_pairs(
     records = collection.catalog.images(ids.tolist())
     groups: list[DuplicateGroup] = []
     for component in union_find_groups(len(ids), map(tuple, positions)):
-        ordered = keeper_order([records[int(ids[p])] for p in component if int(ids[p]) in records])
-        extras: dict[int, int | None] = {}
+        ordered = order([records[int(ids[p])] for p in component if int(ids[p]) in records])
+        extras: dict[int, Detail | None] = {}
 
         def judge(
             keeper: int,
             others: np.ndarray,
             ordered: list[ImageRecord] = ordered,
-            extras: dict[int, int | None] = extras,
+            extras: dict[int, Detail | None] = extras,
         ) -> tuple[np.ndarray, np.ndarray]:
             keeper_id = int(ordered[keeper].id or 0)
             other_ids = np.array([int(ordered[o].id or 0) for o in others], dtype=np.int64)
-            mask, scores, inliers = match(keeper_id, other_ids)
-            for other, count in zip(
-                other_ids.tolist(), _or_none(inliers, len(others)), strict=True
-            ):
-                extras[other] = count
+            mask, scores, details = match(keeper_id, other_ids)
+            if details is not None:
+                extras.update(zip(other_ids.tolist(), details, strict=True))
             return mask, scores
 
         for keeper, members, scores in star_groups(range(len(ordered)), judge):
@@ -283,10 +317,6 @@ def _groups_from_pairs(
             ]
             groups.append(DuplicateGroup(_image(ordered[keeper]), duplicates))
     return _sorted_groups(groups)
-
-
-def _or_none(values: np.ndarray | None, n: int) -> list[int | None]:
-    return [None] * n if values is None else [int(v) for v in values]
 
 
 def _sorted_groups(groups: list[DuplicateGroup]) -> list[DuplicateGroup]:
@@ -377,6 +407,20 @@ class _SearchList(Protocol):
     ef: int
 
 
+@contextlib.contextmanager
+def _search_list(backend: object, ef: int) -> Iterator[None]:
+    """An HNSW backend searched with a search list of at most ``ef`` meanwhile (others as
+    they are)."""
+    default: int | None = getattr(backend, "ef", None)
+    if default is not None:
+        cast("_SearchList", backend).ef = min(default, ef)
+    try:
+        yield
+    finally:
+        if default is not None:
+            cast("_SearchList", backend).ef = default
+
+
 class _Embeddings:
     """The collection's stored vectors, L2-normalised, and candidate pairs from its index.
 
@@ -401,6 +445,32 @@ class _Embeddings:
         )
         return cosine
 
+    def nearest_pairs(self, threshold: float, k: int) -> list[tuple[int, int]]:
+        """(smaller id, larger id) of each scope image and its ``k`` nearest neighbours in
+        the scope at cosine >= threshold, from one k-NN search per image of the
+        collection's index (with a short HNSW search list): no range search, the pairs a
+        check is worth."""
+        index = self.collection.vector_index("cosine")
+        queries = np.flatnonzero(self.scope)
+        inside = self.scope
+        found: list[np.ndarray] = []
+        with _search_list(index.index, VERIFIED_EF):
+            for start in range(0, len(queries), SEARCH_BUDGET // (k + 1)):
+                rows = queries[start : start + SEARCH_BUDGET // (k + 1)]
+                hits = index.search(self.unit[rows], min(k + 1, len(index)))
+                valid = hits.ids >= 0
+                hit_rows = self.rows(np.where(valid, hits.ids, self.ids[0]))
+                cosine = np.einsum("qd,qkd->qk", self.unit[rows], self.unit[hit_rows])
+                keep = valid & (cosine >= threshold) & inside[hit_rows]
+                keep &= hit_rows != rows[:, None]
+                own = np.broadcast_to(self.ids[rows][:, None], keep.shape)[keep]
+                other = self.ids[hit_rows][keep]
+                found.append(np.stack([np.minimum(own, other), np.maximum(own, other)], axis=1))
+        if not found:
+            return []
+        pairs = np.unique(np.concatenate(found), axis=0)
+        return [(int(a), int(b)) for a, b in pairs]
+
     def candidate_pairs(self, threshold: float) -> list[tuple[int, int]]:
         """Pairs of scope images (catalog ids) at cosine >= threshold, from k-NN searches of
         the collection's index. The index ranks; the test is the plain cosine of the stored
@@ -417,14 +487,10 @@ class _Embeddings:
             return hits.ids, cosine
 
         queries = np.flatnonzero(self.scope)
-        backend = index.index
-        default_ef: int | None = getattr(backend, "ef", None)
-        if default_ef is not None:
-            # Near-duplicates are each other's nearest neighbours by a wide margin, so a short
-            # HNSW candidate list finds them, at a fraction of the search-quality default's
-            # cost (planted-pair recall in benchmarks/dedup.py).
-            cast("_SearchList", backend).ef = min(default_ef, DEDUP_EF)
-        try:
+        # Near-duplicates are each other's nearest neighbours by a wide margin, so a short
+        # HNSW candidate list finds them, at a fraction of the search-quality default's
+        # cost (planted-pair recall in benchmarks/dedup.py).
+        with _search_list(index.index, DEDUP_EF):
             pairs = neighbour_pairs(
                 search,
                 queries,
@@ -433,9 +499,6 @@ class _Embeddings:
                 k=NEIGHBOURS,
                 total=len(index),
             )
-        finally:
-            if default_ef is not None:
-                cast("_SearchList", backend).ef = default_ef
         inside = set(self.ids[queries].tolist())
         return [(a, b) for a, b in pairs if a in inside and b in inside]
 
@@ -468,160 +531,92 @@ def _verified(
     workers: int | None,
     failed: list[tuple[str, str]],
 ) -> list[DuplicateGroup]:
+    from lookalike.dedup.verification import Verifier
+
     # Both are set for the verified method (see _check_threshold and find_duplicates).
     assert threshold is not None and min_inliers is not None
     embeddings = _Embeddings(collection, scope)
     if len(embeddings.ids) < 2:
         return []
-    verifier = _Verifier(collection, min_inliers, failed)
-    candidates = embeddings.candidate_pairs(threshold)
-    verifier.prefetch(sorted({i for pair in candidates for i in pair}), workers)
-    confirmed = [(a, b) for a, b in candidates if verifier.inliers(a, b) >= min_inliers]
+    verifier = Verifier(collection, failed)
+    candidates = verified_candidates(embeddings, verifier, threshold, workers)
+    rule = copy_rule(min_inliers)
+    return verified_groups(collection, embeddings, verifier, candidates, rule, workers)
 
-    def match(keeper: int, others: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        cosine = embeddings.cosine(keeper, others)
-        inliers = np.array(
-            [
-                verifier.inliers(keeper, other) if similar else 0
-                for other, similar in zip(
-                    others.tolist(), (cosine >= threshold).tolist(), strict=True
-                )
-            ],
-            dtype=np.int64,
+
+def verified_candidates(
+    embeddings: _Embeddings, verifier: Verifier, threshold: float, workers: int | None
+) -> list[tuple[int, int]]:
+    """Pairs of scope images worth verifying: those that share the visual words of their
+    keypoints (a rotated or cropped copy, whatever its cosine), and each image's nearest
+    embedding neighbours at cosine ``threshold`` or more that share a word (an overlay can
+    hide most of a copy's keypoints, not its look)."""
+    from lookalike.dedup.words import word_index
+
+    words = word_index(verifier, embeddings.ids[embeddings.scope].tolist(), workers)
+    candidates = set(words.candidates())
+    near = embeddings.nearest_pairs(threshold, VERIFIED_NEIGHBOURS)
+    candidates.update(pair for pair, shared in zip(near, words.shared(near), strict=True) if shared)
+    return sorted(candidates)
+
+
+def verified_groups(
+    collection: Collection,
+    embeddings: _Embeddings,
+    verifier: Verifier,
+    candidates: Sequence[tuple[int, int]],
+    rule: CopyRule,
+    workers: int | None = None,
+) -> list[DuplicateGroup]:
+    """Groups of the candidate pairs that ``rule`` confirms, each member a verified copy of
+    its keeper; the keeper has the most picture pixels (see ``order`` below)."""
+    involved = sorted({i for pair in candidates for i in pair})
+    verifier.forget(involved)
+    verifier.prefetch(involved, workers)
+    confirmed = [(a, b) for a, b in candidates if rule.accepts(verifier.check(a, b))]
+
+    def match(keeper: int, others: np.ndarray) -> tuple[np.ndarray, np.ndarray, list[Detail]]:
+        checks = [verifier.check(keeper, other) for other in others.tolist()]
+        mask = np.array([rule.accepts(c) for c in checks], dtype=bool)
+        details: list[Detail] = [(c.inliers, c.transform) for c in checks]
+        return mask, embeddings.cosine(keeper, others), details
+
+    def order(records: list[ImageRecord]) -> list[ImageRecord]:
+        """Keeper order by picture pixels rather than canvas pixels: a copy rotated on a
+        grown canvas is no better a keeper for its padded corners. An image's picture is
+        its canvas times the least share any copy of it (verified against it) finds to be
+        picture. Images are weighed largest canvas first, until no canvas left can beat the
+        best picture; among those with about as much picture (within ``SAME_PICTURE``, the
+        precision of the estimate), the oldest file, then the path."""
+        ordered = keeper_order(records)
+        ids = [int(r.id or 0) for r in ordered]
+        picture: dict[int, float] = {}
+        for record, image_id in zip(ordered, ids, strict=True):
+            pixels = record.width * record.height
+            if picture and pixels < SAME_PICTURE * max(picture.values()):
+                break
+            checks = (verifier.check(image_id, other) for other in ids if other != image_id)
+            shares = [check.source_content for check in checks if rule.accepts(check)]
+            picture[image_id] = pixels * min(shares, default=1.0)
+        most = max(picture.values())
+        keeper = min(
+            (
+                r
+                for r, i in zip(ordered, ids, strict=True)
+                if picture.get(i, 0.0) >= SAME_PICTURE * most
+            ),
+            key=lambda r: (r.mtime, r.path),
         )
-        return (cosine >= threshold) & (inliers >= min_inliers), cosine, inliers
+        return [keeper] + [r for r in ordered if r is not keeper]
 
-    return _groups_from_pairs(collection, confirmed, match)
-
-
-def mirror_features(features: LocalFeatures) -> LocalFeatures:
-    """The SIFT features of the mirror image, from those of the image: x becomes
-    ``width - 1 - x``; in each descriptor (4 x 4 cells x 8 orientation bins, in the
-    keypoint's own frame) the cell rows swap and the orientation bins reverse, since a mirror
-    reverses angles. Matches an extraction from the mirrored pixels without decoding again."""
-    from lookalike.local.features import DESCRIPTOR_DIM, LocalFeatures
-
-    points = features.points.astype(np.float32)
-    points[:, 0] = features.width - 1 - points[:, 0]
-    cells = features.descriptors.reshape(-1, 4, 4, 8)[:, ::-1][..., (-np.arange(8)) % 8]
-    return LocalFeatures(
-        points,
-        cells.reshape(-1, DESCRIPTOR_DIM),
-        features.width,
-        features.height,
-        features.scale,
-    )
+    return _groups_from_pairs(collection, confirmed, match, order)
 
 
-def best_inliers(views: Sequence[LocalFeatures], target: LocalFeatures, min_inliers: int) -> int:
-    """The most RANSAC inliers any of ``views`` (an image's features, and their mirror)
-    shares with ``target`` under the default match rule; stops at the first view that
-    reaches ``min_inliers``."""
-    from lookalike.local.matching import DEFAULT_RULE, verify
+def copy_rule(min_inliers: int) -> CopyRule:
+    """The copy test of the verified method with this many inliers at least."""
+    from lookalike.dedup.verification import CopyRule
 
-    best = 0
-    for view in views:
-        found = verify(
-            view,
-            target,
-            ratio=DEFAULT_RULE.ratio,
-            threshold=DEFAULT_RULE.threshold,
-            min_matches=min_inliers,
-        )
-        best = max(best, found.inliers)
-        if best >= min_inliers:
-            break
-    return best
-
-
-class _Verifier:
-    """Inliers of image pairs by SIFT matching and RANSAC, the mirror image of the first
-    tried too; features from the catalog when stored, else extracted from the file once."""
-
-    def __init__(
-        self, collection: Collection, min_inliers: int, failed: list[tuple[str, str]]
-    ) -> None:
-        self.collection = collection
-        self.min_inliers = min_inliers
-        self.failed = failed
-        stored = collection.local_store.kind()
-        # Stored SIFT features are reused; patch tokens are no use to SIFT matching.
-        self.kind = stored.name if stored is not None and stored.sift is not None else None
-        self._features: dict[int, LocalFeatures | None] = {}
-        self._mirrored: dict[int, LocalFeatures | None] = {}
-        self._pairs: dict[tuple[int, int], int] = {}
-
-    def inliers(self, a: int, b: int) -> int:
-        """Inliers of the better of (a, b) and (mirrored a, b); cached."""
-        key = (min(a, b), max(a, b))
-        if key not in self._pairs:
-            self._pairs[key] = self._count(*key)
-        return self._pairs[key]
-
-    def _count(self, a: int, b: int) -> int:
-        source, target = self.features(a), self.features(b)
-        if source is None or target is None:
-            return 0
-        mirrored = self.mirrored(a)
-        assert mirrored is not None  # the mirror of features that exist
-        return best_inliers((source, mirrored), target, self.min_inliers)
-
-    def features(self, image_id: int) -> LocalFeatures | None:
-        if image_id not in self._features:
-            self.prefetch([image_id], 0)
-        return self._features[image_id]
-
-    def mirrored(self, image_id: int) -> LocalFeatures | None:
-        if image_id not in self._mirrored:
-            features = self.features(image_id)
-            self._mirrored[image_id] = None if features is None else mirror_features(features)
-        return self._mirrored[image_id]
-
-    def prefetch(self, ids: Sequence[int], workers: int | None) -> None:
-        """Load or extract the features of these images, extracting in ``workers`` threads
-        (OpenCV and decoding release the GIL)."""
-        from concurrent.futures import ThreadPoolExecutor
-
-        from lookalike.local.errors import CorruptLocalFeaturesError
-        from lookalike.local.features import LocalFeatures
-
-        todo = [i for i in ids if i not in self._features]
-        if self.kind is not None and todo:
-            for image_id, data in self.collection.catalog.local_features(todo, self.kind).items():
-                # Corrupt stored features are extracted again from the file below.
-                with contextlib.suppress(CorruptLocalFeaturesError):
-                    self._features[image_id] = LocalFeatures.from_bytes(data)
-            todo = [i for i in todo if i not in self._features]
-        records = self.collection.catalog.images(todo)
-        paths = [(i, records[i].path) for i in todo if i in records]
-        self._features.update((i, None) for i in todo if i not in records)
-        workers = min(os.cpu_count() or 1, 4) if workers is None else workers
-        if workers <= 1:
-            extracted = map(_extract_file, paths)
-            self._store(extracted)
-            return
-        with ThreadPoolExecutor(workers, thread_name_prefix="lookalike-sift") as pool:
-            self._store(pool.map(_extract_file, paths))
-
-    def _store(
-        self, extracted: Iterable[tuple[int, str, LocalFeatures | None, str | None]]
-    ) -> None:
-        for image_id, path, features, error in extracted:
-            self._features[image_id] = features
-            if error is not None:
-                self.failed.append((path, error))
-
-
-def _extract_file(item: tuple[int, str]) -> tuple[int, str, LocalFeatures | None, str | None]:
-    from lookalike.images import load_image
-    from lookalike.local.features import DATABASE_CONFIG, extract
-
-    image_id, path = item
-    try:
-        image = load_image(path, draft_size=DATABASE_CONFIG.max_side)
-        return image_id, path, extract(image, DATABASE_CONFIG), None
-    except ImageError as error:
-        return image_id, path, None, error.reason
+    return CopyRule(min_inliers, MIN_AGREEMENT, MAX_RESIDUAL)
 
 
 _FINDERS = {

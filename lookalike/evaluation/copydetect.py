@@ -7,9 +7,12 @@ recall@k, and the micro-averaged AP of DISC21 / ISC 2021: the top-k predictions 
 are pooled and ranked by score, and the AP of that single ranking is taken with the number of
 queries as the number of positives, so scores must also be comparable *across* queries.
 
-Attacked images live in memory only (``save_dir`` writes them when asked). Features come from
-an :class:`~lookalike.encoders.Encoder` or from any ``embed(list_of_PIL_images)`` callable, and
-a ``rerank`` callable can rescore each query's top-k candidates (local-feature verification).
+Attacked images live in memory only (``save_dir`` writes them when asked). Queries are answered
+either by the collection's own search path (``search``: a :class:`CollectionSearch`, so the
+figures are what the library, CLI and servers return, defaults and re-ranking included), or by
+an exact search over features from an :class:`~lookalike.encoders.Encoder` or any
+``embed(list_of_PIL_images)`` callable; a ``rerank`` callable can rescore each query's top-k
+candidates (local-feature verification). Each query's search time is measured.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ import zlib
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, Unpack
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageEnhance, ImageFilter, ImageFont, ImageOps
@@ -36,11 +39,16 @@ from lookalike.evaluation.metrics import (
 from lookalike.images import ImageSource, load_image
 
 if TYPE_CHECKING:
+    from lookalike.core.collection import Collection
+    from lookalike.core.search import SearchArgs
     from lookalike.encoders import Encoder
 
 AttackFn = Callable[[Image.Image, np.random.Generator], Image.Image]
 EmbedFn = Callable[[list[Image.Image]], np.ndarray]
 ProgressFn = Callable[[str, int, int], None]
+# Searches the database for one query image: (database positions, scores), best first, at
+# most k of them; a position of -1 is a hit outside the database (a distractor).
+SearchFn = Callable[[Image.Image, int], tuple[np.ndarray, np.ndarray]]
 
 
 class Reranker(Protocol):
@@ -466,6 +474,8 @@ class AttackResult:
     source_ids: np.ndarray = field(repr=False)
     candidate_ids: np.ndarray = field(repr=False)
     candidate_scores: np.ndarray = field(repr=False)
+    # Mean search time of one query in milliseconds (embedding, search, re-ranking).
+    query_ms: float = 0.0
 
     def precision_recall(self) -> tuple[np.ndarray, np.ndarray]:
         """(precision, recall) after each pooled prediction, for plotting."""
@@ -482,6 +492,7 @@ class AttackResult:
             "recall_at_k": self.recall_at_k,
             "micro_ap": self.micro_ap,
             "recall_at_p90": self.recall_at_p90,
+            "query_ms": round(self.query_ms, 2),
         }
 
 
@@ -497,6 +508,8 @@ class CopyDetectionResult:
     seed: int = 0
     reranked: bool = False
     seconds: float = 0.0
+    # "collection": through a collection's search path; "exact": exact search of features.
+    searched_by: str = "exact"
 
     def __getitem__(self, attack: str) -> AttackResult:
         for result in self.attacks:
@@ -523,6 +536,14 @@ class CopyDetectionResult:
         return float(min(a.micro_ap for a in self.attacks)) if self.attacks else 0.0
 
     @property
+    def mean_query_ms(self) -> float:
+        """Mean search time of one query over every attack, in milliseconds."""
+        if not self.attacks:
+            return 0.0
+        total = sum(a.query_ms * a.queries for a in self.attacks)
+        return total / sum(a.queries for a in self.attacks)
+
+    @property
     def pooled_micro_ap(self) -> float:
         """Micro-AP over every attack's predictions at once (one threshold for all edits)."""
         if not self.attacks:
@@ -541,7 +562,9 @@ class CopyDetectionResult:
             "metric": self.metric,
             "seed": self.seed,
             "reranked": self.reranked,
+            "searched_by": self.searched_by,
             "seconds": round(self.seconds, 3),
+            "mean_query_ms": round(self.mean_query_ms, 2),
             "attacks": [a.to_dict() for a in self.attacks],
             "mean_recall_at_1": self.mean_recall_at_1,
             "mean_micro_ap": self.mean_micro_ap,
@@ -552,6 +575,71 @@ class CopyDetectionResult:
 
 
 # -- the run ----------------------------------------------------------------------------------
+
+
+class CollectionSearch:
+    """Copy-detection queries through a collection's one search path.
+
+    The database is indexed into ``collection`` first (only the images it lacks, and local
+    features too with ``local_features``), then each query is answered by
+    ``Collection.search`` with ``options`` (``rerank``, ``views``, ...: what the library, CLI
+    and servers do with them) and its hits are mapped back to database positions; an
+    image of the collection that is not in the database is a distractor (position -1).
+    """
+
+    def __init__(
+        self,
+        collection: Collection,
+        database: Sequence[str | Path],
+        *,
+        local_features: bool = False,
+        progress: ProgressFn | None = None,
+        **options: Unpack[SearchArgs],
+    ) -> None:
+        self.collection = collection
+        self.options = options
+        paths = [str(Path(p).resolve()) for p in database]
+        self.indexed = _index_database(collection, paths, local_features, progress)
+        ids = collection.catalog.ids_for_paths(paths)
+        missing = [p for p in paths if p not in ids]
+        if missing:
+            raise LookalikeError(
+                f"{len(missing)} database image(s) could not be indexed, e.g. {missing[0]}"
+            )
+        self.position = {ids[p]: i for i, p in enumerate(paths)}
+
+    def __call__(self, image: Image.Image, k: int) -> tuple[np.ndarray, np.ndarray]:
+        options: SearchArgs = {**self.options, "k": k}
+        response = self.collection.search(image, **options)
+        ids = np.array([self.position.get(r.id, -1) for r in response], dtype=np.int64)
+        scores = np.array([r.score for r in response], dtype=np.float32)
+        return ids, scores
+
+
+def _index_database(
+    collection: Collection,
+    paths: list[str],
+    local_features: bool,
+    progress: ProgressFn | None,
+) -> int:
+    """Index what ``collection`` lacks of ``paths`` (vectors, and local features when asked);
+    returns how many images were embedded."""
+    encoder = collection.encoder
+    if local_features and collection.local_store.kind() is None:
+        collection.local_store.choose(True, encoder)
+    known = collection.catalog.ids_for_paths(paths)
+    lacking = {i for i, _ in collection.catalog.ids_missing_vectors(collection.model_id)}
+    lacking |= collection.local_store.missing()
+    todo = [p for p in paths if p not in known or known[p] in lacking]
+    if not todo:
+        return 0
+
+    def indexing(done: int, total: int) -> None:
+        if progress is not None:
+            progress("database", done, total)
+
+    report = collection.index_files(todo, progress=indexing)
+    return report.embedded
 
 
 def _chunks(items: Iterable[Any], size: int) -> Iterator[list[Any]]:
@@ -598,6 +686,7 @@ def run_copy_detection(
     *,
     encoder: Encoder | None = None,
     embed: EmbedFn | None = None,
+    search: SearchFn | None = None,
     database_vectors: np.ndarray | None = None,
     attacks: str | Iterable[str] | None = None,
     copies: int = 200,
@@ -611,20 +700,124 @@ def run_copy_detection(
 ) -> CopyDetectionResult:
     """Attack a seeded sample of ``database`` and search each copy among all of ``database``.
 
-    Features come from ``encoder`` or ``embed`` (exactly one); ``database_vectors`` skips
-    embedding the database (they must come from the same features). ``k`` candidates per
-    query are kept (and given to ``rerank``); recall@k and micro-AP use them. Euclidean
-    distances are negated so that higher is better throughout. ``save_dir`` writes every
-    attacked copy as ``save_dir/<attack>/<source>.png``.
+    Queries go to ``search`` (e.g. a :class:`CollectionSearch`: the collection's own search
+    path), or features come from ``encoder`` or ``embed`` and are searched exactly (exactly
+    one of the three); ``database_vectors`` skips embedding the database (they must come from
+    the same features). ``k`` candidates per query are kept (and given to ``rerank``);
+    recall@k and micro-AP use them. Euclidean distances are negated so that higher is better
+    throughout. ``save_dir`` writes every attacked copy as ``save_dir/<attack>/<source>.png``.
     """
     started = time.perf_counter()
     names = parse_attacks(attacks)
     if k < 1:
         raise LookalikeError(f"k must be at least 1, got {k}")
-    if (encoder is None) == (embed is None):
-        raise LookalikeError("give exactly one of encoder and embed")
+    if sum(x is not None for x in (encoder, embed, search)) != 1:
+        raise LookalikeError("give exactly one of encoder, embed and search")
     if len(database) == 0:
         raise LookalikeError("the database is empty")
+    save_root = Path(save_dir) if save_dir is not None else None
+    sources = sample_sources(len(database), copies, seed)
+    depth = min(k, len(database))
+    if search is not None:
+        if database_vectors is not None:
+            raise LookalikeError("database_vectors go with encoder or embed, not search")
+        answer = search
+    else:
+        answer = _exact_search(
+            database, encoder, embed, database_vectors, metric, batch_size, progress
+        )
+    found: dict[str, dict[str, list[Any]]] = {
+        name: {"sources": [], "ids": [], "scores": [], "seconds": []} for name in names
+    }
+    total = len(sources) * len(names)
+    done = 0
+    # A chunk holds about one encoder batch of attacked images, whatever the number of attacks.
+    per_chunk = max(1, batch_size // len(names))
+    copies_iter = generate_copies(database, attacks=names, seed=seed, sources=sources)
+    for chunk in _chunks(copies_iter, per_chunk * len(names)):
+        if save_root is not None:
+            for copy in chunk:
+                folder = save_root / copy.attack
+                folder.mkdir(parents=True, exist_ok=True)
+                name = _source_name(database[copy.source_id], copy.source_id)
+                copy.image.save(folder / f"{name}.png")
+        if isinstance(answer, _ExactSearch):
+            # Embedded a chunk at a time (batches are what an encoder is fast at); the
+            # chunk's time is shared evenly by its queries.
+            began = time.perf_counter()
+            answers = answer.many([c.image for c in chunk], depth)
+            each = (time.perf_counter() - began) / len(chunk)
+            timed = [(ids, values, each) for ids, values in answers]
+        else:
+            timed = []
+            for copy in chunk:
+                began = time.perf_counter()
+                ids, values = answer(copy.image, depth)
+                timed.append((ids, values, time.perf_counter() - began))
+        for copy, (ids, values, seconds) in zip(chunk, timed, strict=True):
+            ids, values = _padded(ids, values, depth)
+            if rerank is not None:
+                began = time.perf_counter()
+                ids, values = _reranked(rerank, copy.image, ids, values)
+                seconds += time.perf_counter() - began
+            bucket = found[copy.attack]
+            bucket["sources"].append(np.array(copy.source_id))
+            bucket["ids"].append(ids)
+            bucket["scores"].append(values)
+            bucket["seconds"].append(seconds)
+        done += len(chunk)
+        if progress is not None:
+            progress("queries", done, total)
+
+    results = tuple(_attack_result(name, found[name]) for name in names)
+    return CopyDetectionResult(
+        attacks=results,
+        database_size=len(database),
+        sources=sources,
+        k=depth,
+        metric=metric,
+        seed=seed,
+        reranked=rerank is not None,
+        seconds=time.perf_counter() - started,
+        searched_by="exact" if isinstance(answer, _ExactSearch) else "collection",
+    )
+
+
+class _ExactSearch:
+    """Exact search over the database's features (the suite's own, without a collection)."""
+
+    def __init__(self, database_vectors: np.ndarray, embed: EmbedFn, metric: str, dim: int) -> None:
+        self.database_vectors = database_vectors
+        self.embed = embed
+        self.metric = metric
+        self.dim = dim
+
+    def many(self, images: list[Image.Image], depth: int) -> list[tuple[np.ndarray, np.ndarray]]:
+        vectors = np.asarray(self.embed(images), dtype=np.float32)
+        if vectors.shape != (len(images), self.dim):
+            raise LookalikeError(
+                f"embed returned shape {vectors.shape} for {len(images)} images, expected "
+                f"[{len(images)}, {self.dim}]"
+            )
+        scores, higher_is_better = score_matrix(vectors, self.database_vectors, self.metric)
+        similarity = scores if higher_is_better else -scores
+        order = np.argsort(-similarity, axis=1, kind="stable")[:, :depth]
+        top = np.take_along_axis(similarity, order, axis=1)
+        return list(zip(order, top, strict=True))
+
+    def __call__(self, image: Image.Image, depth: int) -> tuple[np.ndarray, np.ndarray]:
+        return self.many([image], depth)[0]
+
+
+def _exact_search(
+    database: Sequence[ImageSource],
+    encoder: Encoder | None,
+    embed: EmbedFn | None,
+    database_vectors: np.ndarray | None,
+    metric: str,
+    batch_size: int,
+    progress: ProgressFn | None,
+) -> _ExactSearch:
     if database_vectors is None:
         database_vectors = embed_database(
             database, encoder=encoder, embed=embed, batch_size=batch_size, progress=progress
@@ -641,58 +834,21 @@ def run_copy_detection(
             return model.embed(images, batch_size=batch_size)
 
     assert embed is not None
-    save_root = Path(save_dir) if save_dir is not None else None
+    return _ExactSearch(database_vectors, embed, metric, database_vectors.shape[1])
 
-    sources = sample_sources(len(database), copies, seed)
-    depth = min(k, len(database))
-    found: dict[str, dict[str, list[np.ndarray]]] = {
-        name: {"sources": [], "ids": [], "scores": []} for name in names
-    }
-    total = len(sources) * len(names)
-    done = 0
-    # A chunk holds about one encoder batch of attacked images, whatever the number of attacks.
-    per_chunk = max(1, batch_size // len(names))
-    copies_iter = generate_copies(database, attacks=names, seed=seed, sources=sources)
-    for chunk in _chunks(copies_iter, per_chunk * len(names)):
-        if save_root is not None:
-            for copy in chunk:
-                folder = save_root / copy.attack
-                folder.mkdir(parents=True, exist_ok=True)
-                name = _source_name(database[copy.source_id], copy.source_id)
-                copy.image.save(folder / f"{name}.png")
-        vectors = np.asarray(embed([c.image for c in chunk]), dtype=np.float32)
-        if vectors.shape != (len(chunk), database_vectors.shape[1]):
-            raise LookalikeError(
-                f"embed returned shape {vectors.shape} for {len(chunk)} images, expected "
-                f"[{len(chunk)}, {database_vectors.shape[1]}]"
-            )
-        scores, higher_is_better = score_matrix(vectors, database_vectors, metric)
-        similarity = scores if higher_is_better else -scores
-        order = np.argsort(-similarity, axis=1, kind="stable")[:, :depth]
-        top = np.take_along_axis(similarity, order, axis=1)
-        for row, copy in enumerate(chunk):
-            ids, values = order[row], top[row]
-            if rerank is not None:
-                ids, values = _reranked(rerank, copy.image, ids, values)
-            bucket = found[copy.attack]
-            bucket["sources"].append(np.array(copy.source_id))
-            bucket["ids"].append(ids)
-            bucket["scores"].append(values)
-        done += len(chunk)
-        if progress is not None:
-            progress("queries", done, total)
 
-    results = tuple(_attack_result(name, found[name]) for name in names)
-    return CopyDetectionResult(
-        attacks=results,
-        database_size=len(database),
-        sources=sources,
-        k=depth,
-        metric=metric,
-        seed=seed,
-        reranked=rerank is not None,
-        seconds=time.perf_counter() - started,
-    )
+def _padded(ids: np.ndarray, scores: np.ndarray, depth: int) -> tuple[np.ndarray, np.ndarray]:
+    """Exactly ``depth`` candidates: a search that returned fewer is padded with position -1
+    scored -inf (never a match, ranked after every real prediction)."""
+    ids = np.asarray(ids, dtype=np.int64).ravel()[:depth]
+    scores = np.asarray(scores, dtype=np.float32).ravel()[:depth]
+    if len(ids) != len(scores):
+        raise LookalikeError(f"search returned {len(ids)} ids but {len(scores)} scores")
+    missing = depth - len(ids)
+    if missing:
+        ids = np.concatenate([ids, np.full(missing, -1, dtype=np.int64)])
+        scores = np.concatenate([scores, np.full(missing, -np.inf, dtype=np.float32)])
+    return ids, scores
 
 
 def _reranked(
@@ -705,9 +861,11 @@ def _reranked(
     return ids[order], new[order].astype(np.float32)
 
 
-def _attack_result(name: str, found: dict[str, list[np.ndarray]]) -> AttackResult:
+def _attack_result(name: str, found: dict[str, list[Any]]) -> AttackResult:
     source_ids = np.array(found["sources"], dtype=np.int64)
     ids = np.stack(found["ids"]).astype(np.int64)
+    seconds = found.get("seconds")
+    query_ms = 1000.0 * float(np.mean(seconds)) if seconds else 0.0
     scores = np.stack(found["scores"]).astype(np.float32)
     matches = ids == source_ids[:, None]
     precision, recall, _ = micro_precision_recall(scores, matches, len(source_ids))
@@ -721,4 +879,5 @@ def _attack_result(name: str, found: dict[str, list[np.ndarray]]) -> AttackResul
         source_ids=source_ids,
         candidate_ids=ids,
         candidate_scores=scores,
+        query_ms=query_ms,
     )

@@ -52,11 +52,15 @@ class Metric(str, enum.Enum):
 
 @dataclass(frozen=True)
 class SearchHits:
-    """Batched search results: row i holds the best-first hits of query i."""
+    """Batched search results: row i holds the best-first hits of query i. ``partial`` is set
+    when part of the index did not answer (a sharded index with a lost shard): the hits are
+    the best of the shards that did, and ``missing`` names the shards that did not."""
 
     ids: np.ndarray  # int64 [n_queries, width]
     scores: np.ndarray  # float32 [n_queries, width]
     metric: Metric
+    partial: bool = False
+    missing: tuple[int, ...] = ()
 
     def __len__(self) -> int:
         return int(self.ids.shape[0])
@@ -91,6 +95,32 @@ class Index(Protocol):
         ...
 
     def __len__(self) -> int: ...
+
+
+@runtime_checkable
+class Tunable(Protocol):
+    """An index with one search-time knob that trades speed for recall (HNSW's ``ef``, an
+    inverted file's ``nprobe``, pgvector's ``ef_search``): recall does not fall as the value
+    rises. ``lookalike.knn.tuning`` learns the cheapest value that reaches a recall target
+    through this protocol and ``search`` alone."""
+
+    @property
+    def tuning_knob(self) -> str:
+        """The knob's name as the spec spells it, e.g. ``"ef"`` or ``"nprobe"``."""
+        ...
+
+    @property
+    def tuning_value(self) -> int:
+        """The value searches use now."""
+        ...
+
+    def tuning_values(self) -> list[int]:
+        """The candidate values, ascending; the last one gives this index's best recall."""
+        ...
+
+    def set_tuning(self, value: int) -> None:
+        """Search with ``value`` from now on (it is saved with the index)."""
+        ...
 
 
 def as_ids(ids: np.ndarray | list[int]) -> np.ndarray:

@@ -82,6 +82,7 @@ class IVFPQIndex(BaseIndex):
     """faiss IVF-PQ with a flat fallback before training and optional exact re-ranking."""
 
     backend: ClassVar[str] = "ivfpq"
+    tuning_knob: ClassVar[str] = "nprobe"
     metrics: ClassVar[tuple[Metric, ...]] = (Metric.COSINE, Metric.DOT, Metric.EUCLIDEAN)
     options: ClassVar[dict[str, Option]] = {
         "nlist": Option(int, 1024, "coarse clusters; about 4 * sqrt(n) suits n vectors"),
@@ -173,6 +174,22 @@ class IVFPQIndex(BaseIndex):
             "sq": self.sq,
             "quantizer": self.quantizer,
         }
+
+    @property
+    def tuning_value(self) -> int:
+        """Clusters visited per query (``nprobe``): the knob the tuner sets."""
+        return self.nprobe
+
+    def tuning_values(self) -> list[int]:
+        """``nprobe`` candidates: powers of sqrt(2), rounded, up to ``nlist``, where the scan
+        is exhaustive (so the last value gives the recall of the stored precision)."""
+        steps = range(2 * math.ceil(math.log2(self.nlist)) + 1)
+        values = {min(self.nlist, round(2 ** (step / 2))) for step in steps}
+        return sorted(values | {self.nlist})
+
+    def set_tuning(self, value: int) -> None:
+        """Visit ``value`` clusters per query from now on."""
+        self.nprobe = check_int(self.backend, "nprobe", value, low=1, high=2**20)
 
     @property
     def is_trained(self) -> bool:

@@ -131,8 +131,15 @@ class LocalFeatures:
         return header + payload
 
     @classmethod
-    def from_bytes(cls, data: bytes | bytearray | memoryview) -> LocalFeatures:
-        """Decode ``to_bytes()`` output; anything else raises ``CorruptLocalFeaturesError``."""
+    def from_bytes(
+        cls, data: bytes | bytearray | memoryview, *, check: bool = True
+    ) -> LocalFeatures:
+        """Decode ``to_bytes()`` output; anything else raises ``CorruptLocalFeaturesError``.
+        ``check=False`` skips the checksum and the keypoint bounds and shares ``data``'s
+        memory (read-only): for scans of every stored image, where the few that are used
+        are decoded again with checks."""
+        if not check:
+            return cls._unchecked(data)
         data = bytes(data)
         if len(data) < _HEADER.size:
             raise CorruptLocalFeaturesError(
@@ -170,6 +177,24 @@ class LocalFeatures:
         if not inside:
             raise CorruptLocalFeaturesError("local features have keypoints outside their frame")
         return cls(points.astype(np.float16), descriptors.copy(), width, height, scale)
+
+    @classmethod
+    def _unchecked(cls, data: bytes | bytearray | memoryview) -> LocalFeatures:
+        view = memoryview(data)
+        if len(view) < _HEADER.size:
+            raise CorruptLocalFeaturesError("local features truncated")
+        magic, version, dim, count, width, height, scale, _ = _HEADER.unpack_from(view)
+        if magic != _MAGIC or version != FORMAT_VERSION or dim != DESCRIPTOR_DIM:
+            raise CorruptLocalFeaturesError("not lookalike local features of this version")
+        if len(view) != _HEADER.size + count * (4 + DESCRIPTOR_DIM):
+            raise CorruptLocalFeaturesError("local features of the wrong length")
+        if width < 1 or height < 1 or not (np.isfinite(scale) and scale > 0):
+            raise CorruptLocalFeaturesError(f"bad frame {width}x{height} or scale {scale}")
+        points = np.frombuffer(view, dtype="<f2", count=2 * count, offset=_HEADER.size)
+        descriptors = np.frombuffer(
+            view, dtype=np.uint8, count=count * DESCRIPTOR_DIM, offset=_HEADER.size + 4 * count
+        )
+        return cls(points.reshape(count, 2), descriptors.reshape(count, -1), width, height, scale)
 
 
 def _as_image(image: ImageSource, config: SiftConfig) -> Image.Image:

@@ -26,11 +26,106 @@ _MAX_SCALE_CHANGE = 10.0
 @dataclass(frozen=True)
 class Verification:
     """How well a query's keypoints map onto a candidate's. ``transform`` is the 2x3 similarity
-    from the query's shrunk frame to the candidate's, or None when none was found."""
+    from the query's shrunk frame to the candidate's, or None when none was found;
+    ``inlier_pairs`` int [k, 2] are the (query row, candidate row) matches it explains and
+    ``outlier_pairs`` the tentative matches it does not."""
 
     matches: int
     inliers: int
     transform: np.ndarray | None = None
+    inlier_pairs: np.ndarray | None = None
+    outlier_pairs: np.ndarray | None = None
+
+
+@dataclass(frozen=True)
+class EstimatedTransform:
+    """What turned one image into the other, as seen: the second is the first mirrored left
+    to right (``mirrored``), then rotated ``rotation_degrees`` counter-clockwise (in
+    (-180, 180]) and scaled by ``scale`` (its size over the first's, in original pixels);
+    ``inliers`` matched keypoints agree with it."""
+
+    rotation_degrees: float
+    scale: float
+    mirrored: bool
+    inliers: int
+
+    def inverse(self) -> EstimatedTransform:
+        """What turns the second image back into the first. A mirror then a turn by t is
+        undone by the same: mirroring reverses the turn that follows it."""
+        return EstimatedTransform(
+            rotation_degrees=self.rotation_degrees
+            if self.mirrored
+            else _turn(-self.rotation_degrees),
+            scale=1.0 / self.scale,
+            mirrored=self.mirrored,
+            inliers=self.inliers,
+        )
+
+    def describe(self) -> str:
+        """A short human form, e.g. ``rotated 30°, scaled 0.5x, mirrored``."""
+        parts = []
+        if self.mirrored:
+            parts.append("mirrored")
+        if abs(self.rotation_degrees) >= 0.5:
+            parts.append(f"rotated {self.rotation_degrees:.0f}°")
+        if abs(self.scale - 1.0) >= 0.02:
+            parts.append(f"scaled {self.scale:.2g}x")
+        return ", ".join(parts) or "same geometry"
+
+
+def estimate_transform(
+    source: np.ndarray,
+    target: np.ndarray,
+    *,
+    source_scale: float = 1.0,
+    target_scale: float = 1.0,
+    inliers: int | None = None,
+) -> EstimatedTransform:
+    """The similarity, mirrored or not, that best maps matched ``source`` points [n, 2] onto
+    ``target`` points (e.g. RANSAC inliers, both in image coordinates, y down), by least
+    squares. ``source_scale`` and ``target_scale`` are original pixels per unit of each
+    point set (``LocalFeatures.scale``), so ``scale`` compares the original images;
+    ``inliers`` is reported as given (default: the number of point pairs).
+
+    Points are taken as complex numbers: a similarity is ``w = a z + b`` and a mirrored one
+    ``w = a conj(z) + b``; both have closed-form least-squares fits, and the one with the
+    smaller residual wins (a mirror cannot be fitted by a rotation, nor the reverse)."""
+    z = _complex(source)
+    w = _complex(target)
+    if len(z) != len(w) or len(z) < 2:
+        raise LocalFeaturesError(f"need 2 or more matched points on each side, got {len(z)}")
+    z = z - z.mean()
+    w = w - w.mean()
+    energy = float(np.sum(np.abs(z) ** 2))
+    if energy <= 0.0:
+        raise LocalFeaturesError("matched points all coincide: no transform to estimate")
+    fits = []
+    for mirrored, basis in ((False, z), (True, np.conj(z))):
+        factor = complex(np.sum(np.conj(basis) * w) / energy)
+        residual = float(np.sum(np.abs(w - factor * basis) ** 2))
+        fits.append((residual, mirrored, factor))
+    _, mirrored, factor = min(fits, key=lambda fit: fit[0])
+    # With y pointing down, multiplying by exp(i phi) turns clockwise as seen; a left-right
+    # mirror is -conj(z), so a mirrored fit's turn is measured from exp(i pi).
+    angle = -np.degrees(np.angle(-factor if mirrored else factor))
+    return EstimatedTransform(
+        rotation_degrees=_turn(float(angle)),
+        scale=float(abs(factor) * target_scale / source_scale),
+        mirrored=mirrored,
+        inliers=len(z) if inliers is None else int(inliers),
+    )
+
+
+def _turn(degrees: float) -> float:
+    """An angle in (-180, 180]."""
+    turned = (degrees + 180.0) % 360.0 - 180.0
+    return 180.0 if turned == -180.0 else turned
+
+
+def _complex(points: np.ndarray) -> np.ndarray:
+    values = np.asarray(points, dtype=np.float64).reshape(-1, 2)
+    result: np.ndarray = values[:, 0] + 1j * values[:, 1]
+    return result
 
 
 @dataclass(frozen=True)
@@ -63,6 +158,34 @@ class RerankRule:
 DEFAULT_RULE = RerankRule()
 
 
+# Where each component of a mirrored SIFT descriptor comes from (see mirror_descriptors); the
+# mirror is an involution, so this permutation is its own inverse.
+MIRROR_ORDER = np.arange(128).reshape(4, 4, 8)[::-1][..., (-np.arange(8)) % 8].reshape(-1)
+
+
+def mirror_descriptors(descriptors: np.ndarray) -> np.ndarray:
+    """SIFT descriptors of the mirror image from those of the image: in each descriptor (4 x 4
+    cells x 8 orientation bins, in the keypoint's own frame) the cell rows swap and the
+    orientation bins reverse, since a mirror reverses angles."""
+    mirrored: np.ndarray = np.ascontiguousarray(np.asarray(descriptors)[:, MIRROR_ORDER])
+    return mirrored
+
+
+def mirror_features(features: LocalFeatures) -> LocalFeatures:
+    """The SIFT features of the mirror image, from those of the image: x becomes
+    ``width - 1 - x`` and each descriptor is mirrored (:func:`mirror_descriptors`). Matches
+    an extraction from the mirrored pixels without decoding again."""
+    points = features.points.astype(np.float32)
+    points[:, 0] = features.width - 1 - points[:, 0]
+    return LocalFeatures(
+        points,
+        mirror_descriptors(features.descriptors),
+        features.width,
+        features.height,
+        features.scale,
+    )
+
+
 def mutual_matches(query: np.ndarray, candidate: np.ndarray, ratio: float = 0.8) -> np.ndarray:
     """int [m, 2] (query row, candidate row) pairs: mutual nearest neighbours by Euclidean
     distance whose nearest neighbour is closer than ``ratio`` times the second nearest."""
@@ -73,12 +196,12 @@ def mutual_matches(query: np.ndarray, candidate: np.ndarray, ratio: float = 0.8)
     squared = (a * a).sum(1)[:, None] + (b * b).sum(1)[None, :] - 2.0 * (a @ b.T)
     np.maximum(squared, 0.0, out=squared)
     rows = np.arange(len(a))
-    two = np.argpartition(squared, 1, axis=1)[:, :2]
-    first, second = squared[rows, two[:, 0]], squared[rows, two[:, 1]]
-    swap = second < first
-    nearest = np.where(swap, two[:, 1], two[:, 0])
-    d1, d2 = np.minimum(first, second), np.maximum(first, second)
     back = np.argmin(squared, axis=0)
+    # The two nearest by two passes of argmin: a fraction of argpartition's cost here.
+    nearest = np.argmin(squared, axis=1)
+    d1 = squared[rows, nearest]
+    squared[rows, nearest] = np.inf
+    d2 = squared.min(axis=1)
     # Squared distances, so the ratio is squared too.
     keep = (d1 < ratio * ratio * d2) & (back[nearest] == rows)
     return np.stack([rows[keep], nearest[keep]], axis=1).astype(np.int64)
@@ -96,9 +219,26 @@ def verify(
     pairs = mutual_matches(query.descriptors, candidate.descriptors, ratio)
     if len(pairs) < max(min_matches, 3):
         return Verification(len(pairs), 0)
-    cv2 = opencv()
     source = query.points[pairs[:, 0]].astype(np.float32)
     target = candidate.points[pairs[:, 1]].astype(np.float32)
+    transform, inlier = fit_similarity(source, target, threshold)
+    if transform is None:
+        return Verification(len(pairs), 0)
+    places = count_places(source[inlier], target[inlier])
+    return Verification(
+        len(pairs), int(places), transform.astype(np.float64), pairs[inlier], pairs[~inlier]
+    )
+
+
+def fit_similarity(
+    source: np.ndarray, target: np.ndarray, threshold: float = 6.0
+) -> tuple[np.ndarray | None, np.ndarray]:
+    """(2x3 similarity, bool inlier mask) fitted by RANSAC to matched points float32 [n, 2]
+    (n >= 2); (None, all False) when none is found or its scale change is implausible."""
+    cv2 = opencv()
+    none = np.zeros(len(source), dtype=bool)
+    if len(source) < 2:
+        return None, none
     transform, mask = cv2.estimateAffinePartial2D(
         source,
         target,
@@ -109,17 +249,26 @@ def verify(
         refineIters=10,
     )
     if transform is None or mask is None:
-        return Verification(len(pairs), 0)
+        return None, none
     scale = float(np.sqrt(abs(np.linalg.det(transform[:, :2]))))
     if not 1 / _MAX_SCALE_CHANGE <= scale <= _MAX_SCALE_CHANGE:
-        return Verification(len(pairs), 0)
-    inlier = mask.ravel().astype(bool)
-    # SIFT gives one point several orientations: count places, not duplicated keypoints.
-    places = min(
-        len(np.unique(np.rint(source[inlier]), axis=0)),
-        len(np.unique(np.rint(target[inlier]), axis=0)),
-    )
-    return Verification(len(pairs), int(places), transform.astype(np.float64))
+        return None, none
+    return transform.astype(np.float64), mask.ravel().astype(bool)
+
+
+def count_places(source: np.ndarray, target: np.ndarray) -> int:
+    """Distinct places among matched points: SIFT gives one point several orientations, so
+    duplicated keypoints count once (on whichever side has fewer)."""
+    if not len(source):
+        return 0
+    return min(_distinct_places(source), _distinct_places(target))
+
+
+def _distinct_places(points: np.ndarray) -> int:
+    # Whole-pixel places packed into one int64 each: a plain sort, not a row-wise unique.
+    rounded = np.rint(np.asarray(points, dtype=np.float64)).astype(np.int64)
+    keys = np.sort((rounded[:, 0] << 32) + rounded[:, 1])
+    return int(1 + np.count_nonzero(keys[1:] != keys[:-1])) if len(keys) else 0
 
 
 def rerank(

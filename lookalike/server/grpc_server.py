@@ -33,7 +33,7 @@ import os
 import re
 from collections.abc import Callable, Sequence
 from concurrent import futures
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any, TypeVar
 
 import grpc
@@ -49,7 +49,7 @@ from google.protobuf.unknown_fields import (  # type: ignore[import-untyped, unu
 from PIL import Image
 
 from lookalike.core.filters import parse_where
-from lookalike.core.results import SearchResponse
+from lookalike.core.results import SearchResponse, SearchResult
 from lookalike.core.search import MAX_QUERY_PARTS, SearchArgs
 from lookalike.errors import (
     ImageError,
@@ -511,21 +511,28 @@ def _filters(request: v1.SearchRequest) -> SearchArgs:
     )
 
 
+def _match(result: SearchResult) -> v1.Match:
+    match = v1.Match(
+        id=result.id,
+        path=os.path.basename(result.path),
+        score=result.score,
+        metadata={key: _text(value) for key, value in result.metadata.items()},
+        width=result.width,
+        height=result.height,
+    )
+    if result.copy_probability is not None:
+        match.copy_probability = result.copy_probability
+    if result.transform is not None:
+        match.transform.CopyFrom(v1.Transform(**asdict(result.transform)))
+    return match
+
+
 def _search_reply(response: SearchResponse) -> v1.SearchReply:
     reply = v1.SearchReply(
-        matches=[
-            v1.Match(
-                id=result.id,
-                path=os.path.basename(result.path),
-                score=result.score,
-                metadata={key: _text(value) for key, value in result.metadata.items()},
-                width=result.width,
-                height=result.height,
-            )
-            for result in response.results
-        ],
+        matches=[_match(result) for result in response.results],
         no_close_match=response.no_close_match,
         metric=response.metric.value,
+        partial=response.partial,
     )
     if response.best_score is not None:
         reply.best_score = response.best_score
@@ -568,6 +575,8 @@ class LookalikeServicer(v1_grpc.LookalikeServicer):  # type: ignore[misc]
                     query_expansion=request.query_expansion,
                     rerank=request.rerank,
                     multi_crop=request.multi_crop,
+                    copy_views=not request.no_copy_views,
+                    copies=request.copies,
                     where=filters["where"],
                     near=filters["near"],
                     within=filters["within"],
@@ -585,6 +594,8 @@ class LookalikeServicer(v1_grpc.LookalikeServicer):  # type: ignore[misc]
                     query_expansion=request.query_expansion,
                     rerank=request.rerank,
                     multi_crop=request.multi_crop,
+                    copy_views=not request.no_copy_views,
+                    copies=request.copies,
                     where=filters["where"],
                     near=filters["near"],
                     within=filters["within"],

@@ -93,5 +93,6 @@ def add_local_search(app: FastAPI, service: SearchService, key: str) -> None:
             "threshold": response.threshold,
             "no_close_match": response.no_close_match,
             "best_score": response.best_score,
+            "partial": response.partial,
             "results": [asdict(result) for result in response.results],
         }

@@ -12,6 +12,7 @@ import mimetypes
 import os
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager
+from dataclasses import asdict
 from importlib import resources
 from typing import TYPE_CHECKING, Annotated, Any, BinaryIO, Literal
 
@@ -64,7 +65,9 @@ DedupMethod = Literal["exact", "perceptual", "embedding", "verified"]
 
 
 class Match(BaseModel):
-    """One search result."""
+    """One search result. A copy search (``copies``) also gives ``copy_probability``, the
+    calibrated probability that it is a copy of the query, and ``transform``, how the query
+    was made from this image (null when too few keypoints agree to say)."""
 
     id: int
     score: float
@@ -74,12 +77,15 @@ class Match(BaseModel):
     metadata: dict[str, Any] = Field(default_factory=dict)
     url: str
     thumbnail_url: str
+    copy_probability: float | None = None
+    transform: TransformReply | None = None
 
 
 class SearchReply(BaseModel):
     """Results, best first; ``no_close_match`` when the threshold removed every candidate.
     ``next_offset`` is the ``offset`` of the next page, null when this page came back short
-    (a full page may be followed by an empty one)."""
+    (a full page may be followed by an empty one). ``partial`` is true when part of a sharded
+    index did not answer: the results are the best of the shards that did."""
 
     results: list[Match]
     metric: str
@@ -88,6 +94,7 @@ class SearchReply(BaseModel):
     best_score: float | None
     offset: int = 0
     next_offset: int | None = None
+    partial: bool = False
 
 
 class ImageItem(BaseModel):
@@ -111,15 +118,28 @@ class BrowseReply(BaseModel):
     next_offset: int | None
 
 
+class TransformReply(BaseModel):
+    """What turned the keeper into a verified duplicate: mirrored left to right or not, then
+    rotated ``rotation_degrees`` counter-clockwise and scaled by ``scale`` (its size over the
+    keeper's), as ``inliers`` matched keypoints agree."""
+
+    rotation_degrees: float
+    scale: float
+    mirrored: bool
+    inliers: int
+
+
 class DuplicateItem(ImageItem):
     """One image of a group of duplicates: ``score`` compares it with the suggested keeper
     (cosine, or differing bits for the perceptual method; null for the keeper and exact
-    copies), ``inliers`` counts verified matches."""
+    copies), ``inliers`` counts verified matches and ``transform`` estimates the edit
+    (verified method only)."""
 
     size: int
     modified: float
     score: float | None = None
     inliers: int | None = None
+    transform: TransformReply | None = None
 
 
 class DuplicateGroupReply(BaseModel):
@@ -241,6 +261,8 @@ def _reply(
                 metadata=r.metadata,
                 url=f"/images/{r.id}",
                 thumbnail_url=f"/images/{r.id}/thumbnail",
+                copy_probability=r.copy_probability,
+                transform=None if r.transform is None else TransformReply(**asdict(r.transform)),
             )
             for r in response.results
         ],
@@ -250,6 +272,7 @@ def _reply(
         no_close_match=response.no_close_match and offset == 0,
         best_score=response.best_score,
         offset=offset,
+        partial=response.partial,
         next_offset=offset + k if more else None,
     )
 
@@ -281,6 +304,7 @@ def _duplicate_item(image: DuplicateImage, records: dict[int, ImageRecord]) -> D
         modified=image.mtime,
         score=image.score,
         inliers=image.inliers,
+        transform=None if image.transform is None else TransformReply(**asdict(image.transform)),
     )
 
 
@@ -400,6 +424,20 @@ def create_app(service: SearchService, *, local_key: str | None = None) -> FastA
                 "(single-image queries only)"
             ),
         ] = False,
+        copy_views: Annotated[
+            bool,
+            Form(
+                description="also search with the image un-rotated both ways and without "
+                "borders, so edited copies are found (single-image queries; default on)"
+            ),
+        ] = True,
+        copies: Annotated[
+            bool,
+            Form(
+                description="only verified copies of the image (local features), each with "
+                "copy_probability and transform (needs local features)"
+            ),
+        ] = False,
     ) -> SearchReply:
         """The k indexed images most like the uploaded one, or like a combined query: the
         weighted sum of the parts' normalised vectors (negatives subtracted), renormalised.
@@ -431,6 +469,8 @@ def create_app(service: SearchService, *, local_key: str | None = None) -> FastA
                 query_expansion=query_expansion,
                 rerank=rerank,
                 multi_crop=multi_crop,
+                copy_views=copy_views,
+                copies=copies,
             )
 
         # Decoding and inference are CPU work: off the event loop, so it keeps accepting.

@@ -26,7 +26,14 @@ from PIL import Image
 from lookalike.catalog import ImageRecord
 from lookalike.core.collection import Collection
 from lookalike.core.results import SearchResponse
-from lookalike.core.search import Query, SearchArgs, Searcher, SearchOptions, search_options
+from lookalike.core.search import (
+    Query,
+    QueryViews,
+    SearchArgs,
+    Searcher,
+    SearchOptions,
+    search_options,
+)
 from lookalike.errors import (
     AuthError,
     FileChangedError,
@@ -205,10 +212,10 @@ class SearchService:
             source = query if options.multi_crop else small
         views = searcher.image_views(source, options)  # the slow part, outside the lock
         image = None
-        if options.rerank:
+        if options.verifies:
             image = query if isinstance(query, Image.Image) else self.decode(query, name=name)
-        with self._lock:
-            return _page(searcher.search_views(views, options, query_image=image), offset)
+        response = searcher.search_views(views, options, query_image=image, lock=self._lock)
+        return _page(response, offset)
 
     def search_many(
         self,
@@ -254,15 +261,16 @@ class SearchService:
                 for part in query.parts
             )
         )
+        views: np.ndarray | QueryViews
         if query.text is not None and not query.positives and not query.negatives:
             views = searcher.text_vector(str(query.text.source))
         else:
             views = searcher.query_views(drafted, options)  # the slow part, outside the lock
         image = None
-        if options.rerank and query.positives:
+        if options.verifies and query.positives:
             image = self.decode(query.positives[0].source, name=labels[0])
-        with self._lock:
-            return _page(searcher.search_views(views, options, query_image=image), offset)
+        response = searcher.search_views(views, options, query_image=image, lock=self._lock)
+        return _page(response, offset)
 
     def search_by_id(
         self, image_id: int, *, offset: int = 0, **args: Unpack[SearchArgs]
@@ -459,8 +467,9 @@ class SearchService:
         """Counts and what the collection runs on."""
         with self._lock:
             self.collection.refresh()
+            # The index first, so that info reports the recall it measured when built.
+            index = self.collection.vector_index(Metric.COSINE) if len(self.collection) else None
             info = self.collection.info()
-            index = self.collection.vector_index(Metric.COSINE) if info.images else None
         return {
             "images": info.images,
             "model": info.model,
@@ -468,6 +477,8 @@ class SearchService:
             "dim": info.dim,
             "index_spec": info.index_spec,
             "index_kind": index.index.spec if index is not None else None,
+            "index_recall": info.index_recall,
+            "index_tuning": info.index_tuning,
             "schema_version": info.schema_version,
         }
 

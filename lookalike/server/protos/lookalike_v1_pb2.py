@@ -26,7 +26,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n*lookalike/server/protos/lookalike_v1.proto\x12\x0clookalike.v1\"\xaa\x03\n\rSearchRequest\x12\r\n\x05image\x18\x01 \x01(\x0c\x12\t\n\x01k\x18\x02 \x01(\x05\x12\x0e\n\x06metric\x18\x03 \x01(\t\x12\x16\n\tthreshold\x18\x04 \x01(\x02H\x00\x88\x01\x01\x12\x35\n\x05where\x18\x05 \x03(\x0b\x32&.lookalike.v1.SearchRequest.WhereEntry\x12\x0e\n\x06rerank\x18\x06 \x01(\x05\x12\x17\n\x0fquery_expansion\x18\x07 \x01(\x05\x12\x12\n\nmulti_crop\x18\x08 \x01(\x08\x12\x0e\n\x06images\x18\t \x03(\x0c\x12\x11\n\tnegatives\x18\n \x03(\x0c\x12\x0c\n\x04text\x18\x0b \x01(\t\x12\x0f\n\x07weights\x18\x0c \x03(\x02\x12\x0f\n\x07\x66ilters\x18\r \x03(\t\x12 \n\x04near\x18\x0e \x01(\x0b\x32\x12.lookalike.v1.Near\x12$\n\x06within\x18\x0f \x01(\x0b\x32\x14.lookalike.v1.Within\x12\x0c\n\x04sort\x18\x10 \x01(\t\x1a,\n\nWhereEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x42\x0c\n\n_threshold\",\n\x04Near\x12\x0b\n\x03lat\x18\x01 \x01(\x01\x12\x0b\n\x03lon\x18\x02 \x01(\x01\x12\n\n\x02km\x18\x03 \x01(\x01\"B\n\x06Within\x12\r\n\x05south\x18\x01 \x01(\x01\x12\x0c\n\x04west\x18\x02 \x01(\x01\x12\r\n\x05north\x18\x03 \x01(\x01\x12\x0c\n\x04\x65\x61st\x18\x04 \x01(\x01\"\xb5\x01\n\x05Match\x12\n\n\x02id\x18\x01 \x01(\x03\x12\x0c\n\x04path\x18\x02 \x01(\t\x12\r\n\x05score\x18\x03 \x01(\x02\x12\x33\n\x08metadata\x18\x04 \x03(\x0b\x32!.lookalike.v1.Match.MetadataEntry\x12\r\n\x05width\x18\x05 \x01(\x05\x12\x0e\n\x06height\x18\x06 \x01(\x05\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\x83\x01\n\x0bSearchReply\x12$\n\x07matches\x18\x01 \x03(\x0b\x32\x13.lookalike.v1.Match\x12\x16\n\x0eno_close_match\x18\x02 \x01(\x08\x12\x17\n\nbest_score\x18\x03 \x01(\x02H\x00\x88\x01\x01\x12\x0e\n\x06metric\x18\x04 \x01(\tB\r\n\x0b_best_score\"\x98\x01\n\nAddRequest\x12\r\n\x05image\x18\x01 \x01(\x0c\x12\x10\n\x08\x66ilename\x18\x02 \x01(\t\x12\x38\n\x08metadata\x18\x03 \x03(\x0b\x32&.lookalike.v1.AddRequest.MetadataEntry\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\x16\n\x08\x41\x64\x64Reply\x12\n\n\x02id\x18\x01 \x01(\x03\"\x1b\n\rRemoveRequest\x12\n\n\x02id\x18\x01 \x01(\x03\"\r\n\x0bRemoveReply\"\x0e\n\x0cStatsRequest\"\x9b\x01\n\nStatsReply\x12\x0e\n\x06images\x18\x01 \x01(\x03\x12\r\n\x05model\x18\x02 \x01(\t\x12\r\n\x05layer\x18\x03 \x01(\t\x12\x0b\n\x03\x64im\x18\x04 \x01(\x05\x12\x12\n\nindex_spec\x18\x05 \x01(\t\x12\x17\n\nindex_kind\x18\x06 \x01(\tH\x00\x88\x01\x01\x12\x16\n\x0eschema_version\x18\x07 \x01(\x05\x42\r\n\x0b_index_kind2\x8f\x02\n\tLookalike\x12\x42\n\x06Search\x12\x1b.lookalike.v1.SearchRequest\x1a\x19.lookalike.v1.SearchReply\"\x00\x12\x39\n\x03\x41\x64\x64\x12\x18.lookalike.v1.AddRequest\x1a\x16.lookalike.v1.AddReply\"\x00\x12\x42\n\x06Remove\x12\x1b.lookalike.v1.RemoveRequest\x1a\x19.lookalike.v1.RemoveReply\"\x00\x12?\n\x05Stats\x12\x1a.lookalike.v1.StatsRequest\x1a\x18.lookalike.v1.StatsReply\"\x00\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n*lookalike/server/protos/lookalike_v1.proto\x12\x0clookalike.v1\"\xd1\x03\n\rSearchRequest\x12\r\n\x05image\x18\x01 \x01(\x0c\x12\t\n\x01k\x18\x02 \x01(\x05\x12\x0e\n\x06metric\x18\x03 \x01(\t\x12\x16\n\tthreshold\x18\x04 \x01(\x02H\x00\x88\x01\x01\x12\x35\n\x05where\x18\x05 \x03(\x0b\x32&.lookalike.v1.SearchRequest.WhereEntry\x12\x0e\n\x06rerank\x18\x06 \x01(\x05\x12\x17\n\x0fquery_expansion\x18\x07 \x01(\x05\x12\x12\n\nmulti_crop\x18\x08 \x01(\x08\x12\x0e\n\x06images\x18\t \x03(\x0c\x12\x11\n\tnegatives\x18\n \x03(\x0c\x12\x0c\n\x04text\x18\x0b \x01(\t\x12\x0f\n\x07weights\x18\x0c \x03(\x02\x12\x0f\n\x07\x66ilters\x18\r \x03(\t\x12 \n\x04near\x18\x0e \x01(\x0b\x32\x12.lookalike.v1.Near\x12$\n\x06within\x18\x0f \x01(\x0b\x32\x14.lookalike.v1.Within\x12\x0c\n\x04sort\x18\x10 \x01(\t\x12\x15\n\rno_copy_views\x18\x11 \x01(\x08\x12\x0e\n\x06\x63opies\x18\x12 \x01(\x08\x1a,\n\nWhereEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x42\x0c\n\n_threshold\",\n\x04Near\x12\x0b\n\x03lat\x18\x01 \x01(\x01\x12\x0b\n\x03lon\x18\x02 \x01(\x01\x12\n\n\x02km\x18\x03 \x01(\x01\"B\n\x06Within\x12\r\n\x05south\x18\x01 \x01(\x01\x12\x0c\n\x04west\x18\x02 \x01(\x01\x12\r\n\x05north\x18\x03 \x01(\x01\x12\x0c\n\x04\x65\x61st\x18\x04 \x01(\x01\"\x95\x02\n\x05Match\x12\n\n\x02id\x18\x01 \x01(\x03\x12\x0c\n\x04path\x18\x02 \x01(\t\x12\r\n\x05score\x18\x03 \x01(\x02\x12\x33\n\x08metadata\x18\x04 \x03(\x0b\x32!.lookalike.v1.Match.MetadataEntry\x12\r\n\x05width\x18\x05 \x01(\x05\x12\x0e\n\x06height\x18\x06 \x01(\x05\x12\x1d\n\x10\x63opy_probability\x18\x07 \x01(\x02H\x00\x88\x01\x01\x12*\n\ttransform\x18\x08 \x01(\x0b\x32\x17.lookalike.v1.Transform\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x42\x13\n\x11_copy_probability\"W\n\tTransform\x12\x18\n\x10rotation_degrees\x18\x01 \x01(\x02\x12\r\n\x05scale\x18\x02 \x01(\x02\x12\x10\n\x08mirrored\x18\x03 \x01(\x08\x12\x0f\n\x07inliers\x18\x04 \x01(\x05\"\x94\x01\n\x0bSearchReply\x12$\n\x07matches\x18\x01 \x03(\x0b\x32\x13.lookalike.v1.Match\x12\x16\n\x0eno_close_match\x18\x02 \x01(\x08\x12\x17\n\nbest_score\x18\x03 \x01(\x02H\x00\x88\x01\x01\x12\x0e\n\x06metric\x18\x04 \x01(\t\x12\x0f\n\x07partial\x18\x05 \x01(\x08\x42\r\n\x0b_best_score\"\x98\x01\n\nAddRequest\x12\r\n\x05image\x18\x01 \x01(\x0c\x12\x10\n\x08\x66ilename\x18\x02 \x01(\t\x12\x38\n\x08metadata\x18\x03 \x03(\x0b\x32&.lookalike.v1.AddRequest.MetadataEntry\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\x16\n\x08\x41\x64\x64Reply\x12\n\n\x02id\x18\x01 \x01(\x03\"\x1b\n\rRemoveRequest\x12\n\n\x02id\x18\x01 \x01(\x03\"\r\n\x0bRemoveReply\"\x0e\n\x0cStatsRequest\"\x9b\x01\n\nStatsReply\x12\x0e\n\x06images\x18\x01 \x01(\x03\x12\r\n\x05model\x18\x02 \x01(\t\x12\r\n\x05layer\x18\x03 \x01(\t\x12\x0b\n\x03\x64im\x18\x04 \x01(\x05\x12\x12\n\nindex_spec\x18\x05 \x01(\t\x12\x17\n\nindex_kind\x18\x06 \x01(\tH\x00\x88\x01\x01\x12\x16\n\x0eschema_version\x18\x07 \x01(\x05\x42\r\n\x0b_index_kind2\x8f\x02\n\tLookalike\x12\x42\n\x06Search\x12\x1b.lookalike.v1.SearchRequest\x1a\x19.lookalike.v1.SearchReply\"\x00\x12\x39\n\x03\x41\x64\x64\x12\x18.lookalike.v1.AddRequest\x1a\x16.lookalike.v1.AddReply\"\x00\x12\x42\n\x06Remove\x12\x1b.lookalike.v1.RemoveRequest\x1a\x19.lookalike.v1.RemoveReply\"\x00\x12?\n\x05Stats\x12\x1a.lookalike.v1.StatsRequest\x1a\x18.lookalike.v1.StatsReply\"\x00\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -40,33 +40,35 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_ADDREQUEST_METADATAENTRY']._loaded_options = None
   _globals['_ADDREQUEST_METADATAENTRY']._serialized_options = b'8\001'
   _globals['_SEARCHREQUEST']._serialized_start=61
-  _globals['_SEARCHREQUEST']._serialized_end=487
-  _globals['_SEARCHREQUEST_WHEREENTRY']._serialized_start=429
-  _globals['_SEARCHREQUEST_WHEREENTRY']._serialized_end=473
-  _globals['_NEAR']._serialized_start=489
-  _globals['_NEAR']._serialized_end=533
-  _globals['_WITHIN']._serialized_start=535
-  _globals['_WITHIN']._serialized_end=601
-  _globals['_MATCH']._serialized_start=604
-  _globals['_MATCH']._serialized_end=785
-  _globals['_MATCH_METADATAENTRY']._serialized_start=738
-  _globals['_MATCH_METADATAENTRY']._serialized_end=785
-  _globals['_SEARCHREPLY']._serialized_start=788
-  _globals['_SEARCHREPLY']._serialized_end=919
-  _globals['_ADDREQUEST']._serialized_start=922
-  _globals['_ADDREQUEST']._serialized_end=1074
-  _globals['_ADDREQUEST_METADATAENTRY']._serialized_start=738
-  _globals['_ADDREQUEST_METADATAENTRY']._serialized_end=785
-  _globals['_ADDREPLY']._serialized_start=1076
-  _globals['_ADDREPLY']._serialized_end=1098
-  _globals['_REMOVEREQUEST']._serialized_start=1100
-  _globals['_REMOVEREQUEST']._serialized_end=1127
-  _globals['_REMOVEREPLY']._serialized_start=1129
-  _globals['_REMOVEREPLY']._serialized_end=1142
-  _globals['_STATSREQUEST']._serialized_start=1144
-  _globals['_STATSREQUEST']._serialized_end=1158
-  _globals['_STATSREPLY']._serialized_start=1161
-  _globals['_STATSREPLY']._serialized_end=1316
-  _globals['_LOOKALIKE']._serialized_start=1319
-  _globals['_LOOKALIKE']._serialized_end=1590
+  _globals['_SEARCHREQUEST']._serialized_end=526
+  _globals['_SEARCHREQUEST_WHEREENTRY']._serialized_start=468
+  _globals['_SEARCHREQUEST_WHEREENTRY']._serialized_end=512
+  _globals['_NEAR']._serialized_start=528
+  _globals['_NEAR']._serialized_end=572
+  _globals['_WITHIN']._serialized_start=574
+  _globals['_WITHIN']._serialized_end=640
+  _globals['_MATCH']._serialized_start=643
+  _globals['_MATCH']._serialized_end=920
+  _globals['_MATCH_METADATAENTRY']._serialized_start=852
+  _globals['_MATCH_METADATAENTRY']._serialized_end=899
+  _globals['_TRANSFORM']._serialized_start=922
+  _globals['_TRANSFORM']._serialized_end=1009
+  _globals['_SEARCHREPLY']._serialized_start=1012
+  _globals['_SEARCHREPLY']._serialized_end=1160
+  _globals['_ADDREQUEST']._serialized_start=1163
+  _globals['_ADDREQUEST']._serialized_end=1315
+  _globals['_ADDREQUEST_METADATAENTRY']._serialized_start=852
+  _globals['_ADDREQUEST_METADATAENTRY']._serialized_end=899
+  _globals['_ADDREPLY']._serialized_start=1317
+  _globals['_ADDREPLY']._serialized_end=1339
+  _globals['_REMOVEREQUEST']._serialized_start=1341
+  _globals['_REMOVEREQUEST']._serialized_end=1368
+  _globals['_REMOVEREPLY']._serialized_start=1370
+  _globals['_REMOVEREPLY']._serialized_end=1383
+  _globals['_STATSREQUEST']._serialized_start=1385
+  _globals['_STATSREQUEST']._serialized_end=1399
+  _globals['_STATSREPLY']._serialized_start=1402
+  _globals['_STATSREPLY']._serialized_end=1557
+  _globals['_LOOKALIKE']._serialized_start=1560
+  _globals['_LOOKALIKE']._serialized_end=1831
 # @@protoc_insertion_point(module_scope)

@@ -9,7 +9,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class SearchRequest(_message.Message):
-    __slots__ = ("image", "k", "metric", "threshold", "where", "rerank", "query_expansion", "multi_crop", "images", "negatives", "text", "weights", "filters", "near", "within", "sort")
+    __slots__ = ("image", "k", "metric", "threshold", "where", "rerank", "query_expansion", "multi_crop", "images", "negatives", "text", "weights", "filters", "near", "within", "sort", "no_copy_views", "copies")
     class WhereEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -33,6 +33,8 @@ class SearchRequest(_message.Message):
     NEAR_FIELD_NUMBER: _ClassVar[int]
     WITHIN_FIELD_NUMBER: _ClassVar[int]
     SORT_FIELD_NUMBER: _ClassVar[int]
+    NO_COPY_VIEWS_FIELD_NUMBER: _ClassVar[int]
+    COPIES_FIELD_NUMBER: _ClassVar[int]
     image: bytes
     k: int
     metric: str
@@ -49,7 +51,9 @@ class SearchRequest(_message.Message):
     near: Near
     within: Within
     sort: str
-    def __init__(self, image: _Optional[bytes] = ..., k: _Optional[int] = ..., metric: _Optional[str] = ..., threshold: _Optional[float] = ..., where: _Optional[_Mapping[str, str]] = ..., rerank: _Optional[int] = ..., query_expansion: _Optional[int] = ..., multi_crop: _Optional[bool] = ..., images: _Optional[_Iterable[bytes]] = ..., negatives: _Optional[_Iterable[bytes]] = ..., text: _Optional[str] = ..., weights: _Optional[_Iterable[float]] = ..., filters: _Optional[_Iterable[str]] = ..., near: _Optional[_Union[Near, _Mapping]] = ..., within: _Optional[_Union[Within, _Mapping]] = ..., sort: _Optional[str] = ...) -> None: ...
+    no_copy_views: bool
+    copies: bool
+    def __init__(self, image: _Optional[bytes] = ..., k: _Optional[int] = ..., metric: _Optional[str] = ..., threshold: _Optional[float] = ..., where: _Optional[_Mapping[str, str]] = ..., rerank: _Optional[int] = ..., query_expansion: _Optional[int] = ..., multi_crop: _Optional[bool] = ..., images: _Optional[_Iterable[bytes]] = ..., negatives: _Optional[_Iterable[bytes]] = ..., text: _Optional[str] = ..., weights: _Optional[_Iterable[float]] = ..., filters: _Optional[_Iterable[str]] = ..., near: _Optional[_Union[Near, _Mapping]] = ..., within: _Optional[_Union[Within, _Mapping]] = ..., sort: _Optional[str] = ..., no_copy_views: _Optional[bool] = ..., copies: _Optional[bool] = ...) -> None: ...
 
 class Near(_message.Message):
     __slots__ = ("lat", "lon", "km")
@@ -74,7 +78,7 @@ class Within(_message.Message):
     def __init__(self, south: _Optional[float] = ..., west: _Optional[float] = ..., north: _Optional[float] = ..., east: _Optional[float] = ...) -> None: ...
 
 class Match(_message.Message):
-    __slots__ = ("id", "path", "score", "metadata", "width", "height")
+    __slots__ = ("id", "path", "score", "metadata", "width", "height", "copy_probability", "transform")
     class MetadataEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -88,25 +92,43 @@ class Match(_message.Message):
     METADATA_FIELD_NUMBER: _ClassVar[int]
     WIDTH_FIELD_NUMBER: _ClassVar[int]
     HEIGHT_FIELD_NUMBER: _ClassVar[int]
+    COPY_PROBABILITY_FIELD_NUMBER: _ClassVar[int]
+    TRANSFORM_FIELD_NUMBER: _ClassVar[int]
     id: int
     path: str
     score: float
     metadata: _containers.ScalarMap[str, str]
     width: int
     height: int
-    def __init__(self, id: _Optional[int] = ..., path: _Optional[str] = ..., score: _Optional[float] = ..., metadata: _Optional[_Mapping[str, str]] = ..., width: _Optional[int] = ..., height: _Optional[int] = ...) -> None: ...
+    copy_probability: float
+    transform: Transform
+    def __init__(self, id: _Optional[int] = ..., path: _Optional[str] = ..., score: _Optional[float] = ..., metadata: _Optional[_Mapping[str, str]] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., copy_probability: _Optional[float] = ..., transform: _Optional[_Union[Transform, _Mapping]] = ...) -> None: ...
+
+class Transform(_message.Message):
+    __slots__ = ("rotation_degrees", "scale", "mirrored", "inliers")
+    ROTATION_DEGREES_FIELD_NUMBER: _ClassVar[int]
+    SCALE_FIELD_NUMBER: _ClassVar[int]
+    MIRRORED_FIELD_NUMBER: _ClassVar[int]
+    INLIERS_FIELD_NUMBER: _ClassVar[int]
+    rotation_degrees: float
+    scale: float
+    mirrored: bool
+    inliers: int
+    def __init__(self, rotation_degrees: _Optional[float] = ..., scale: _Optional[float] = ..., mirrored: _Optional[bool] = ..., inliers: _Optional[int] = ...) -> None: ...
 
 class SearchReply(_message.Message):
-    __slots__ = ("matches", "no_close_match", "best_score", "metric")
+    __slots__ = ("matches", "no_close_match", "best_score", "metric", "partial")
     MATCHES_FIELD_NUMBER: _ClassVar[int]
     NO_CLOSE_MATCH_FIELD_NUMBER: _ClassVar[int]
     BEST_SCORE_FIELD_NUMBER: _ClassVar[int]
     METRIC_FIELD_NUMBER: _ClassVar[int]
+    PARTIAL_FIELD_NUMBER: _ClassVar[int]
     matches: _containers.RepeatedCompositeFieldContainer[Match]
     no_close_match: bool
     best_score: float
     metric: str
-    def __init__(self, matches: _Optional[_Iterable[_Union[Match, _Mapping]]] = ..., no_close_match: _Optional[bool] = ..., best_score: _Optional[float] = ..., metric: _Optional[str] = ...) -> None: ...
+    partial: bool
+    def __init__(self, matches: _Optional[_Iterable[_Union[Match, _Mapping]]] = ..., no_close_match: _Optional[bool] = ..., best_score: _Optional[float] = ..., metric: _Optional[str] = ..., partial: _Optional[bool] = ...) -> None: ...
 
 class AddRequest(_message.Message):
     __slots__ = ("image", "filename", "metadata")
