@@ -8,9 +8,11 @@ inliers, its global score, and whether it is the copy's source. Held-out images 
 in the database (``--negatives SPLIT``, searched as they are) add candidates of queries that
 have no copy at all.
 
-``fit`` fits the logistic regression ``P(copy) = sigmoid(b0 + b1 ln(1 + inliers) +
-b2 sqrt(inliers) + b3 score)`` (Newton's method) and prints the constants for
-``COPY_CALIBRATION`` in ``lookalike/local/rerank.py``. ``report`` scores the examples of
+``fit`` fits the two logistic regressions of ``lookalike/local/rerank.py`` (Newton's method):
+``P(copy) = sigmoid(b0 + b1 ln(1 + inliers) + b2 sqrt(inliers) + b3 score)`` for the candidate
+alone, then the same plus ``b4 ln(1 + background)`` (the most inliers among the query's other
+candidates that alone are unlikely copies), and prints ``COPY_CALIBRATION`` and
+``COPY_CONTEXT_CALIBRATION``. ``report`` scores the examples of
 another set with the shipped constants and prints the reliability curve (predicted
 probability in bins against the observed frequency of copies), the expected calibration error,
 the Brier score, and what a copy search returns (probability >= ``COPY_PROBABILITY``) per
@@ -45,7 +47,12 @@ from lookalike.core.local_store import COPY_CANDIDATES, RERANK_WIDEN
 from lookalike.evaluation.copydetect import CollectionSearch, generate_copies, parse_attacks
 from lookalike.evaluation.datasets import load_dataset
 from lookalike.images import ImageSource, load_image
-from lookalike.local.rerank import COPY_CALIBRATION, COPY_PROBABILITY, copy_probability
+from lookalike.local.rerank import (
+    COPY_CALIBRATION,
+    COPY_CONTEXT_CALIBRATION,
+    COPY_PROBABILITY,
+    copy_probabilities,
+)
 
 BINS = 10
 
@@ -167,6 +174,35 @@ def fit_logistic(x: np.ndarray, y: np.ndarray, ridge: float = 1e-2) -> np.ndarra
     return weights
 
 
+def backgrounds(examples: Examples, alone: np.ndarray) -> np.ndarray:
+    """Each candidate's background: the most inliers among its query's other candidates
+    whose probability alone is under ``COPY_PROBABILITY`` (as ``copy_probabilities``)."""
+    found = np.zeros(len(alone))
+    for number in np.unique(examples.queries):
+        rows = np.flatnonzero(examples.queries == number)
+        unlikely = rows[alone[rows] < COPY_PROBABILITY]
+        ranked = unlikely[np.argsort(-examples.inliers[unlikely], kind="stable")][:2]
+        for row in rows:
+            others = [examples.inliers[r] for r in ranked if r != row]
+            found[row] = others[0] if others else 0
+    return found
+
+
+def shipped(examples: Examples) -> np.ndarray:
+    """The probabilities the library gives each query's candidates (in context)."""
+    predicted = np.zeros(len(examples.labels))
+    for number in np.unique(examples.queries):
+        rows = np.flatnonzero(examples.queries == number)
+        predicted[rows] = copy_probabilities(
+            examples.inliers[rows].tolist(), examples.scores[rows].tolist()
+        )
+    return predicted
+
+
+def sigmoid(x: np.ndarray) -> np.ndarray:
+    return 1.0 / (1.0 + np.exp(-np.clip(x, -60, 60)))
+
+
 def reliability(
     predicted: np.ndarray, labels: np.ndarray
 ) -> list[tuple[float, float, int, float, float]]:
@@ -234,18 +270,18 @@ def main() -> None:
         f"({int(labels.sum())} are the query's source); {seconds:.0f} s"
     )
     if args.mode == "fit":
-        weights = fit_logistic(x, labels)
-        shown = ", ".join(f"{w:.3f}" for w in weights)
-        print(f"- fitted COPY_CALIBRATION = ({shown})")
-        predicted = 1.0 / (1.0 + np.exp(-(x @ weights)))
+        # First the candidate alone, then with its query's background (see rerank.py).
+        alone = fit_logistic(x, labels)
+        background = np.log1p(backgrounds(examples, sigmoid(x @ alone)))
+        context = np.concatenate([x, background[:, None]], axis=1)
+        weights = fit_logistic(context, labels)
+        for name, fitted in (("COPY_CALIBRATION", alone), ("COPY_CONTEXT_CALIBRATION", weights)):
+            print(f"- fitted {name} = ({', '.join(f'{w:.3f}' for w in fitted)})")
+        predicted = sigmoid(context @ weights)
     else:
         print(f"- shipped COPY_CALIBRATION = {COPY_CALIBRATION}")
-        predicted = np.array(
-            [
-                copy_probability(int(i), float(s))
-                for i, s in zip(examples.inliers, examples.scores, strict=True)
-            ]
-        )
+        print(f"- shipped COPY_CONTEXT_CALIBRATION = {COPY_CONTEXT_CALIBRATION}")
+        predicted = shipped(examples)
     rows = reliability(predicted, labels)
     ece = sum(r[2] * abs(r[3] - r[4]) for r in rows if r[2]) / max(1, len(labels))
     brier = float(np.mean((predicted - labels) ** 2))

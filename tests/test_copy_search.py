@@ -27,8 +27,8 @@ from lookalike.core.multicrop import COPY_VIEWS_BELOW, copy_views, trim_borders,
 from lookalike.errors import LookalikeError, RequestError
 from lookalike.evaluation.copydetect import apply_attack
 from lookalike.local.features import QUERY_CONFIG, extract
-from lookalike.local.matching import verify
-from lookalike.local.rerank import COPY_PROBABILITY, copy_probability, mirrored
+from lookalike.local.matching import mirror_features, verify
+from lookalike.local.rerank import COPY_PROBABILITY, copy_probabilities, copy_probability
 from lookalike.server.grpc_server import create_grpc_server
 from lookalike.server.protos import lookalike_v1_pb2 as v1
 from lookalike.server.protos import lookalike_v1_pb2_grpc as v1_grpc
@@ -148,7 +148,7 @@ def test_mirrored_features_verify_a_mirrored_copy() -> None:
     source = extract(photo("astronaut"))
     query = extract(ImageOps.mirror(photo("astronaut")), QUERY_CONFIG)
     assert verify(query, source, min_matches=10).inliers < 10  # a similarity cannot mirror
-    assert verify(mirrored(query), source, min_matches=10).inliers >= 40
+    assert verify(mirror_features(query), source, min_matches=10).inliers >= 40
 
 
 def test_copy_probability_grows_with_inliers_and_score() -> None:
@@ -157,6 +157,14 @@ def test_copy_probability_grows_with_inliers_and_score() -> None:
     low, high = copy_probability(20, 0.4), copy_probability(60, 0.4)
     assert low < high and copy_probability(20, 0.4) < copy_probability(20, 0.8)
     assert 0.0 < low < 1.0
+    # In context: a scene whose other photos verify too makes a candidate less likely...
+    alone = copy_probabilities([45, 2, 1], [0.8, 0.5, 0.5])[0]
+    crowded = copy_probabilities([45, 40, 38], [0.8, 0.8, 0.8])[0]
+    assert crowded < alone and alone > COPY_PROBABILITY
+    # ... but a second copy of the photo does not count against the first.
+    pair = copy_probabilities([150, 140, 3], [0.9, 0.9, 0.5])
+    assert pair[0] == pytest.approx(copy_probabilities([150, 3], [0.9, 0.5])[0])
+    assert min(pair[:2]) > 0.9 and pair[2] < 0.1
 
 
 def test_rerank_puts_a_mirrored_copy_first(collection: Collection) -> None:

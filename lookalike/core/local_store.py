@@ -29,6 +29,7 @@ from lookalike.local.rerank import (
     SEARCH_RULE,
     CopyCheck,
     decode_stored,
+    in_context,
     query_features,
     verified_candidates,
 )
@@ -196,7 +197,8 @@ class LocalFeatureStore:
     ) -> tuple[np.ndarray, list[CopyCheck] | None]:
         """:meth:`verify` of the first ``step`` candidates, then of the next ``step``, and so
         on while none verified so far has ``STRONG_INLIERS`` (patch tokens: the first
-        ``step`` only): the scores and checks of those verified, in the candidates' order."""
+        ``step`` only): the scores and checks of those verified, in the candidates' order,
+        each check's probability in the context of the others (``in_context``)."""
         step = max(1, step)
         scores: list[np.ndarray] = []
         checks: list[CopyCheck] | None = []
@@ -212,6 +214,8 @@ class LocalFeatureStore:
             checks += chunk_checks
             if any(c.inliers >= STRONG_INLIERS for c in checks):
                 break
+        if checks is not None:
+            checks = in_context(checks)
         return (np.concatenate(scores) if scores else np.zeros(0)), checks
 
     def rescore(

@@ -245,21 +245,25 @@ def choose_spec(n: int, dim: int, *, memory_budget_bytes: int) -> str:
     ``auto:recall=0.95``) builds this choice and then tunes it on the collection's own vectors
     (:func:`lookalike.knn.tuning.build_tuned`): the cheapest ``ef`` / ``nprobe`` whose recall@10
     on a held-out sample reaches the target. When the chosen structure misses the target even
-    at its largest value, tuning falls back, by measurement, to an inverted file with float16
-    vectors (``ivf_spec(n, 16)``) and then to exact search, whichever fits the budget:
+    at its largest value, tuning falls back, in this order and only to what fits the budget, to
+    a better-built graph (``hnsw:M=32,efConstruction=200``, after a cheap graph), an inverted
+    file with float16 vectors (``ivf_spec(n, 16)``), then exact search. The order was decided
+    by measurement on the hard Gaussian mixture of ``benchmarks/ann.py``
+    (``benchmarks/results/ann_200k.md``):
 
-    - The HNSW graph built here (``M=16``, ``efConstruction=40``) is cheap to build and fast on
-      embeddings with near-duplicate neighbours, but on data whose neighbours are nearly
-      equidistant it levels off: on the hard Gaussian mixture of ``benchmarks/ann.py`` (100k x
-      1280) recall@10 was 0.49 / 0.58 / 0.63 / 0.67 / 0.69 at ef = 64 / 160 / 384 / 1024 /
-      2048. Its ``ef`` is therefore tuned up to 512 only.
-    - A better-built graph (``M=32``, ``efConstruction=200``) reached 0.955 at ef=160 on the
-      same data but levelled off near 0.96 (0.964 at ef=1024), so a higher target stays out of
-      reach, and it took 3.6x as long to build (188 s against 52 s at 100k, 2 threads).
+    - The cheap graph (``M=16``, ``efConstruction=40``) is fast to build and fast on embeddings
+      with near-duplicate neighbours, but on data whose neighbours are nearly equidistant it
+      levels off: recall@10 0.49 / 0.58 / 0.63 / 0.67 / 0.69 at ef = 64 / 160 / 384 / 1024 /
+      2048 at 100k x 1280, 0.52 / 0.60 at ef = 160 / 512 at 200k. Its ``ef`` is tuned up to
+      512 only.
+    - The better-built graph reached 0.965 at ef=512 at 200k, answering 242 queries/s where the
+      inverted file answered 41 at the same recall (nprobe=256 of 1024), so it comes first;
+      but it levels off near 0.96-0.97 (0.964 at ef=1024 at 100k) and takes 5-6x the cheap
+      graph's build time (314 s against 55 s at 200k, 2 threads).
     - The inverted file reaches any target its float16 rounding allows, because ``nprobe``
-      goes up to an exhaustive scan (0.96 at nprobe=128 of 512 lists, 1.0 at 512, on the same
-      data), and it builds in a third of the cheap graph's time. It is the fallback; one that
-      needs every list is replaced by exact search, which scans the same vectors faster.
+      goes up to an exhaustive scan (0.987 at nprobe=512 of 1024 at 200k), and it builds
+      fastest (32 s at 200k). One that needs every list is replaced by exact search, which
+      scans the same vectors faster.
     """
     if n < 0 or dim < 1 or memory_budget_bytes < 0:
         raise IndexSpecError(f"choose_spec: bad sizes n={n}, dim={dim}")

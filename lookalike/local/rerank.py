@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TypeVar
 
 import numpy as np
@@ -26,14 +26,9 @@ from lookalike.local.matching import (
     RerankRule,
     Verification,
     estimate_transform,
+    mirror_features,
     verify,
 )
-
-# Where the SIFT descriptor of a mirrored patch takes each component from: OpenCV lays a
-# descriptor out as 4 x 4 cells x 8 orientation bins in the keypoint's own frame, and a left-
-# right mirror of the image mirrors that frame across its orientation axis: the cell rows
-# swap and the orientation bins reverse (bin 0, the axis itself, stays).
-_MIRROR_ORDER = np.arange(128).reshape(4, 4, 8)[::-1][..., (-np.arange(8)) % 8].reshape(-1).copy()
 
 FeaturesLookup = Callable[[Sequence[int]], Sequence[LocalFeatures | None]]
 
@@ -48,20 +43,29 @@ def query_features(
     image = query if isinstance(query, Image.Image) else load_image(query)
     found = [extract(image, config)]
     if mirror:
-        found.append(mirrored(found[0]))
+        found.append(mirror_features(found[0]))
     return found
 
 
 # -- copies -----------------------------------------------------------------------------------
 
-# P(copy) = 1 / (1 + exp(-(b0 + b1 ln(1 + inliers) + b2 sqrt(inliers) + b3 score))): a
-# logistic regression on every candidate a copy search verified on the grocery-store train
-# split (100 sources x 16 attacks plus 296 held-out photos without a copy; the source is the
-# one positive), fitted by ``benchmarks/copy_calibration.py fit``. The square root beside the
-# log lets the probability rise steeply between 30 and 100 inliers, where same-shelf photos
-# end and copies begin (held-out log loss 0.046 against 0.062 with the log alone). The
-# reliability on clothing-small is in benchmarks/results/copy_calibration.md.
-COPY_CALIBRATION = (-10.566, -1.250, 1.220, 6.160)
+# The "is a copy" probability is two logistic regressions fitted by
+# ``benchmarks/copy_calibration.py fit`` on every candidate a copy search verified on the
+# grocery-store train split (100 sources x 16 attacks plus 296 held-out photos without a copy;
+# the query's source is the one positive). First the candidate alone:
+#   P = 1 / (1 + exp(-(b0 + b1 ln(1 + inliers) + b2 sqrt(inliers) + b3 score)))
+# (the square root beside the log lets it rise steeply between 30 and 100 inliers, where photos
+# of one shelf end and copies begin: held-out log loss 0.046 against 0.062 with the log alone).
+# Then in the query's context: the same terms plus b4 ln(1 + background), where background is
+# the most inliers among the query's other verified candidates that alone are unlikely copies
+# (how well anything else of that scene verifies). Alone, the probability fitted on
+# grocery-store was far too cautious on clothing-small (every candidate at 0.1 or more was a
+# copy; 73% of the copies reached 0.5); in context, 92% do, and its expected calibration error
+# there fell from 0.0097 to 0.0025 (benchmarks/results/copy_calibration.md). The best other
+# candidate's inliers instead of the background did better still on the suite (98%), but would
+# count a second copy of the photo in the collection against the first.
+COPY_CALIBRATION = (-10.566, -1.250, 1.220, 6.160)  # b0..b3, the candidate alone
+COPY_CONTEXT_CALIBRATION = (-8.084, -0.477, 1.244, 6.514, -1.687)  # b0..b4, in context
 # A candidate is returned as a copy from this probability on.
 COPY_PROBABILITY = 0.5
 
@@ -69,22 +73,55 @@ COPY_PROBABILITY = 0.5
 @dataclass(frozen=True)
 class CopyCheck:
     """One candidate checked as the source of a query: the RANSAC inliers of the better of
-    the query and its mirror image, ``probability`` that it is a copy (calibrated, see
-    :func:`copy_probability`), and ``transform``, how the query was made from the candidate
-    (None when too few keypoints agree to say)."""
+    the query and its mirror image, its global ``score``, ``probability`` that it is a copy
+    (calibrated, see :func:`copy_probabilities`), and ``transform``, how the query was made
+    from the candidate (None when too few keypoints agree to say)."""
 
     inliers: int
     probability: float
     transform: EstimatedTransform | None = None
+    score: float = 0.0
 
 
-def copy_probability(inliers: int, score: float) -> float:
+def copy_probability(inliers: int, score: float, background: int | None = None) -> float:
     """The calibrated probability that a candidate with this many inliers and this global
-    score (cosine, after copy views) is the source of the query."""
-    bias, per_log, per_root, per_score = COPY_CALIBRATION
+    score (cosine, after copy views) is the source of the query: alone, or given the
+    ``background`` (see ``COPY_CONTEXT_CALIBRATION``)."""
     count = max(0, inliers)
-    logit = bias + per_log * math.log1p(count) + per_root * math.sqrt(count) + per_score * score
+    terms = [1.0, math.log1p(count), math.sqrt(count), score]
+    weights: tuple[float, ...] = COPY_CALIBRATION
+    if background is not None:
+        terms.append(math.log1p(max(0, background)))
+        weights = COPY_CONTEXT_CALIBRATION
+    logit = sum(w * t for w, t in zip(weights, terms, strict=True))
     return 1.0 / (1.0 + math.exp(-min(60.0, max(-60.0, logit))))
+
+
+def copy_probabilities(inliers: Sequence[int], scores: Sequence[float]) -> list[float]:
+    """The calibrated probabilities of all the verified candidates of one query, each in the
+    context of the others: its background is the most inliers among the others whose
+    probability alone is under ``COPY_PROBABILITY`` (so a second copy of the photo does not
+    count against the first)."""
+    alone = [copy_probability(i, s) for i, s in zip(inliers, scores, strict=True)]
+    unlikely = sorted(
+        (
+            (int(i), k)
+            for k, (i, p) in enumerate(zip(inliers, alone, strict=True))
+            if p < COPY_PROBABILITY
+        ),
+        reverse=True,
+    )
+    found = []
+    for k, (count, score) in enumerate(zip(inliers, scores, strict=True)):
+        others = [i for i, j in unlikely[:2] if j != k]
+        found.append(copy_probability(count, score, others[0] if others else 0))
+    return found
+
+
+def in_context(checks: Sequence[CopyCheck]) -> list[CopyCheck]:
+    """``checks`` of one query with their probabilities in context (:func:`copy_probabilities`)."""
+    probabilities = copy_probabilities([c.inliers for c in checks], [c.score for c in checks])
+    return [replace(c, probability=p) for c, p in zip(checks, probabilities, strict=True)]
 
 
 @dataclass(frozen=True)
@@ -112,27 +149,19 @@ class LogRerankRule(RerankRule):
 SEARCH_RULE = LogRerankRule(cap=160, weight=1.0)
 
 
-def mirrored(features: LocalFeatures) -> LocalFeatures:
-    """The features of the mirror image (left to right), from these without extracting
-    again: each point's x reflected, each descriptor's components permuted. On grocery-store
-    flips it verified with 93-98% of the inliers of SIFT run on the mirrored pixels."""
-    points = features.points.astype(np.float32)
-    points[:, 0] = features.width - points[:, 0]
-    return LocalFeatures(
-        points,
-        features.descriptors[:, _MIRROR_ORDER],
-        features.width,
-        features.height,
-        features.scale,
-    )
+# A query view that verifies with this many inliers ends the search over views: fewer (but
+# more than ``min_inliers``) and the mirror image is tried too, as a flipped copy of a nearly
+# symmetric garment verifies weakly unmirrored (10-24 inliers for the 7.5% of clothing-small
+# flips that a copy search missed) and strongly mirrored.
+ENOUGH_INLIERS = 40
 
 
 def best_verification(
     queries: Sequence[LocalFeatures], candidate: LocalFeatures, rule: RerankRule = DEFAULT_RULE
 ) -> tuple[int, Verification]:
     """(which query view, its verification) of the first view that verifies against
-    ``candidate`` with at least ``rule.min_inliers`` inliers, else of the one with the most:
-    the later views (a mirror) cost nothing when the first verifies."""
+    ``candidate`` with ``ENOUGH_INLIERS``, else of the one with the most: the later views
+    (a mirror) cost nothing when the first verifies well."""
     best: tuple[int, Verification] | None = None
     for position, view in enumerate(queries):
         found = verify(
@@ -144,7 +173,7 @@ def best_verification(
         )
         if best is None or found.inliers > best[1].inliers:
             best = (position, found)
-        if found.inliers >= rule.min_inliers:
+        if found.inliers >= max(rule.min_inliers, ENOUGH_INLIERS):
             break
     assert best is not None, "at least one query view"
     return best
@@ -166,20 +195,22 @@ def verified_candidates(
     rule: RerankRule = DEFAULT_RULE,
 ) -> tuple[np.ndarray, list[CopyCheck]]:
     """(new scores, copy checks) of (id, global score, features) candidates, as
-    :func:`rerank_candidates`. ``queries[0]`` is the query and any later views are
-    :func:`mirrored` from it (same rows), so a transform is fitted to the query's own points
-    and a mirror shows as ``mirrored``. A candidate without features checks 0 inliers."""
+    :func:`rerank_candidates`. ``queries[0]`` is the query and any later views are its
+    :func:`~lookalike.local.matching.mirror_features` (same rows), so a transform is fitted
+    to the query's own points and a mirror shows as ``mirrored``. A candidate without
+    features checks 0 inliers."""
     scores = np.empty(len(candidates), dtype=np.float64)
     checks = []
     for position, (_, score, features) in enumerate(candidates):
         scores[position] = float(score)
         if features is None or len(features) < rule.min_inliers:
-            checks.append(CopyCheck(0, copy_probability(0, score)))
+            checks.append(CopyCheck(0, copy_probability(0, score), score=score))
             continue
         _, found = best_verification(queries, features, rule)
         scores[position] = rule.score(float(score), found.inliers)
         transform = _transform(queries[0], features, found)
-        checks.append(CopyCheck(found.inliers, copy_probability(found.inliers, score), transform))
+        probability = copy_probability(found.inliers, score)
+        checks.append(CopyCheck(found.inliers, probability, transform, score))
     return scores, checks
 
 
