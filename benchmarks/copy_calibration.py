@@ -235,7 +235,7 @@ def draw(rows: list[tuple[float, float, int, float, float]], path: Path, title: 
     axes.set_xlim(0, 1)
     axes.set_ylim(0, 1)
     axes.set_title(title)
-    axes.legend(loc="upper left")
+    axes.legend(loc="lower right")
     figure.savefig(path)
 
 

@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from conftest import photo
+from PIL import Image
 
 from lookalike.cli.main import main as lookalike_main
 from lookalike.cli.remote import (
@@ -89,9 +90,10 @@ def ran_model(modules: set[str]) -> bool:
 @pytest.fixture(scope="module")
 def collection(photo_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A collection of the six photos, indexed with the default model (which also prepares
-    its graph in the session's cache)."""
+    its graph in the session's cache) and local features (for copy searches)."""
     folder = tmp_path_factory.mktemp("cold") / "c"
-    assert lookalike_main(["-c", str(folder), "index", str(photo_dir), "-q"]) == 0
+    command = ["-c", str(folder), "index", str(photo_dir), "-q", "--local-features"]
+    assert lookalike_main(command) == 0
     return folder
 
 
@@ -312,6 +314,24 @@ def test_a_combined_query_through_the_server_prints_the_local_results(
     local, _ = run_search(collection, *query, "--no-server")
     assert remote == local
     assert not ran_model(remote_modules)
+
+
+@pytest.mark.parametrize("flags", [["--copies"], ["--no-copy-views"], ["--rerank", "3"]])
+def test_copy_search_options_through_the_server_print_the_local_results(
+    served: tuple[Path, int], photo_dir: Path, tmp_path: Path, flags: list[str]
+) -> None:
+    collection, _ = served
+    query = tmp_path / "turned.jpg"
+    with Image.open(next(photo_dir.rglob("coffee.jpg"))) as source:
+        source.convert("RGB").rotate(25, Image.Resampling.BICUBIC, expand=True).save(query)
+    remote, remote_modules = run_search(collection, str(query), "-k", "3", "--json", *flags)
+    local, _ = run_search(collection, str(query), "-k", "3", "--json", *flags, "--no-server")
+    assert remote == local
+    assert not ran_model(remote_modules)  # the server answered, with these options
+    best = json.loads(remote)["results"][0]
+    assert best["path"].endswith("coffee.jpg")
+    if "--copies" in flags:
+        assert best["copy_probability"] > 0.5 and abs(best["transform"]["rotation_degrees"]) > 20
 
 
 def test_the_local_route_answers_only_with_the_announced_key(served: tuple[Path, int]) -> None:

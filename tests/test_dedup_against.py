@@ -11,6 +11,7 @@ import json
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 from conftest import photo
 from PIL import Image, ImageDraw, ImageOps
@@ -358,3 +359,49 @@ def test_cli_process_exit_codes(folders: tuple[Path, Path], collection: Collecti
     )
     assert failed.returncode == 1 and failed.stdout == ""
     assert "no such folder or collection" in failed.stderr
+
+
+def unit(vector: np.ndarray) -> np.ndarray:
+    return vector / np.linalg.norm(vector)
+
+
+ROTATED = (("astronaut", 40.0), ("chelsea", -45.0))
+
+
+@pytest.fixture(scope="module")
+def rotated(folders: tuple[Path, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Copies rotated by 40-45 degrees on a grown canvas with black corners: their cosine
+    with the original falls below the verified method's candidate threshold."""
+    folder = tmp_path_factory.mktemp("rotated")
+    for name, angle in ROTATED:
+        turned = small(name).rotate(angle, Image.Resampling.BICUBIC, expand=True)
+        turned.save(folder / f"{name}-turned.jpg")
+    return folder
+
+
+@pytest.mark.parametrize("stored", [False, True], ids=["features-extracted", "features-stored"])
+def test_copies_rotated_below_the_cosine_threshold_are_found_by_their_visual_words(
+    folders: tuple[Path, Path], rotated: Path, tmp_path: Path, stored: bool
+) -> None:
+    reference, _ = folders
+    with Collection(tmp_path / "c") as collection:
+        collection.index(reference, workers=1, local_features=stored)
+        originals = {Path(p).stem: i for p, i in collection.catalog.paths().items()}
+        for name, _ in ROTATED:
+            copy, original = (
+                unit(collection.embed(path))
+                for path in (rotated / f"{name}-turned.jpg", reference / f"{name}.jpg")
+            )
+            cosine = float(copy @ original)
+            assert cosine < 0.75, (name, cosine)  # the embedding alone would miss it
+        report = find_in_reference(rotated, collection, workers=1)
+    found = {Path(r.path).stem: r for r in report.found}
+    assert sorted(found) == sorted(f"{name}-turned" for name, _ in ROTATED)
+    for name, angle in ROTATED:
+        best = found[f"{name}-turned"].matches[0]
+        assert best.id == originals[name] and [m.id for m in found[f"{name}-turned"].matches] == [
+            best.id
+        ]
+        assert best.transform is not None and not best.transform.mirrored
+        # The transform turns the reference image into the query: rotated by the angle.
+        assert abs(abs(best.transform.rotation_degrees) - abs(angle)) < 3.0, best.transform

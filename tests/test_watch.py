@@ -584,6 +584,34 @@ def test_lookalike_watch_follows_the_folder_and_stops_on_ctrl_c(tmp_path: Path) 
             catalog.close()
 
 
+def test_lookalike_watch_stops_on_sigterm_with_the_changes_seen_applied(tmp_path: Path) -> None:
+    """A service manager's SIGTERM ends ``watch`` as Ctrl-C does: what it saw is applied."""
+    folder = tmp_path / "photos"
+    save("astronaut", folder / "astronaut.jpg")
+    collection = tmp_path / "c"
+    process = lookalike("-c", str(collection), "watch", str(folder), "--debounce", "5")
+    out = Lines(process)
+    try:
+        wait_for(lambda: "caught up" in out.text() or process.poll() is not None, "catch-up", 120)
+        assert process.poll() is None, process.stderr.read() if process.stderr else ""
+        save("coffee", folder / "coffee.jpg")  # seen, not due for 5 s
+        time.sleep(0.3)
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=120) == 0, process.stderr.read() if process.stderr else ""
+        out.thread.join(10)
+        assert "stopped watching" in out.text()
+        with SqliteCatalog(collection / CATALOG_FILE) as catalog:
+            assert str(folder.resolve() / "coffee.jpg") in catalog.paths()
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+        out.thread.join(10)
+        for stream in (process.stdout, process.stderr):
+            if stream is not None:
+                stream.close()
+
+
 def test_watch_takes_the_options_of_index_and_serve_takes_watch() -> None:
     from lookalike.cli.main import build_parser
 

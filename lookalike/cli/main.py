@@ -385,6 +385,25 @@ def _cmd_check(args: argparse.Namespace) -> int:
     return 0 if report.healthy else 1
 
 
+_STOP_POLL_SECONDS = 0.2
+
+
+class _StopRequest:
+    """Notes a stop signal without raising: a KeyboardInterrupt raised inside
+    ``threading.Event.wait`` can leave the event's lock held (CPython before 3.12), after
+    which the watcher could never report that it ended. A second signal stops at once."""
+
+    def __init__(self) -> None:
+        self.made = False
+
+    def handle(self, signum: int, frame: object) -> None:
+        """The signal handler: the first signal asks, the second interrupts."""
+        del frame
+        if self.made:
+            raise KeyboardInterrupt(f"signal {signum}")
+        self.made = True
+
+
 def _cmd_watch(args: argparse.Namespace) -> int:
     import signal
 
@@ -413,18 +432,21 @@ def _cmd_watch(args: argparse.Namespace) -> int:
         watcher = FolderWatcher(
             collection, args.folders, watching, on_report=_print_changes, on_error=_print_problem
         )
-        # SIGTERM (a service manager stopping it) ends it as Ctrl-C does, changes applied.
-        previous = signal.signal(signal.SIGTERM, signal.default_int_handler)
+        # Ctrl-C, or SIGTERM (a service manager stopping it), ends it with changes applied.
+        request = _StopRequest()
+        stop_signals = (signal.SIGINT, signal.SIGTERM)
+        previous = {sig: signal.signal(sig, request.handle) for sig in stop_signals}
         try:
             watcher.start()
             print(f"watching {', '.join(map(_shown, watcher.folders))} (Ctrl-C stops)", flush=True)
-            while not watcher.wait(1.0):
+            while not request.made and not watcher.wait(_STOP_POLL_SECONDS):
                 pass
-        except KeyboardInterrupt:
-            print("stopping: applying the changes seen so far", file=sys.stderr, flush=True)
+            if request.made:
+                print("stopping: applying the changes seen so far", file=sys.stderr, flush=True)
         finally:
-            signal.signal(signal.SIGTERM, previous)
             watcher.stop()
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
     print("stopped watching", flush=True)
     return 0
 

@@ -56,6 +56,8 @@ _FORWARDED = {
     "qe": "query_expansion",
     "rerank": "rerank",
     "multi_crop": "multi_crop",
+    "no_copy_views": "no_copy_views",
+    "copies": "copies",
     "text": "text",
 }
 # Arguments that do not change what a search finds (or that are sent another way).

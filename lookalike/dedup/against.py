@@ -6,9 +6,12 @@ as :func:`lookalike.dedup.find_duplicates`: ``exact`` (same bytes), ``perceptual
 bits, the mirror image too), ``embedding`` (cosine of the query's vector and the stored
 vectors, candidates from the collection's index) and ``verified`` (embedding candidates
 confirmed by the copy test of :mod:`lookalike.dedup.verification`, the mirrored query tried
-too, with the estimated transform). Unlike ``find_duplicates``, candidates come from the
-embedding only: a copy rotated far enough to fall below the threshold is not found. Query
-images are read from their files and never added to the collection.
+too, with the estimated transform). As in ``find_duplicates``, ``verified`` also takes the
+reference images that share the query's visual words (:mod:`lookalike.dedup.words`), so a
+copy rotated or cropped far below the threshold is still found: from every reference image's
+stored local features (``index --local-features``) and, for a reference of at most
+``EXTRACT_AT_MOST`` images without them, from features extracted for the check. Query images
+are read from their files and never added to the collection.
 """
 
 from __future__ import annotations
@@ -36,11 +39,20 @@ from lookalike.errors import DedupError, ImageError
 
 if TYPE_CHECKING:
     from lookalike.core.collection import Collection
+    from lookalike.dedup.verification import Verifier
+    from lookalike.dedup.words import WordLookup
     from lookalike.local.features import LocalFeatures
     from lookalike.local.matching import EstimatedTransform
 
 # Reference matches kept per query image, best first.
 DEFAULT_MAX_MATCHES = 5
+# Reference images sharing the most visual words with a query that are verified besides its
+# embedding candidates: a photo kept several times in the reference has as many copies.
+WORD_CANDIDATES = 10
+# Reference images without stored local features are read and their features extracted for
+# the visual words only up to this many (about 30 ms each); a larger reference uses the
+# stored ones alone.
+EXTRACT_AT_MOST = 2_000
 
 
 @dataclass(frozen=True)
@@ -349,18 +361,22 @@ def _verified(
     assert threshold is not None and min_inliers is not None
     rule = copy_rule(min_inliers)
     verifier = Verifier(collection, failed)
+    words = _word_lookup(verifier, scope, workers)
     found: Matches = {}
     for path, vector in _embedded(collection, paths, failed):
-        hits = _candidates(collection, scope, vector, threshold)
-        if not hits:
-            continue
         features = _query_features(path, failed)
         if features is None:
             continue
-        verifier.prefetch([i for i, _ in hits], workers)
+        hits = dict(_candidates(collection, scope, vector, threshold))
+        if words is not None:
+            sharing = [i for i, _ in words.candidates(features, limit=WORD_CANDIDATES)]
+            hits.update(_cosines(collection, vector, [i for i in sharing if i not in hits]))
+        if not hits:
+            continue
+        verifier.prefetch(list(hits), workers)
         mirrored = mirror_features(features)
         confirmed: list[Found] = []
-        for image_id, cosine in hits:
+        for image_id, cosine in hits.items():
             target = verifier.features(image_id)
             if target is None:
                 continue
@@ -374,6 +390,23 @@ def _verified(
                 collection, confirmed, [-float(item[2] or 0) for item in confirmed]
             )
     return found
+
+
+def _word_lookup(verifier: Verifier, scope: _Scope, workers: int | None) -> WordLookup | None:
+    """The visual words of the reference scope (see ``EXTRACT_AT_MOST``)."""
+    from lookalike.dedup.words import word_lookup
+
+    ids = sorted(scope.id_set)
+    return word_lookup(verifier, ids, workers, extract=len(ids) <= EXTRACT_AT_MOST)
+
+
+def _cosines(collection: Collection, vector: np.ndarray, ids: list[int]) -> list[tuple[int, float]]:
+    """(id, cosine of the query's vector and the stored one) of these reference images."""
+    if not ids:
+        return []
+    stored = _unit(collection.catalog.vectors_for(ids, collection.model_id))
+    cosine = stored @ _unit(vector).reshape(-1)
+    return [(i, float(c)) for i, c in zip(ids, cosine.tolist(), strict=True)]
 
 
 def _query_features(path: str, failed: list[tuple[str, str]]) -> LocalFeatures | None:

@@ -245,17 +245,19 @@ class WordIndex:
 
 
 def _voters(
-    verifier: Verifier, ids: Sequence[int], workers: int | None
+    verifier: Verifier, ids: Sequence[int], workers: int | None, *, extract: bool = True
 ) -> tuple[list[int], np.ndarray, np.ndarray]:
     """(ids with keypoints, the voting descriptors of all of them concatenated, the position
     in those ids of each descriptor): stored features read without their checksum and let
-    go, the others extracted once and kept by the verifier."""
+    go, the others extracted once and kept by the verifier (with ``extract``; else left
+    out)."""
     stored = verifier.stored(ids, check=False)
-    verifier.prefetch([i for i in ids if i not in stored], workers)
+    if extract:
+        verifier.prefetch([i for i in ids if i not in stored], workers)
     owners, features = [], []
     for image_id in ids:
         found = stored.get(image_id)
-        if found is None:
+        if found is None and extract:
             found = verifier.features(image_id)
         if found is not None and len(found):
             owners.append(image_id)
@@ -268,28 +270,90 @@ def _voters(
     return owners, descriptors, positions
 
 
+def _words_of(
+    verifier: Verifier, ids: Sequence[int], workers: int | None, *, extract: bool = True
+) -> tuple[WordQuantizer, list[int], np.ndarray, np.ndarray] | None:
+    """(the quantiser fitted to these images, those with keypoints, and one (position among
+    them, word) per voting descriptor), or None with too few keypoints to learn words from."""
+    ids = sorted(ids)
+    rng = np.random.default_rng(0)
+    chosen = sorted(rng.choice(len(ids), size=min(len(ids), TRAIN_IMAGES), replace=False))
+    _, voting, _ = _voters(verifier, [ids[i] for i in chosen], workers, extract=extract)
+    sample = training_sample([voting])
+    if len(sample) < 256:
+        return None
+    quantizer = train_quantizer(sample)
+    owners: list[int] = []
+    entries, words = [], []
+    for start in range(0, len(ids), CHUNK):
+        part = ids[start : start + CHUNK]
+        found, descriptors, positions = _voters(verifier, part, workers, extract=extract)
+        entries.append(positions + len(owners))
+        owners.extend(found)
+        words.append(quantizer.words(descriptors))
+    return quantizer, owners, np.concatenate(entries), np.concatenate(words)
+
+
 def word_index(verifier: Verifier, ids: Sequence[int], workers: int | None = None) -> WordIndex:
     """The :class:`WordIndex` of these catalog images, from their local features (stored,
     or extracted by the verifier)."""
     ids = sorted(ids)
     empty = np.zeros(0, dtype=np.int64)
-    if len(ids) < 2:
-        return WordIndex(ids, empty, empty, empty)
-    rng = np.random.default_rng(0)
-    chosen = sorted(rng.choice(len(ids), size=min(len(ids), TRAIN_IMAGES), replace=False))
-    _, voting, _ = _voters(verifier, [ids[i] for i in chosen], workers)
-    sample = training_sample([voting])
-    if len(sample) < 256:
-        return WordIndex(ids, empty, empty, empty)  # too few keypoints to learn words from
-    quantizer = train_quantizer(sample)
-    owners: list[int] = []
-    entries, words = [], []
-    for start in range(0, len(ids), CHUNK):
-        found, descriptors, positions = _voters(verifier, ids[start : start + CHUNK], workers)
-        entries.append(positions + len(owners))
-        owners.extend(found)
-        words.append(quantizer.words(descriptors))
+    found = _words_of(verifier, ids, workers) if len(ids) >= 2 else None
+    if found is None:
+        return WordIndex(ids, empty, empty, empty)  # too few images or keypoints
+    _, owners, entries, words = found
     if len(owners) < 2:
         return WordIndex(owners, empty, empty, empty)
-    a, b, shared = shared_words(np.concatenate(entries), np.concatenate(words))
+    a, b, shared = shared_words(entries, words)
     return WordIndex(owners, a, b, shared)
+
+
+class WordLookup:
+    """The visual words of a reference's images, for query images from outside it: which
+    reference images share the most words with a query (its copies, whatever their
+    cosine). Words held by more than ``MAX_POSTING`` reference images are stop words."""
+
+    def __init__(
+        self, quantizer: WordQuantizer, ids: Sequence[int], entries: np.ndarray, words: np.ndarray
+    ) -> None:
+        self.quantizer = quantizer
+        self.ids = np.asarray(ids, dtype=np.int64)
+        keys = np.sort((np.asarray(words, dtype=np.int64) << 24) | np.asarray(entries, np.int64))
+        keys = keys[_first_of_runs(keys)]
+        word_of = keys >> 24
+        first = np.flatnonzero(_first_of_runs(word_of))
+        lengths = np.diff(np.append(first, len(keys)))
+        useful = np.repeat(lengths <= MAX_POSTING, lengths)
+        # Postings: (word, reference position) sorted by word, stop words left out.
+        self._words, self._positions = word_of[useful], keys[useful] & 0xFFFFFF
+
+    def candidates(
+        self, features: LocalFeatures, *, limit: int, min_shared: int = MIN_SHARED
+    ) -> list[tuple[int, int]]:
+        """(reference id, shared words) of the ``limit`` reference images sharing the most
+        distinct words (at least ``min_shared``) with ``features``, most first."""
+        if not len(features) or not len(self._words):
+            return []
+        descriptors = features.descriptors[voting_rows([features])]
+        words = np.unique(self.quantizer.words(descriptors))
+        starts = np.searchsorted(self._words, words, side="left")
+        ends = np.searchsorted(self._words, words, side="right")
+        lengths = ends - starts
+        holders = self._positions[np.repeat(starts, lengths) + _ranges(lengths)]
+        counts = np.bincount(holders, minlength=len(self.ids)) if len(holders) else holders
+        ranked = np.argsort(-counts, kind="stable")[:limit]
+        return [(int(self.ids[i]), int(counts[i])) for i in ranked if counts[i] >= min_shared]
+
+
+def word_lookup(
+    verifier: Verifier, ids: Sequence[int], workers: int | None = None, *, extract: bool = True
+) -> WordLookup | None:
+    """The :class:`WordLookup` of these catalog images (their stored local features, and
+    with ``extract`` the others' extracted by the verifier), or None when they hold too few
+    keypoints to learn words from."""
+    found = _words_of(verifier, ids, workers, extract=extract) if ids else None
+    if found is None:
+        return None
+    quantizer, owners, entries, words = found
+    return WordLookup(quantizer, owners, entries, words)

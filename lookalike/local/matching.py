@@ -154,6 +154,17 @@ class RerankRule:
         gap = max(0.0, 1.0 - cosine)
         return cosine + gap * self.weight * min(inliers, self.cap) / self.cap
 
+    def verify(self, query: LocalFeatures, candidate: LocalFeatures) -> Verification:
+        """The RANSAC check of ``candidate`` against ``query`` with this rule's ratio test,
+        tolerance and least matches."""
+        return verify(
+            query,
+            candidate,
+            ratio=self.ratio,
+            threshold=self.threshold,
+            min_matches=self.min_inliers,
+        )
+
 
 DEFAULT_RULE = RerankRule()
 
@@ -298,12 +309,6 @@ def rerank(
         scores[position] = float(score)
         if features is None or len(features) < rule.min_inliers:
             continue
-        found = verify(
-            query,
-            features,
-            ratio=rule.ratio,
-            threshold=rule.threshold,
-            min_matches=rule.min_inliers,
-        )
+        found = rule.verify(query, features)
         scores[position] = rule.score(float(score), found.inliers)
     return scores

@@ -46,6 +46,8 @@ class LocalSearch(BaseModel):
     query_expansion: int = 0
     rerank: int = 0
     multi_crop: bool = False
+    no_copy_views: bool = False
+    copies: bool = False
 
 
 def _decoded(items: list[str]) -> list[bytes]:
@@ -85,6 +87,8 @@ def add_local_search(app: FastAPI, service: SearchService, key: str) -> None:
                 query_expansion=body.query_expansion,
                 rerank=body.rerank,
                 multi_crop=body.multi_crop,
+                copy_views=not body.no_copy_views,
+                copies=body.copies,
             )
 
         response = await run_in_threadpool(run)
