@@ -271,8 +271,8 @@ def test_words_are_mirror_invariant_and_pairs_come_from_shared_words() -> None:
     distinct words each pair of images shares (checked against sets), skipping stop words."""
     import numpy as np
 
-    from lookalike.dedup.words import best_pairs, shared_words, train_quantizer
     from lookalike.local.matching import mirror_descriptors
+    from lookalike.local.words import best_pairs, shared_words, train_quantizer
 
     rng = np.random.default_rng(0)
     descriptors = rng.integers(0, 60, size=(4000, 128)).astype(np.uint8)

@@ -535,6 +535,17 @@ class Lines:
         return "".join(self.lines)
 
 
+def end(process: subprocess.Popen[str], out: Lines) -> None:
+    """Kill ``process`` if it still runs, and close its output."""
+    if process.poll() is None:
+        process.kill()
+        process.wait()
+    out.thread.join(10)
+    for stream in (process.stdout, process.stderr):
+        if stream is not None:
+            stream.close()
+
+
 def test_lookalike_watch_follows_the_folder_and_stops_on_ctrl_c(tmp_path: Path) -> None:
     folder = tmp_path / "photos"
     save("astronaut", folder / "astronaut.jpg")
@@ -573,13 +584,7 @@ def test_lookalike_watch_follows_the_folder_and_stops_on_ctrl_c(tmp_path: Path) 
         assert search.returncode == 0, errors
         assert json.loads(reply)["results"][0]["path"].endswith("coffee.jpg")
     finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
-        out.thread.join(10)
-        for stream in (process.stdout, process.stderr):
-            if stream is not None:
-                stream.close()
+        end(process, out)
         if catalog is not None:
             catalog.close()
 
@@ -603,13 +608,7 @@ def test_lookalike_watch_stops_on_sigterm_with_the_changes_seen_applied(tmp_path
         with SqliteCatalog(collection / CATALOG_FILE) as catalog:
             assert str(folder.resolve() / "coffee.jpg") in catalog.paths()
     finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
-        out.thread.join(10)
-        for stream in (process.stdout, process.stderr):
-            if stream is not None:
-                stream.close()
+        end(process, out)
 
 
 def test_watch_takes_the_options_of_index_and_serve_takes_watch() -> None:

@@ -794,6 +794,13 @@ class PostgresCatalog:
         )
         return [(int(i), from_catalog(p)) for i, p in rows]
 
+    def ids_with_local_features(self, kind: str) -> list[int]:
+        """Ids of the images with local features of this kind, in order."""
+        rows = self._rows(
+            "SELECT image_id FROM local_features WHERE kind = %s ORDER BY image_id", (kind,)
+        )
+        return [int(i) for (i,) in rows]
+
     def local_features_summary(self) -> dict[str, tuple[int, int]]:
         """Kind -> (images, total bytes) of the stored local features."""
         rows = self._rows(

@@ -648,6 +648,14 @@ class SqliteCatalog:
         return [(int(i), from_catalog(p)) for i, p in rows]
 
     @_guarded
+    def ids_with_local_features(self, kind: str) -> list[int]:
+        """Ids of the images with local features of this kind, in order."""
+        rows = self._db.execute(
+            "SELECT image_id FROM local_features WHERE kind = ? ORDER BY image_id", (kind,)
+        )
+        return [int(i) for (i,) in rows]
+
+    @_guarded
     def local_features_summary(self) -> dict[str, tuple[int, int]]:
         """Kind -> (images, total bytes) of the stored local features."""
         rows = self._db.execute(

@@ -33,6 +33,7 @@ from lookalike.local.rerank import (
     query_features,
     verified_candidates,
 )
+from lookalike.local.words import WordLookup
 
 # The catalog setting that names the kind of local features a collection stores ("": none).
 LOCAL_FEATURES_SETTING = "local_features"
@@ -48,6 +49,24 @@ RERANK_WIDEN = 3
 STRONG_INLIERS = 40
 # A copy search (``copies``) verifies at least this many candidates first.
 COPY_CANDIDATES = 20
+# When none of those verified strongly, the images sharing the most of the query's visual
+# words (``lookalike.local.words``) are verified too, wherever the global vector ranks them:
+# a copy whose vector drifted out of reach (a heavy crop, a small scale, a rotation) still
+# shares its source's keypoints. One stays only when it verifies better than every candidate
+# the vector found. On the grocery-store train split (100 sources x 16 attacks, rerank 10)
+# mean recall@1 rose from 0.986 to 0.991 (min 0.93 -> 0.95). The reference side posts
+# ``WORD_KEYPOINTS`` keypoints an image (96, as dedup does, found 4-9 shared words for a
+# quarter-size rotated crop; 256 found 15-18) and the query looks with all of its own. The
+# words are built in memory from the stored SIFT features at the first such search (1.2 s
+# and 4 KB an image for 2,640 images), for at most ``WORD_LOOKUP_AT_MOST`` images with
+# features (a larger collection verifies its global candidates only: the build would stall
+# its first query), and rebuilt once that number has changed by ``WORD_LOOKUP_STALE``
+# (images added since are found by their vectors alone).
+WORD_CANDIDATES = 10
+WORD_MIN_SHARED = 2
+WORD_KEYPOINTS = 256
+WORD_LOOKUP_AT_MOST = 20_000
+WORD_LOOKUP_STALE = 0.1
 
 
 class LocalFeatureCatalog(Protocol):
@@ -60,6 +79,11 @@ class LocalFeatureCatalog(Protocol):
     def local_features(self, ids: Iterable[int], kind: str) -> dict[int, bytes]: ...
 
     def ids_missing_local_features(self, kind: str) -> list[tuple[int, str]]: ...
+
+    def ids_with_local_features(self, kind: str) -> list[int]: ...
+
+    @property
+    def generation(self) -> int: ...
 
     def store_local_features(
         self,
@@ -119,6 +143,8 @@ class LocalFeatureStore:
 
     def __init__(self, catalog: LocalFeatureCatalog) -> None:
         self.catalog = catalog
+        # (catalog generation seen, kind, images it was built from, the lookup or None)
+        self._words: tuple[int, str, int, WordLookup | None] | None = None
 
     def kind(self) -> LocalFeatureKind | None:
         """The kind this collection stores, or None when it stores none."""
@@ -218,6 +244,45 @@ class LocalFeatureStore:
             checks = in_context(checks)
         return (np.concatenate(scores) if scores else np.zeros(0)), checks
 
+    def word_candidates(self, query: QueryLocal, exclude: Iterable[int]) -> list[int]:
+        """Up to ``WORD_CANDIDATES`` images, not in ``exclude``, sharing the most visual
+        words with the query (SIFT only; none for a collection too large to hold its words
+        in memory, see ``WORD_LOOKUP_AT_MOST``)."""
+        if query.sift is None:
+            return []
+        lookup = self.word_lookup()
+        if lookup is None:
+            return []
+        skip = set(exclude)
+        found = lookup.candidates(
+            query.sift[0], limit=WORD_CANDIDATES + len(skip), min_shared=WORD_MIN_SHARED
+        )
+        return [i for i, _ in found if i not in skip][:WORD_CANDIDATES]
+
+    def word_lookup(self) -> WordLookup | None:
+        """The visual words of the stored SIFT features, cached (see ``WORD_CANDIDATES``)."""
+        from lookalike.local.words import word_lookup
+
+        kind = self.kind()
+        if kind is None or kind.sift is None:
+            return None
+        generation = self.catalog.generation
+        cached = self._words
+        if cached is not None and cached[:2] == (generation, kind.name):
+            return cached[3]
+        ids = self.catalog.ids_with_local_features(kind.name)
+        if cached is not None and cached[1] == kind.name:
+            built_from = cached[2]
+            if abs(len(ids) - built_from) <= WORD_LOOKUP_STALE * max(built_from, 1):
+                self._words = (generation, kind.name, built_from, cached[3])
+                return cached[3]
+        lookup = None
+        if 2 <= len(ids) <= WORD_LOOKUP_AT_MOST:
+            source = _StoredFeatures(self.catalog, kind.name)
+            lookup = word_lookup(source, ids, extract=False, keypoints=WORD_KEYPOINTS)
+        self._words = (generation, kind.name, len(ids), lookup)
+        return lookup
+
     def rescore(
         self,
         encoder: Encoder,
@@ -226,3 +291,28 @@ class LocalFeatureStore:
     ) -> np.ndarray:
         """New scores for (id, cosine) candidates (see :meth:`verify`)."""
         return self.verify(self.query_local(encoder, query), candidates)[0]
+
+
+class _StoredFeatures:
+    """The stored SIFT features of a collection as the visual words read them (never
+    extracted from files: ``word_lookup(..., extract=False)``)."""
+
+    def __init__(self, catalog: LocalFeatureCatalog, kind: str) -> None:
+        self.catalog, self.kind = catalog, kind
+
+    def stored(self, ids: Sequence[int], *, check: bool = True) -> dict[int, LocalFeatures]:
+        """The stored features of these images that decode."""
+        stored = self.catalog.local_features(ids, self.kind)
+        decoded = decode_stored(
+            stored, list(stored), lambda d: LocalFeatures.from_bytes(d, check=check)
+        )
+        return {i: f for i, f in zip(stored, decoded, strict=True) if f is not None}
+
+    def prefetch(self, ids: Sequence[int], workers: int | None) -> None:
+        """Nothing: only stored features are read."""
+        del ids, workers
+
+    def features(self, image_id: int) -> LocalFeatures | None:
+        """None: only stored features are read (see :meth:`stored`)."""
+        del image_id
+        return None

@@ -42,7 +42,13 @@ from lookalike.core.filters import (
     parse_sort,
     sort_items,
 )
-from lookalike.core.local_store import COPY_CANDIDATES, RERANK_WIDEN, LocalFeatureStore
+from lookalike.core.local_store import (
+    COPY_CANDIDATES,
+    RERANK_WIDEN,
+    STRONG_INLIERS,
+    LocalFeatureStore,
+    QueryLocal,
+)
 from lookalike.core.results import SearchResponse, SearchResult, best_first, cut
 from lookalike.core.transform import PreparedIndex
 from lookalike.encoders.base import Encoder
@@ -54,9 +60,9 @@ from lookalike.errors import (
     RequestError,
 )
 from lookalike.images import ImageSource, load_image
-from lookalike.knn.base import Metric, SearchHits
+from lookalike.knn.base import Metric, SearchHits, l2_normalize
 from lookalike.knn.exact import score_matrix
-from lookalike.local.rerank import COPY_PROBABILITY, CopyCheck
+from lookalike.local.rerank import COPY_PROBABILITY, SEARCH_RULE, CopyCheck, in_context
 
 # Records are fetched this many at a time when every image is ranked exactly.
 _EXHAUSTIVE_CHUNK = 1024
@@ -463,8 +469,9 @@ class Searcher:
                 ranked = _merge_views(per_view, options.metric)
         ranked = ranked[: options.depth]
         if options.verifies and query_image is not None:
+            own = views.vectors if isinstance(views, QueryViews) else views
             with guard:
-                ranked = self._verified(query_image, ranked, options)
+                ranked = self._verified(query_image, ranked, options, own_vector(own))
         response = cut(ranked, options.metric, options.k, options.threshold)
         if missing.partial:
             shards = tuple(sorted(missing.shards))
@@ -630,14 +637,20 @@ class Searcher:
         ]
 
     def _verified(
-        self, query: Image.Image, ranked: list[SearchResult], options: SearchOptions
+        self,
+        query: Image.Image,
+        ranked: list[SearchResult],
+        options: SearchOptions,
+        query_vector: np.ndarray,
     ) -> list[SearchResult]:
         """``ranked`` with its head verified by local features: the first
         ``options.verify_depth`` candidates, then the next as many, up to ``RERANK_WIDEN``
         times as many, while none verified has ``STRONG_INLIERS`` (a copy whose global
-        vector drifted sits deeper; :meth:`LocalFeatureStore.verify_widening`). Re-scored
-        and re-sorted (verification only raises scores, so the rest stays in order after
-        them); with ``copies``, only the likely copies, most probable first."""
+        vector drifted sits deeper; :meth:`LocalFeatureStore.verify_widening`), and then,
+        if still none has, the images sharing the most of the query's visual words
+        (:meth:`_word_candidates`). Re-scored and re-sorted (verification only raises
+        scores, so the rest stays in order after them); with ``copies``, only the likely
+        copies, most probable first."""
         if options.copies and self.local_store.kind() is None:
             raise RequestError(
                 "a copy search verifies local features, and this collection stores none: "
@@ -652,6 +665,30 @@ class Searcher:
         scores, checks = self.local_store.verify_widening(
             local, [(r.id, r.score) for r in ranked], options.verify_depth
         )
+        if checks is not None and not any(c.inliers >= STRONG_INLIERS for c in checks):
+            verified = ranked[: len(scores)]
+            extra = self._word_candidates(local, verified, options, query_vector)
+            if extra:
+                more_scores, more_checks = self.local_store.verify(
+                    local, [(r.id, r.score) for r in extra]
+                )
+                assert more_checks is not None  # SIFT: word candidates need keypoints
+                # A word candidate stays only when it verifies better than every candidate
+                # the vector found: sharing a few words is weaker evidence than ranking near.
+                best = max((c.inliers for c in checks), default=0)
+                keep = [
+                    position
+                    for position, check in enumerate(more_checks)
+                    if check.inliers > best and check.inliers >= SEARCH_RULE.min_inliers
+                ]
+                extra = [extra[i] for i in keep]
+                more_scores = more_scores[keep]
+                more_checks = [more_checks[i] for i in keep]
+                moved = {r.id for r in extra}
+                rest = [r for r in ranked[len(scores) :] if r.id not in moved]
+                ranked = verified + extra + rest
+                scores = np.concatenate([scores, more_scores])
+                checks = in_context([*checks, *more_checks])
         if options.copies and checks is not None:
             return _likely_copies(ranked, checks)
         head = [
@@ -659,6 +696,38 @@ class Searcher:
         ]
         order = np.argsort([-r.score for r in head], kind="stable")
         return [head[i] for i in order] + ranked[len(head) :]
+
+    def _word_candidates(
+        self,
+        local: QueryLocal,
+        verified: list[SearchResult],
+        options: SearchOptions,
+        query_vector: np.ndarray,
+    ) -> list[SearchResult]:
+        """The images sharing the most visual words with the query that were not verified
+        yet and pass the filters, each scored by its global similarity to the query in the
+        index's space (as the index would have scored it)."""
+        ids = self.local_store.word_candidates(local, [r.id for r in verified])
+        records = self.catalog.images(ids)
+        passing = [i for i in ids if i in records and options.filter.matches(records[i])]
+        if not passing:
+            return []
+        # Cosine in the index's space: its transform (a centre) and unit length, which an
+        # index without a centre leaves to its own search.
+        index = self.index_for(options.metric)
+        query = l2_normalize(index.transform(query_vector.reshape(1, -1)))[0]
+        stored = l2_normalize(index.transform(self.catalog.vectors_for(passing, self.model_id)))
+        return [
+            SearchResult.from_record(records[i], float(score))
+            for i, score in zip(passing, (stored @ query).tolist(), strict=True)
+        ]
+
+
+def own_vector(views: np.ndarray) -> np.ndarray:
+    """The query's own vector among its views (the first: crops and copy views follow)."""
+    vectors = np.asarray(views, dtype=np.float32)
+    first: np.ndarray = vectors.reshape(-1, vectors.shape[-1])[0]
+    return first
 
 
 def expand_query(

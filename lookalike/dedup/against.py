@@ -7,7 +7,7 @@ bits, the mirror image too), ``embedding`` (cosine of the query's vector and the
 vectors, candidates from the collection's index) and ``verified`` (embedding candidates
 confirmed by the copy test of :mod:`lookalike.dedup.verification`, the mirrored query tried
 too, with the estimated transform). As in ``find_duplicates``, ``verified`` also takes the
-reference images that share the query's visual words (:mod:`lookalike.dedup.words`), so a
+reference images that share the query's visual words (:mod:`lookalike.local.words`), so a
 copy rotated or cropped far below the threshold is still found: from every reference image's
 stored local features (``index --local-features``) and, for a reference of at most
 ``EXTRACT_AT_MOST`` images without them, from features extracted for the check. Query images
@@ -40,9 +40,9 @@ from lookalike.errors import DedupError, ImageError
 if TYPE_CHECKING:
     from lookalike.core.collection import Collection
     from lookalike.dedup.verification import Verifier
-    from lookalike.dedup.words import WordLookup
     from lookalike.local.features import LocalFeatures
     from lookalike.local.matching import EstimatedTransform
+    from lookalike.local.words import WordLookup
 
 # Reference matches kept per query image, best first.
 DEFAULT_MAX_MATCHES = 5
@@ -394,7 +394,7 @@ def _verified(
 
 def _word_lookup(verifier: Verifier, scope: _Scope, workers: int | None) -> WordLookup | None:
     """The visual words of the reference scope (see ``EXTRACT_AT_MOST``)."""
-    from lookalike.dedup.words import word_lookup
+    from lookalike.local.words import word_lookup
 
     ids = sorted(scope.id_set)
     return word_lookup(verifier, ids, workers, extract=len(ids) <= EXTRACT_AT_MOST)

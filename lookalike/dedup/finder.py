@@ -12,7 +12,7 @@ Methods:
   tentative matches with at least ``min_inliers`` inliers, to a fraction of a pixel (see
   :mod:`lookalike.dedup.verification`); each duplicate reports the transform (rotation,
   scale, mirror). Candidates are images that share visual words of their keypoints (found
-  whatever the embedding says, e.g. rotations; :mod:`lookalike.dedup.words`) and each
+  whatever the embedding says, e.g. rotations; :mod:`lookalike.local.words`) and each
   image's nearest embedding neighbours at cosine ``threshold`` or more. Stored local
   features are used when the collection has them; otherwise every image in scope is read
   once to extract them.
@@ -551,7 +551,7 @@ def verified_candidates(
     keypoints (a rotated or cropped copy, whatever its cosine), and each image's nearest
     embedding neighbours at cosine ``threshold`` or more that share a word (an overlay can
     hide most of a copy's keypoints, not its look)."""
-    from lookalike.dedup.words import word_index
+    from lookalike.local.words import word_index
 
     words = word_index(verifier, embeddings.ids[embeddings.scope].tolist(), workers)
     candidates = set(words.candidates())

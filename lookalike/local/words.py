@@ -24,14 +24,13 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 
 from lookalike.local.matching import MIRROR_ORDER
 
 if TYPE_CHECKING:
-    from lookalike.dedup.verification import Verifier
     from lookalike.local.features import LocalFeatures
 
 WORD_KEYPOINTS = 96
@@ -244,8 +243,30 @@ class WordIndex:
         return counts
 
 
+class FeatureSource(Protocol):
+    """Where the words' local features come from: stored ones, and (when extracting) the
+    others read from the images' files (dedup's ``Verifier``)."""
+
+    def stored(self, ids: Sequence[int], *, check: bool = True) -> dict[int, LocalFeatures]:
+        """The stored features of these images that decode."""
+        ...
+
+    def prefetch(self, ids: Sequence[int], workers: int | None) -> None:
+        """Extract the features of these images (kept for :meth:`features`)."""
+        ...
+
+    def features(self, image_id: int) -> LocalFeatures | None:
+        """One image's features, stored or extracted."""
+        ...
+
+
 def _voters(
-    verifier: Verifier, ids: Sequence[int], workers: int | None, *, extract: bool = True
+    verifier: FeatureSource,
+    ids: Sequence[int],
+    workers: int | None,
+    *,
+    extract: bool = True,
+    keypoints: int = WORD_KEYPOINTS,
 ) -> tuple[list[int], np.ndarray, np.ndarray]:
     """(ids with keypoints, the voting descriptors of all of them concatenated, the position
     in those ids of each descriptor): stored features read without their checksum and let
@@ -264,14 +285,19 @@ def _voters(
             features.append(found)
     if not features:
         return [], np.zeros((0, 128), np.uint8), np.zeros(0, np.int64)
-    chosen = voting_rows(features)
+    chosen = voting_rows(features, keypoints)
     descriptors = np.concatenate([f.descriptors for f in features])[chosen]
     positions = np.repeat(np.arange(len(features)), [len(f) for f in features])[chosen]
     return owners, descriptors, positions
 
 
 def _words_of(
-    verifier: Verifier, ids: Sequence[int], workers: int | None, *, extract: bool = True
+    verifier: FeatureSource,
+    ids: Sequence[int],
+    workers: int | None,
+    *,
+    extract: bool = True,
+    keypoints: int = WORD_KEYPOINTS,
 ) -> tuple[WordQuantizer, list[int], np.ndarray, np.ndarray] | None:
     """(the quantiser fitted to these images, those with keypoints, and one (position among
     them, word) per voting descriptor), or None with too few keypoints to learn words from."""
@@ -287,14 +313,18 @@ def _words_of(
     entries, words = [], []
     for start in range(0, len(ids), CHUNK):
         part = ids[start : start + CHUNK]
-        found, descriptors, positions = _voters(verifier, part, workers, extract=extract)
+        found, descriptors, positions = _voters(
+            verifier, part, workers, extract=extract, keypoints=keypoints
+        )
         entries.append(positions + len(owners))
         owners.extend(found)
         words.append(quantizer.words(descriptors))
     return quantizer, owners, np.concatenate(entries), np.concatenate(words)
 
 
-def word_index(verifier: Verifier, ids: Sequence[int], workers: int | None = None) -> WordIndex:
+def word_index(
+    verifier: FeatureSource, ids: Sequence[int], workers: int | None = None
+) -> WordIndex:
     """The :class:`WordIndex` of these catalog images, from their local features (stored,
     or extracted by the verifier)."""
     ids = sorted(ids)
@@ -335,8 +365,9 @@ class WordLookup:
         distinct words (at least ``min_shared``) with ``features``, most first."""
         if not len(features) or not len(self._words):
             return []
-        descriptors = features.descriptors[voting_rows([features])]
-        words = np.unique(self.quantizer.words(descriptors))
+        # Every keypoint of the query looks (a crop holds few of its source's voters, and
+        # a query is one image: its keypoints cost nothing to quantise).
+        words = np.unique(self.quantizer.words(features.descriptors))
         starts = np.searchsorted(self._words, words, side="left")
         ends = np.searchsorted(self._words, words, side="right")
         lengths = ends - starts
@@ -347,12 +378,17 @@ class WordLookup:
 
 
 def word_lookup(
-    verifier: Verifier, ids: Sequence[int], workers: int | None = None, *, extract: bool = True
+    verifier: FeatureSource,
+    ids: Sequence[int],
+    workers: int | None = None,
+    *,
+    extract: bool = True,
+    keypoints: int = WORD_KEYPOINTS,
 ) -> WordLookup | None:
     """The :class:`WordLookup` of these catalog images (their stored local features, and
     with ``extract`` the others' extracted by the verifier), or None when they hold too few
     keypoints to learn words from."""
-    found = _words_of(verifier, ids, workers, extract=extract) if ids else None
+    found = _words_of(verifier, ids, workers, extract=extract, keypoints=keypoints) if ids else None
     if found is None:
         return None
     quantizer, owners, entries, words = found
