@@ -8,7 +8,10 @@ alike; the median and mean milliseconds per query are reported, with the ratio t
 as it was before copy views (``copy_views=False``, no re-ranking).
 
     python benchmarks/copy_search_cost.py --collection DIR --dataset DIR --split test \\
-        [--query-split validation] [--queries 60]
+        [--query-split validation] [--queries 60] [--photos DIR]
+
+``--photos DIR`` also times the image files of a folder as queries (e.g. full-size phone
+photos: decoding a 12-megapixel JPEG weighs more than the copy views' embeddings).
 
 The collection must hold the database split with local features (e.g. made by ``lookalike
 eval --copy-detection --collection DIR --local-features``).
@@ -54,6 +57,7 @@ def main() -> None:
     parser.add_argument("--queries", type=int, default=60, help="of each kind")
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--only", help="comma-separated configurations to run (default: all)")
+    parser.add_argument("--photos", type=Path, help="a folder of image files to time too")
     args = parser.parse_args()
 
     if args.only:
@@ -68,6 +72,9 @@ def main() -> None:
         c.image for c in generate_copies(database, attacks="all", copies=max(1, args.queries // 16))
     ][: args.queries]
     kinds: dict[str, list[Any]] = {"files": files, "attacked copies": attacked}
+    if args.photos is not None:
+        photos = sorted(str(f) for f in args.photos.iterdir() if f.is_file())
+        kinds[f"files of {args.photos.name}"] = photos[: args.queries]
     with Collection(args.collection) as collection:
         for options in CONFIGS.values():  # loads the model, index and features once
             collection.search(files[0], **options)
