@@ -535,6 +535,23 @@ class Lines:
         return "".join(self.lines)
 
 
+def start_watching(
+    folder: Path, collection: Path, debounce: str
+) -> tuple[subprocess.Popen[str], Lines]:
+    """``lookalike watch`` of ``folder`` (holding one photo) into ``collection``, once it has
+    caught up."""
+    save("astronaut", folder / "astronaut.jpg")
+    process = lookalike("-c", str(collection), "watch", str(folder), "--debounce", debounce)
+    out = Lines(process)
+    try:
+        wait_for(lambda: "caught up" in out.text() or process.poll() is not None, "catch-up", 120)
+        assert process.poll() is None, process.stderr.read() if process.stderr else ""
+    except BaseException:
+        end(process, out)
+        raise
+    return process, out
+
+
 def end(process: subprocess.Popen[str], out: Lines) -> None:
     """Kill ``process`` if it still runs, and close its output."""
     if process.poll() is None:
@@ -547,15 +564,10 @@ def end(process: subprocess.Popen[str], out: Lines) -> None:
 
 
 def test_lookalike_watch_follows_the_folder_and_stops_on_ctrl_c(tmp_path: Path) -> None:
-    folder = tmp_path / "photos"
-    save("astronaut", folder / "astronaut.jpg")
-    collection = tmp_path / "c"
-    process = lookalike("-c", str(collection), "watch", str(folder), "--debounce", "0.3")
-    out = Lines(process)
+    folder, collection = tmp_path / "photos", tmp_path / "c"
+    process, out = start_watching(folder, collection, "0.3")
     catalog: SqliteCatalog | None = None
     try:
-        wait_for(lambda: "caught up" in out.text() or process.poll() is not None, "catch-up", 120)
-        assert process.poll() is None, process.stderr.read() if process.stderr else ""
         catalog = SqliteCatalog(collection / CATALOG_FILE)
         astronaut = catalog.paths()[str(folder.resolve() / "astronaut.jpg")]
 
@@ -591,14 +603,9 @@ def test_lookalike_watch_follows_the_folder_and_stops_on_ctrl_c(tmp_path: Path) 
 
 def test_lookalike_watch_stops_on_sigterm_with_the_changes_seen_applied(tmp_path: Path) -> None:
     """A service manager's SIGTERM ends ``watch`` as Ctrl-C does: what it saw is applied."""
-    folder = tmp_path / "photos"
-    save("astronaut", folder / "astronaut.jpg")
-    collection = tmp_path / "c"
-    process = lookalike("-c", str(collection), "watch", str(folder), "--debounce", "5")
-    out = Lines(process)
+    folder, collection = tmp_path / "photos", tmp_path / "c"
+    process, out = start_watching(folder, collection, "5")
     try:
-        wait_for(lambda: "caught up" in out.text() or process.poll() is not None, "catch-up", 120)
-        assert process.poll() is None, process.stderr.read() if process.stderr else ""
         save("coffee", folder / "coffee.jpg")  # seen, not due for 5 s
         time.sleep(0.3)
         process.send_signal(signal.SIGTERM)
