@@ -31,7 +31,7 @@ def test_pick_a_photo_and_see_its_match_first(
     errors: list[str] = []
     page.on("pageerror", lambda error: errors.append(str(error)))
     page.goto(page_url)
-    page.wait_for_function("document.getElementById('stats').textContent.includes('images')")
+    page.wait_for_function("document.getElementById('stats')?.textContent.includes('images')")
     assert "6 images" in page.text_content("#stats")
 
     page.set_input_files("#file", str(photo_dir / "nested" / "chelsea.jpg"))
@@ -49,13 +49,13 @@ def test_pick_a_photo_and_see_its_match_first(
     target_name = target.locator(".name").text_content()
     target.click()
     page.wait_for_function(
-        "name => document.querySelector('.card .name').textContent === name", arg=target_name
+        "name => document.querySelector('.card .name')?.textContent === name", arg=target_name
     )
     assert page.locator(".card .name").first.text_content() == target_name
 
     # A threshold nobody reaches shows "no close match" instead of weak results.
     page.fill("#threshold", "1.5")
     page.dispatch_event("#threshold", "change")
-    page.wait_for_function("document.getElementById('status').textContent.includes('No close')")
+    page.wait_for_function("document.getElementById('status')?.textContent.includes('No close')")
     assert page.locator(".card").count() == 0
     assert errors == []
