@@ -79,6 +79,12 @@ def test_a_copy_far_down_the_global_ranking_is_found_by_its_words(
     assert plain.index(name) >= 10  # beyond what verifying 1 widened to 3 reaches
     found = collection.search(query, k=3, rerank=1, copy_views=False)
     assert top(found) == name and found[0].score > plain_score(collection, query, name)
+    # Word candidates pass the filters as every result does.
+    width = source(name).width
+    kept = collection.search(query, k=3, rerank=1, copy_views=False, where=f"width<={width}")
+    assert top(kept) == name
+    left_out = collection.search(query, k=60, rerank=1, copy_views=False, where=f"width>{width}")
+    assert name not in [Path(r.path).stem for r in left_out]
     monkeypatch.setattr(local_store, "WORD_CANDIDATES", 0)
     assert top(collection.search(query, k=3, rerank=1, copy_views=False)) != name
 
