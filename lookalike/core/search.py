@@ -710,16 +710,20 @@ class Searcher:
         ids = self.local_store.word_candidates(local, [r.id for r in verified])
         records = self.catalog.images(ids)
         passing = [i for i in ids if i in records and options.filter.matches(records[i])]
-        if not passing:
+        # Only images with a vector of this model (one still being embedded has features).
+        vectors = {
+            i: v for i in passing if (v := self.catalog.vector(i, self.model_id)) is not None
+        }
+        if not vectors:
             return []
         # Cosine in the index's space: its transform (a centre) and unit length, which an
         # index without a centre leaves to its own search.
         index = self.index_for(options.metric)
         query = l2_normalize(index.transform(query_vector.reshape(1, -1)))[0]
-        stored = l2_normalize(index.transform(self.catalog.vectors_for(passing, self.model_id)))
+        stored = l2_normalize(index.transform(np.stack(list(vectors.values()))))
         return [
             SearchResult.from_record(records[i], float(score))
-            for i, score in zip(passing, (stored @ query).tolist(), strict=True)
+            for i, score in zip(vectors, (stored @ query).tolist(), strict=True)
         ]
 
 
