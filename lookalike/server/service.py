@@ -114,12 +114,14 @@ class SearchService:
         self._dedup: OrderedDict[tuple[Any, ...], DedupReport] = OrderedDict()
 
     def warm_up(self) -> None:
-        """Load the model and the cosine index now, so no request pays for it."""
+        """Load the model, the cosine index and the visual words of the stored local features
+        (which re-ranking may ask for) now, so no request pays for them."""
         encoder = self.collection.encoder
         encoder.embed_pixels(np.zeros((1, *(encoder.preprocess.resolution,) * 2, 3), np.uint8))
         with self._lock:
             if len(self.collection):
                 self.collection.vector_index(Metric.COSINE)
+                self.collection.local_store.word_lookup()
 
     # -- requests ---------------------------------------------------------------------------
 
