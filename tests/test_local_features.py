@@ -112,6 +112,9 @@ def test_a_flat_image_has_no_keypoints_and_still_round_trips() -> None:
     features = extract(Image.new("RGB", (300, 200), (90, 90, 90)))
     assert len(features) == 0
     assert len(LocalFeatures.from_bytes(features.to_bytes())) == 0
+    # Also read without the checksum, as the visual words read stored features.
+    unchecked = LocalFeatures.from_bytes(features.to_bytes(), check=False)
+    assert len(unchecked) == 0 and unchecked.descriptors.shape == (0, 128)
     assert rerank(features, [(1, 0.5, features)]).tolist() == [0.5]
 
 

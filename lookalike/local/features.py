@@ -194,7 +194,13 @@ class LocalFeatures:
         descriptors = np.frombuffer(
             view, dtype=np.uint8, count=count * DESCRIPTOR_DIM, offset=_HEADER.size + 4 * count
         )
-        return cls(points.reshape(count, 2), descriptors.reshape(count, -1), width, height, scale)
+        return cls(
+            points.reshape(count, 2),
+            descriptors.reshape(count, DESCRIPTOR_DIM),
+            width,
+            height,
+            scale,
+        )
 
 
 def _as_image(image: ImageSource, config: SiftConfig) -> Image.Image:
