@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import PHOTO_NAMES, photo
+from conftest import PHOTO_NAMES, free_port, photo
 
 
 def lookalike(*args: str, env: dict[str, str] | None = None, check: bool = True):
@@ -140,14 +140,6 @@ def test_a_killed_run_resumes_without_duplicates_or_loss(tmp_path: Path) -> None
     assert resumed.returncode == 0, resumed.stderr
     assert f"{total - before[0]} added" in resumed.stdout
     assert counts(catalog) == (total, total, total)
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def start_serving(collection: str, *args: str) -> subprocess.Popen:

@@ -15,7 +15,6 @@ import inspect
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -26,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import photo
+from conftest import free_port, photo
 from PIL import Image
 
 from lookalike.cli.main import main as lookalike_main
@@ -103,13 +102,6 @@ def unserved(photo_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     folder = tmp_path_factory.mktemp("cold") / "c"
     assert lookalike_main(["-c", str(folder), "index", str(photo_dir), "-q"]) == 0
     return folder
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 def get_status(url: str, *, body: bytes = b"{}", headers: dict[str, str] | None = None) -> int:

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import sqlite3
 import subprocess
 import sys
@@ -38,7 +37,7 @@ import httpx
 import numpy as np
 import pytest
 import uvicorn
-from conftest import photo
+from conftest import free_port, photo
 from PIL import Image, ImageEnhance, ImageFilter, ImageOps
 
 from lookalike.core.collection import CATALOG_FILE, Collection
@@ -279,12 +278,6 @@ def from_grpc(reply: v1.SearchReply) -> Answer:
 
 
 # -- servers -------------------------------------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 class LiveServer:

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from conftest import require_dataset
+from conftest import free_port, require_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "scripts" / "main.sh"
@@ -26,12 +26,6 @@ STARTUP_TIMEOUT = 600.0
 STOP_GRACE = 30.0
 # A `lookalike search` result line: rank, score, path, then the metadata as key=value.
 RESULT = re.compile(r"^\s*\d+\s+-?\d+\.\d+\s+(\S+)(.*)$")
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def group_alive(pgid: int) -> bool:

@@ -16,11 +16,9 @@ import os
 import queue
 import random
 import signal
-import socket
 import subprocess
 import sys
 import threading
-import time
 from contextlib import redirect_stdout
 from pathlib import Path
 from typing import Any
@@ -28,7 +26,7 @@ from typing import Any
 import numpy as np
 import pytest
 import toy_encoder
-from conftest import photo
+from conftest import free_port, photo, wait_healthy
 
 from lookalike.catalog import ImageRecord
 from lookalike.catalog import pgvector_index as pv
@@ -592,12 +590,6 @@ def test_concurrent_writers_never_break_searches_and_are_seen_once_committed(
     assert checked == {"added": 50, "removed": 16} and searches >= 66
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
-
-
 def _serve(url: str, folder: Path, port: int) -> subprocess.Popen[bytes]:
     """A real ``lookalike serve`` in its own process, with the toy encoder registered."""
     code = (
@@ -616,23 +608,6 @@ def _serve(url: str, folder: Path, port: int) -> subprocess.Popen[bytes]:
     )
 
 
-def _wait_healthy(http: Any, server: subprocess.Popen[bytes]) -> None:
-    import httpx
-
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        if server.poll() is not None:
-            assert server.stderr is not None
-            raise AssertionError(f"the server exited: {server.stderr.read().decode()[-2000:]}")
-        try:
-            if http.get("/health").status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        time.sleep(0.2)
-    raise AssertionError("the server did not become healthy")
-
-
 def _jpeg(name: str) -> bytes:
     buffer = io.BytesIO()
     photo(name).save(buffer, "JPEG", quality=90)
@@ -647,12 +622,12 @@ def test_two_api_servers_answer_alike_and_see_each_others_writes_at_once(
     url, root = photos["url"], photos["root"]
     photos["pg"].vector_index()  # built once, before either server starts
     indexes = lookalike_indexes(url)
-    ports = [_free_port(), _free_port()]
+    ports = [free_port(), free_port()]
     servers = [_serve(url, root / f"server{i}", port) for i, port in enumerate(ports)]
     clients = [httpx.Client(base_url=f"http://127.0.0.1:{p}", timeout=120) for p in ports]
     try:
         for client, process in zip(clients, servers, strict=True):
-            _wait_healthy(client, process)
+            wait_healthy(client, process)
         ids = list(photos["pg"].catalog.paths().values())
         for image_id in ids[:: len(ids) // 12]:
             replies = []

@@ -15,12 +15,11 @@ import sqlite3
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import PHOTO_NAMES, photo
+from conftest import PHOTO_NAMES, free_port, photo, wait_healthy
 
 from lookalike.catalog import ImageRecord, SqliteCatalog, is_postgres_url, open_catalog
 from lookalike.catalog.postgres import PostgresCatalog
@@ -287,7 +286,7 @@ def test_cli_and_a_multi_worker_server_share_the_catalog_with_a_library_user(
     )
     assert indexed.returncode == 0, indexed.stderr
     assert f"{len(PHOTO_NAMES)} added" in indexed.stdout
-    port = _free_port()
+    port = free_port()
     serve = ["serve", "--workers", "2", "--port", str(port), "--token", "t"]
     server = subprocess.Popen(
         [*cli, "-c", str(tmp_path / "served"), *serve],
@@ -298,7 +297,7 @@ def test_cli_and_a_multi_worker_server_share_the_catalog_with_a_library_user(
     )
     try:
         with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=120) as http:
-            _wait_healthy(http, server)
+            wait_healthy(http, server)
             # The library builds the encoder the CLI recorded (model, pooling, precision).
             with Collection(tmp_path / "library", db=url) as library:
                 (image_id,) = library.catalog.ids_for_paths(
@@ -325,30 +324,6 @@ def test_cli_and_a_multi_worker_server_share_the_catalog_with_a_library_user(
         os.killpg(server.pid, signal.SIGTERM)
         server.wait(timeout=60)
         server.stderr.close()
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
-
-
-def _wait_healthy(http, server: subprocess.Popen) -> None:
-    import httpx
-
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        if server.poll() is not None:
-            raise AssertionError(f"the server exited: {server.stderr.read().decode()[-2000:]}")
-        try:
-            if http.get("/health").status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        time.sleep(0.2)
-    raise AssertionError("the server did not become healthy")
 
 
 def _jpeg(image) -> bytes:

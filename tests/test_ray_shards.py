@@ -4,7 +4,6 @@ shards held by Ray actors, searched as one index, surviving (or reporting) a los
 from __future__ import annotations
 
 import io
-import socket
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -15,7 +14,7 @@ import numpy as np
 import pytest
 import ray
 import toy_encoder
-from conftest import PHOTO_NAMES, photo
+from conftest import PHOTO_NAMES, free_port, photo
 from test_grpc import Served
 from test_rest import LiveServer
 
@@ -334,13 +333,6 @@ def crops(tmp_path_factory: pytest.TempPathFactory) -> Path:
             box = (left, top, left + width // 2, top + height // 2)
             image.crop(box).save(folder / f"{name}-{i}.jpg", quality=90)
     return folder
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 def jpeg_of(path: Path) -> bytes:

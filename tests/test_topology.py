@@ -24,8 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from conftest import photo
-from test_cli import free_port
+from conftest import free_port, photo
 
 httpx = pytest.importorskip("httpx")
 pytest.importorskip("ray")

@@ -12,7 +12,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -23,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import toy_encoder
-from conftest import photo
+from conftest import free_port, photo
 
 from lookalike.catalog import SqliteCatalog
 from lookalike.core.collection import CATALOG_FILE, Collection
@@ -638,13 +637,6 @@ def test_lookalike_watch_refuses_a_missing_folder(tmp_path: Path) -> None:
     _, errors = process.communicate(timeout=60)
     assert process.returncode == 1 and "not a folder" in errors
     assert not (tmp_path / "c").exists()  # no collection made for nothing
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 def test_serve_watch_answers_with_files_added_while_it_runs(tmp_path: Path) -> None:

@@ -667,23 +667,10 @@ class Searcher:
         )
         if checks is not None and not any(c.inliers >= STRONG_INLIERS for c in checks):
             verified = ranked[: len(scores)]
-            extra = self._word_candidates(local, verified, options, query_vector)
+            extra, more_scores, more_checks = self._verified_word_candidates(
+                local, verified, checks, options, query_vector
+            )
             if extra:
-                more_scores, more_checks = self.local_store.verify(
-                    local, [(r.id, r.score) for r in extra]
-                )
-                assert more_checks is not None  # SIFT: word candidates need keypoints
-                # A word candidate stays only when it verifies better than every candidate
-                # the vector found: sharing a few words is weaker evidence than ranking near.
-                best = max((c.inliers for c in checks), default=0)
-                keep = [
-                    position
-                    for position, check in enumerate(more_checks)
-                    if check.inliers > best and check.inliers >= SEARCH_RULE.min_inliers
-                ]
-                extra = [extra[i] for i in keep]
-                more_scores = more_scores[keep]
-                more_checks = [more_checks[i] for i in keep]
                 moved = {r.id for r in extra}
                 rest = [r for r in ranked[len(scores) :] if r.id not in moved]
                 ranked = verified + extra + rest
@@ -696,6 +683,30 @@ class Searcher:
         ]
         order = np.argsort([-r.score for r in head], kind="stable")
         return [head[i] for i in order] + ranked[len(head) :]
+
+    def _verified_word_candidates(
+        self,
+        local: QueryLocal,
+        verified: list[SearchResult],
+        checks: list[CopyCheck],
+        options: SearchOptions,
+        query_vector: np.ndarray,
+    ) -> tuple[list[SearchResult], np.ndarray, list[CopyCheck]]:
+        """(results, new scores, checks) of the word candidates (:meth:`_word_candidates`)
+        that verify better than every candidate the vector found (``checks``): sharing a few
+        words is weaker evidence than ranking near."""
+        extra = self._word_candidates(local, verified, options, query_vector)
+        if not extra:
+            return [], np.zeros(0), []
+        scores, found = self.local_store.verify(local, [(r.id, r.score) for r in extra])
+        assert found is not None  # SIFT: word candidates need keypoints
+        best = max((c.inliers for c in checks), default=0)
+        keep = [
+            position
+            for position, check in enumerate(found)
+            if check.inliers > best and check.inliers >= SEARCH_RULE.min_inliers
+        ]
+        return [extra[i] for i in keep], scores[keep], [found[i] for i in keep]
 
     def _word_candidates(
         self,

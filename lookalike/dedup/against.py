@@ -299,17 +299,12 @@ def _candidates(
         ids = hits.ids[0][hits.ids[0] >= 0]
         if not len(ids):
             return []
-        stored = _unit(collection.catalog.vectors_for(ids.tolist(), collection.model_id))
-        cosine = stored @ query[0]
-        if cosine[-1] < threshold or width >= total:
+        found = _cosines(collection, vector, ids.tolist())
+        if found[-1][1] < threshold or width >= total:
             break
         width = min(width * 4, total)
     inside = scope.id_set
-    return [
-        (int(i), float(c))
-        for i, c in zip(ids.tolist(), cosine.tolist(), strict=True)
-        if c >= threshold and int(i) in inside
-    ]
+    return [(i, c) for i, c in found if c >= threshold and i in inside]
 
 
 def _embedded(
@@ -401,7 +396,8 @@ def _word_lookup(verifier: Verifier, scope: _Scope, workers: int | None) -> Word
 
 
 def _cosines(collection: Collection, vector: np.ndarray, ids: list[int]) -> list[tuple[int, float]]:
-    """(id, cosine of the query's vector and the stored one) of these reference images."""
+    """(id, cosine of the query's vector and the stored one, plain: the index's own scores
+    may be centred or quantised) of these reference images, in order."""
     if not ids:
         return []
     stored = _unit(collection.catalog.vectors_for(ids, collection.model_id))
