@@ -27,6 +27,7 @@ from lookalike.catalog import Catalog, ImageRecord, SqliteCatalog
 from lookalike.catalog.paths import from_catalog, to_catalog
 from lookalike.catalog.postgres_schema import MIGRATIONS as POSTGRES_MIGRATIONS
 from lookalike.catalog.schema import MIGRATIONS as SQLITE_MIGRATIONS
+from lookalike.catalog.schema import SCHEMA_VERSION as SQLITE_SCHEMA_VERSION
 from lookalike.encoders import EncoderIdentity, PreprocessConfig
 from lookalike.errors import CatalogCorruptError, CatalogError, CorruptVectorError
 
@@ -512,12 +513,20 @@ def create_version_3(where: Where) -> None:
             (image_id, value),
         )
     where.sql("INSERT INTO failures (path, reason, at) VALUES (%s, 'bad', 0)", (OLD_PATHS[1],))
+    where.sql("INSERT INTO local_features (image_id, kind, data) VALUES (1, 'sift', %s)", (b"old",))
 
 
-def test_a_version_3_catalog_upgrades_in_place_to_version_4(where: Where) -> None:
+def test_a_version_3_catalog_upgrades_in_place_to_the_current_version(where: Where) -> None:
     create_version_3(where)
     with where.open() as catalog:
-        assert catalog.schema_version == 4
+        assert catalog.schema_version == SQLITE_SCHEMA_VERSION == len(POSTGRES_MIGRATIONS)
+        # Migration 5: the image's SIFT stays, and a second kind (a thumbnail) sits beside it;
+        # a changed file drops both.
+        assert catalog.local_features([1], "sift") == {1: b"old"}
+        catalog.store_local_features([(1, "gray32", b"thumb"), (1, "sift", b"new")])
+        assert catalog.local_features([1, 2], "sift") == {1: b"new"}
+        assert catalog.local_features([1, 2], "gray32") == {1: b"thumb"}
+        assert catalog.ids_missing_local_features("gray32") == [(2, OLD_PATHS[1])]
         ids, vectors = catalog.vectors(1)
         assert ids.tolist() == [1, 2]
         assert vectors.tobytes() == OLD_VECTORS.tobytes()

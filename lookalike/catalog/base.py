@@ -138,8 +138,8 @@ class Catalog(Protocol):
         *,
         content_hashes: Mapping[int, str] | None = None,
     ) -> int:
-        """Store (image id, kind, serialised features), replacing what an image had, in one
-        transaction; returns how many rows were written.
+        """Store (image id, kind, serialised features), replacing what an image had of that
+        kind, in one transaction; returns how many rows were written.
 
         ``content_hashes`` (id -> the hash of the content the features were computed from)
         skips images whose content changed meanwhile, so a slow writer cannot store features

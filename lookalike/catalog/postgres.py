@@ -765,8 +765,7 @@ class PostgresCatalog:
             with db.cursor() as cursor:
                 cursor.executemany(
                     "INSERT INTO local_features (image_id, kind, data) VALUES (%s, %s, %s) "
-                    "ON CONFLICT (image_id) DO UPDATE SET kind = EXCLUDED.kind,"
-                    " data = EXCLUDED.data",
+                    "ON CONFLICT (image_id, kind) DO UPDATE SET data = EXCLUDED.data",
                     keep,
                 )
             return len(keep)

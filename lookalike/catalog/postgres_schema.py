@@ -96,4 +96,10 @@ MIGRATIONS: tuple[str, ...] = (
     INSERT INTO settings (key, value) VALUES ('state', replace(gen_random_uuid()::text, '-', ''))
     ON CONFLICT (key) DO UPDATE SET value = EXCLUDED.value;
     """,
+    # 5: an image may keep features of several kinds (its SIFT and its grayscale thumbnail),
+    # one row per image and kind.
+    """
+    ALTER TABLE local_features DROP CONSTRAINT local_features_pkey;
+    ALTER TABLE local_features ADD PRIMARY KEY (image_id, kind);
+    """,
 )

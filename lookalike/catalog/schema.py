@@ -84,6 +84,26 @@ MIGRATIONS: tuple[str, ...] = (
     INSERT INTO settings (key, value) VALUES ('state', lower(hex(randomblob(16))))
     ON CONFLICT (key) DO UPDATE SET value = excluded.value;
     """,
+    # 5: an image may keep features of several kinds (its SIFT and its grayscale thumbnail
+    # for the default search's pixel check), one row per image and kind.
+    """
+    DROP TRIGGER local_features_stale;
+    CREATE TABLE local_features_by_kind (
+        image_id INTEGER NOT NULL REFERENCES images (id) ON DELETE CASCADE,
+        kind     TEXT NOT NULL,
+        data     BLOB NOT NULL,
+        PRIMARY KEY (image_id, kind)
+    );
+    INSERT INTO local_features_by_kind (image_id, kind, data)
+    SELECT image_id, kind, data FROM local_features;
+    DROP TABLE local_features;
+    ALTER TABLE local_features_by_kind RENAME TO local_features;
+    CREATE TRIGGER local_features_stale AFTER UPDATE OF content_hash ON images
+    WHEN old.content_hash IS NOT new.content_hash
+    BEGIN
+        DELETE FROM local_features WHERE image_id = new.id;
+    END;
+    """,
 )
 
 SCHEMA_VERSION = len(MIGRATIONS)

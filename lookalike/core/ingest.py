@@ -39,6 +39,7 @@ from lookalike.images import (
     read_photo,
 )
 from lookalike.local.features import SiftConfig
+from lookalike.local.pixels import Thumbnail
 
 # Formats that Pillow decodes only when built with their library or given a plugin: scanned
 # like the others, decoded when the decoder is there (``read_photo`` registers it), else
@@ -98,13 +99,15 @@ class IndexReport:
 @dataclass(frozen=True)
 class Decoded:
     """A file read, hashed and resized in a worker, or the reason it could not be.
-    ``local_features`` holds its serialised SIFT features when they were asked for."""
+    ``local_features`` holds its serialised SIFT features when they were asked for;
+    ``thumbnail`` its serialised grayscale thumbnail (:mod:`lookalike.local.pixels`)."""
 
     path: str
     record: ImageRecord | None = None
     pixels: np.ndarray | None = None
     error: str | None = None
     local_features: bytes | None = None
+    thumbnail: bytes | None = None
 
 
 _UNITS = {"": 1, "K": 1024, "M": 1024**2, "G": 1024**3, "T": 1024**4}
@@ -597,6 +600,7 @@ def decode_file(
         width, height = photo.size
         image = photo.image
         pixels = resize_for_model(image, config)
+        thumbnail = Thumbnail.of(image).to_bytes()
         features = None
         if local is not None:
             from lookalike.local.features import extract
@@ -615,7 +619,7 @@ def decode_file(
         height=height,
         metadata=photo_metadata(photo),  # EXIF and XMP, from the same read
     )
-    return Decoded(path, record=record, pixels=pixels, local_features=features)
+    return Decoded(path, record=record, pixels=pixels, local_features=features, thumbnail=thumbnail)
 
 
 def content_hash(path: str) -> str | None:
@@ -734,13 +738,14 @@ class EncoderRecipe:
 @dataclass
 class Batch:
     """One batch ready to store: the files that decoded (with pixels dropped once used),
-    their vectors in the same order, their local features when asked for, and the files
-    that failed with the reason."""
+    their vectors in the same order, their local features when asked for, their
+    thumbnails, and the files that failed with the reason."""
 
     decoded: list[Decoded]
     vectors: np.ndarray
     local_features: list[bytes | None] | None = None
     failed: list[tuple[str, str]] = field(default_factory=list)
+    thumbnails: list[bytes | None] = field(default_factory=list)
 
     @property
     def files(self) -> int:
@@ -764,7 +769,7 @@ def embed_batch(encoder: Encoder, decoded: list[Decoded], local: LocalFeatureKin
         else:
             features = [d.local_features for d in good]
     slim = [Decoded(d.path, record=d.record) for d in good]
-    return Batch(slim, vectors, features, failed)
+    return Batch(slim, vectors, features, failed, [d.thumbnail for d in good])
 
 
 @dataclass(frozen=True)
@@ -897,9 +902,11 @@ class IngestPipeline:
             changes=1,
             added=(np.asarray(ids, dtype=np.int64), batch.vectors),
         )
+        hashes = {i: r.content_hash for i, r in zip(ids, records, strict=True)}
         if local is not None and batch.local_features is not None:
-            hashes = {i: r.content_hash for i, r in zip(ids, records, strict=True)}
             self.local_store.save(local, ids, batch.local_features, hashes)
+        if batch.thumbnails:
+            self.local_store.save_thumbnails(ids, batch.thumbnails, hashes)
         updated = sum(1 for d in batch.decoded if d.path in known)
         report.updated += updated
         report.added += len(batch.decoded) - updated

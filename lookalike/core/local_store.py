@@ -25,6 +25,7 @@ from lookalike.local.patches import (
     patch_kind,
     rerank_patches,
 )
+from lookalike.local.pixels import THUMBNAIL_KIND, Thumbnail
 from lookalike.local.rerank import (
     SEARCH_RULE,
     CopyCheck,
@@ -166,11 +167,27 @@ class LocalFeatureStore:
         return chosen
 
     def missing(self) -> set[int]:
-        """Ids of images that lack the collection's local features."""
+        """Ids of images that lack the collection's local features or their thumbnail (an
+        image indexed before thumbnails were kept gets one at the next index run)."""
+        lacking = {i for i, _ in self.catalog.ids_missing_local_features(THUMBNAIL_KIND)}
         kind = self.kind()
-        if kind is None:
-            return set()
-        return {i for i, _ in self.catalog.ids_missing_local_features(kind.name)}
+        if kind is not None:
+            lacking |= {i for i, _ in self.catalog.ids_missing_local_features(kind.name)}
+        return lacking
+
+    def save_thumbnails(
+        self, ids: Sequence[int], thumbnails: Sequence[bytes | None], content_hashes: dict[int, str]
+    ) -> None:
+        """Store the thumbnails of a batch just written (:mod:`lookalike.local.pixels`)."""
+        items = [(int(i), THUMBNAIL_KIND, t) for i, t in zip(ids, thumbnails, strict=True) if t]
+        if items:
+            self.catalog.store_local_features(items, content_hashes=content_hashes)
+
+    def thumbnails(self, ids: Iterable[int]) -> dict[int, Thumbnail]:
+        """Id -> stored thumbnail, for the given ids that have a readable one."""
+        stored = self.catalog.local_features(ids, THUMBNAIL_KIND)
+        found = {i: Thumbnail.from_bytes(data) for i, data in stored.items()}
+        return {i: t for i, t in found.items() if t is not None}
 
     def save(
         self,
