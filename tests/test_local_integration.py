@@ -14,6 +14,7 @@ from conftest import photo  # noqa: E402
 from lookalike.cli.main import main  # noqa: E402
 from lookalike.core.collection import Collection  # noqa: E402
 from lookalike.local.features import DATABASE_CONFIG  # noqa: E402
+from lookalike.local.pixels import THUMBNAIL_KIND  # noqa: E402
 
 cv2.setNumThreads(1)
 
@@ -40,7 +41,8 @@ def test_index_stores_features_and_search_reranks(photo_dir: Path, tmp_path: Pat
 def test_backfill_for_a_collection_indexed_without(photo_dir: Path, tmp_path: Path) -> None:
     with Collection(tmp_path / "c") as collection:
         collection.index(photo_dir, workers=1)
-        assert collection.catalog.local_features_summary() == {}
+        # Only the thumbnails every image keeps for the pixel check, no local features yet.
+        assert list(collection.catalog.local_features_summary()) == [THUMBNAIL_KIND]
         report = collection.index(photo_dir, workers=1, local_features=True)
         assert report.updated == 6
         assert collection.catalog.local_features_summary()[DATABASE_CONFIG.kind][0] == 6

@@ -115,15 +115,23 @@ def result(image_id: int, score: float) -> SearchResult:
 def test_copies_go_first_most_alike_first_and_scores_still_fall() -> None:
     check = PixelCheck(Thumbnail(np.zeros((4, 4), np.float32)), store=None)  # type: ignore[arg-type]
     ranked = [result(1, 0.92), result(2, 0.90), result(3, 0.71), result(4, 0.70), result(5, 0.5)]
-    check.likeness = {1: 0.4, 2: 0.5, 3: 0.97, 4: 0.85, 5: 0.2}
+    # Two copies standing out together (0.97, 0.95), then a drop to 0.6.
+    check.likeness = {1: 0.4, 2: 0.6, 3: 0.97, 4: 0.95, 5: 0.2}
     out = check.copies_first(ranked)
     assert [r.id for r in out] == [3, 4, 1, 2, 5]
     scores = [r.score for r in out]
     assert scores == sorted(scores, reverse=True)
     assert out[0].score == pytest.approx(0.97)  # its likeness, above its cosine
-    assert out[1].score == pytest.approx(0.92)  # at least the best of the rest
+    assert out[1].score == pytest.approx(0.95)
+    # Alike, but none stands out from the others (items of one cut on a plain background).
+    check.likeness = {1: 0.9, 2: 0.86, 3: 0.85, 4: 0.83, 5: 0.5}
+    assert check.copies_first(ranked) == ranked
     check.likeness = {i: 0.1 for i in range(1, 6)}
     assert check.copies_first(ranked) == ranked
+    check.likeness = {1: 0.5, 2: 0.6, 3: 0.92, 4: 0.2, 5: 0.2}
+    out = check.copies_first(ranked)
+    assert [r.id for r in out] == [3, 1, 2, 4, 5]
+    assert out[0].score == pytest.approx(0.92)  # at least the best of the rest
 
 
 @pytest.fixture(scope="module", params=["sqlite", "postgresql"])
