@@ -942,11 +942,11 @@ class PixelCheck:
         new = [i for i in head if i not in self.likeness]
         if new:
             thumbnails = self.store.thumbnails(new)
-            for image_id in new:
-                stored = thumbnails.get(image_id)
-                self.likeness[image_id] = (
-                    self.query.likeness(stored) if stored is not None else -1.0
-                )
+            self.likeness.update((i, -1.0) for i in new if i not in thumbnails)
+            measured = [i for i in new if i in thumbnails]
+            if measured:
+                found = self.query.likenesses([thumbnails[i] for i in measured])
+                self.likeness.update(zip(measured, found.tolist(), strict=True))
         return bool(self.copies(ranked))
 
     def copies(self, ranked: Sequence[SearchResult]) -> set[int]:

@@ -73,49 +73,72 @@ class Thumbnail:
         return Thumbnail(np.ascontiguousarray(self.pixels[:, ::-1]))
 
 
-def _templates(
-    small: np.ndarray, large_shape: tuple[int, ...], scales: tuple[float, ...] = SCALES
-) -> list[np.ndarray]:
-    """``small`` resized to each of ``scales`` of the largest size that fits ``large_shape``
-    (flat and too small ones left out)."""
+def _resized(pixels: np.ndarray, width: int, height: int) -> np.ndarray:
+    """``pixels`` (float32 [h, w]) area-averaged to ``width`` x ``height``."""
     import cv2
 
+    if pixels.shape == (height, width):
+        return pixels
+    return cv2.resize(pixels, (width, height), interpolation=cv2.INTER_AREA)
+
+
+def _templates(
+    small: np.ndarray, large_shape: tuple[int, ...], scales: tuple[float, ...]
+) -> list[np.ndarray]:
+    """``small`` resized to each of ``scales`` of the largest size that fits ``large_shape``
+    (too small ones left out)."""
     large_h, large_w = large_shape
     small_h, small_w = small.shape
     fit = min(large_w / small_w, large_h / small_h)
     templates = []
     for fraction in scales:
         width, height = int(small_w * fit * fraction), int(small_h * fit * fraction)
-        if min(width, height) < MIN_TEMPLATE_SIDE:
-            continue
-        template = cv2.resize(small, (width, height), interpolation=cv2.INTER_AREA)
-        if float(template.std()) >= FLAT_STD:
-            templates.append(template)
+        if min(width, height) >= MIN_TEMPLATE_SIDE:
+            templates.append(_resized(small, width, height))
     return templates
 
 
-def _best_match(large: np.ndarray, templates: list[np.ndarray]) -> float:
-    """The best normalised cross-correlation of any of ``templates`` anywhere in ``large``."""
+def _inside_each(images: np.ndarray, template: np.ndarray) -> np.ndarray:
+    """[n_images]: the best normalised cross-correlation of ``template`` anywhere in each of
+    ``images`` (all of one shape, no smaller): one OpenCV call over the images stacked one
+    above the other, keeping only the positions that lie inside one image."""
     import cv2
 
-    best = -1.0
-    for template in templates:
-        found = cv2.matchTemplate(large, template, cv2.TM_CCOEFF_NORMED)
-        best = max(best, float(cv2.minMaxLoc(found)[1]))
-    return min(best, 1.0)
+    count, height, width = images.shape
+    rows = height - template.shape[0] + 1
+    if float(template.std()) < FLAT_STD:
+        return np.full(count, -1.0)
+    stacked = images.reshape(count * height, width)
+    found = cv2.matchTemplate(stacked, template, cv2.TM_CCOEFF_NORMED)
+    padded = np.full((count * height, found.shape[1]), -1.0, dtype=np.float32)
+    padded[: len(found)] = np.nan_to_num(found, nan=-1.0)
+    best = padded.reshape(count, height, -1)[:, :rows].max(axis=(1, 2))
+    return np.asarray(np.minimum(best, 1.0))
 
 
-def shown_inside(small: np.ndarray, large: np.ndarray, scales: tuple[float, ...] = SCALES) -> float:
-    """The best normalised cross-correlation of ``small`` scaled into ``large`` (at each
-    of ``scales`` of the largest size that fits, every position): 1.0 when ``large``
-    contains ``small``'s pixels up to brightness and contrast, near 0 for unrelated ones."""
-    return _best_match(large, _templates(small, large.shape, scales))
+def _each_inside(image: np.ndarray, templates: np.ndarray) -> np.ndarray:
+    """[n_templates]: the best normalised cross-correlation of each of ``templates`` (all of
+    one shape) anywhere in ``image``: the image's windows against every template in one
+    product."""
+    count, height, width = templates.shape
+    size = height * width
+    windows = np.lib.stride_tricks.sliding_window_view(image, (height, width))
+    flat = windows.reshape(-1, size)
+    centred = templates.reshape(count, size)
+    centred = centred - centred.mean(axis=1, keepdims=True)
+    norms = np.linalg.norm(centred, axis=1)
+    unit = centred / np.maximum(norms, 1e-6)[:, None]
+    sums = flat @ unit.T  # the templates sum to zero: the windows' means drop out
+    spread = np.sqrt(np.maximum((flat * flat).sum(axis=1) - flat.sum(axis=1) ** 2 / size, 0.0))
+    scores = np.where(spread[:, None] > FLAT_STD, sums / np.maximum(spread, 1e-6)[:, None], 0.0)
+    best = np.minimum(scores.max(axis=0), 1.0)
+    return np.where(norms / np.sqrt(size) >= FLAT_STD, best, -1.0)
 
 
 class PixelQuery:
-    """A query thumbnail compared with many candidates: its scaled templates (and its
-    mirror image's) are made once for each candidate shape, since most photos of a
-    collection share a few shapes."""
+    """A query thumbnail compared with many candidates at once: its scaled templates (and
+    its mirror image's) are made once for each candidate shape, since most photos of a
+    collection share a few shapes, and all candidates of a shape are correlated together."""
 
     def __init__(self, query: Thumbnail) -> None:
         self.query = query
@@ -126,21 +149,36 @@ class PixelQuery:
         """The query's and its mirror image's templates for a candidate of ``shape``."""
         made = self._templates.get(shape)
         if made is None:
-            made = _templates(self.query.pixels, shape) + _templates(self._mirrored, shape)
+            made = _templates(self.query.pixels, shape, SCALES)
+            made += _templates(self._mirrored, shape, SCALES)
             self._templates[shape] = made
         return made
 
     def likeness(self, candidate: Thumbnail) -> float:
-        """How much of ``candidate``'s pixels the query shows, from -1 to 1: the best
+        """:meth:`likenesses` of one candidate."""
+        return float(self.likenesses([candidate])[0])
+
+    def likenesses(self, candidates: list[Thumbnail]) -> np.ndarray:
+        """How much of each candidate's pixels the query shows, from -1 to 1: the best
         correlation of the query (or its mirror image) inside the candidate, or of the
         candidate inside the query. A copy under most edits scores over 0.8
         (``lookalike.core.search.PIXEL_COPY_AT``); another photo of the same scene mostly
         under it."""
-        large = candidate.pixels
-        return max(
-            _best_match(large, self.templates_for(large.shape)),
-            shown_inside(large, self.query.pixels, FRAMED_SCALES),
-        )
+        best = np.full(len(candidates), -1.0)
+        by_shape: dict[tuple[int, ...], list[int]] = {}
+        for position, candidate in enumerate(candidates):
+            by_shape.setdefault(candidate.pixels.shape, []).append(position)
+        for shape, positions in by_shape.items():
+            stacked = np.stack([candidates[i].pixels for i in positions])
+            for template in self.templates_for(shape):
+                best[positions] = np.maximum(best[positions], _inside_each(stacked, template))
+            # Each candidate inside the query (a frame, a border, a screenshot's canvas).
+            frames = _templates(stacked[0], self.query.pixels.shape, FRAMED_SCALES)
+            for height, width in {frame.shape for frame in frames}:
+                framed = np.stack([_resized(c, width, height) for c in stacked])
+                found = _each_inside(self.query.pixels, framed)
+                best[positions] = np.maximum(best[positions], found)
+        return best
 
 
 def copy_likeness(query: Thumbnail, candidate: Thumbnail) -> float:
