@@ -110,8 +110,8 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
         "--no-copy-views",
         dest="copy_views",
         action="store_false",
-        help="copy detection: search with each copy as it is only (no un-rotated or "
-        "trimmed views: the search before they were the default)",
+        help="copy detection: search with each copy as it is only (no pixel check, no "
+        "un-rotated or trimmed views: the search before they were the default)",
     )
     parser.add_argument(
         "--copies",

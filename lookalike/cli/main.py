@@ -855,8 +855,8 @@ def build_parser() -> argparse.ArgumentParser:
     search.add_argument(
         "--no-copy-views",
         action="store_true",
-        help="search with the image as it is only, not also un-rotated both ways and "
-        "without borders (what finds edited copies)",
+        help="search with the image as it is only: no pixel check of the best candidates' "
+        "thumbnails and no un-rotated or trimmed views (what finds edited copies)",
     )
     search.add_argument(
         "--format",

@@ -427,8 +427,9 @@ def create_app(service: SearchService, *, local_key: str | None = None) -> FastA
         copy_views: Annotated[
             bool,
             Form(
-                description="also search with the image un-rotated both ways and without "
-                "borders, so edited copies are found (single-image queries; default on)"
+                description="put candidates whose thumbnails show the query's pixels first, "
+                "and also search with the image un-rotated both ways and without borders, so "
+                "edited copies are found (single-image queries; default on)"
             ),
         ] = True,
         copies: Annotated[
