@@ -206,3 +206,17 @@ def test_images_indexed_without_thumbnails_are_searched_and_get_them_at_the_next
         assert opened.catalog.ids_with_local_features(THUMBNAIL_KIND) == ids
         again = opened.index(photos, workers=0)
         assert again.embedded == 0 and again.unchanged == 4
+
+
+def test_copy_views_are_made_for_padded_corners_only() -> None:
+    from lookalike.core.multicrop import padded_corners
+    from lookalike.evaluation.copydetect import ALL_ATTACKS, attack_rng
+
+    for name in NAMES:
+        image = photo(name).convert("RGB")
+        black = image.rotate(25, Image.Resampling.BICUBIC, expand=True)
+        filled = ALL_ATTACKS["rotation-large"](image, attack_rng(0, "rotation-large", 0))
+        assert padded_corners(black) and padded_corners(filled), name
+    # Photos with detail up to their corners get the pixel check alone.
+    for name in ("astronaut", "chelsea", "coffee", "brick"):
+        assert not padded_corners(photo(name).convert("RGB")), name

@@ -9,7 +9,7 @@ A query is one or more vectors (an image's, its crops', a text's, or a stored im
 4. multi-crop views merged, each image keeping its best score;
    for a single image (``copy_views``, the default), the best candidates whose thumbnails
    show the query's pixels go first (:class:`PixelCheck`), and copy views are searched when
-   none does and the best score is weak;
+   none does, the best score is weak and the image's corners look padded;
 5. re-ranking by local features (SIFT or patch tokens) when asked (cosine only);
 6. the cut to ``k`` and the threshold (:func:`lookalike.core.results.cut`);
 7. the order a ``sort`` key asks for, among those ``k`` (:func:`lookalike.core.filters.sort_items`).
@@ -359,6 +359,12 @@ class Searcher:
         vectors = self.encoder.embed(own)
         if not extra:
             return QueryViews(vectors)
+        from lookalike.core.multicrop import padded_corners
+
+        thumbnail = Thumbnail.of(image)
+        if not padded_corners(image):
+            # Nothing suggests a rotated or framed copy: the pixel check alone.
+            return QueryViews(vectors, thumbnail=thumbnail)
         resolution = self.encoder.preprocess.resolution
 
         def later() -> QueryViews:
@@ -368,7 +374,7 @@ class Searcher:
             penalties = np.concatenate([np.zeros(len(own)), np.full(len(added), VIEW_PENALTY)])
             return QueryViews(np.concatenate([vectors, self.encoder.embed(added)]), penalties)
 
-        return QueryViews(vectors, later=later, thumbnail=Thumbnail.of(image))
+        return QueryViews(vectors, later=later, thumbnail=thumbnail)
 
     def text_vector(self, text: str) -> np.ndarray:
         """The query vector of a text (encoders with ``capabilities.text`` only)."""
