@@ -201,11 +201,19 @@ def test_images_indexed_without_thumbnails_are_searched_and_get_them_at_the_next
             db.execute("DELETE FROM local_features WHERE kind = ?", (THUMBNAIL_KIND,))
         query = source("chelsea").filter(ImageFilter.GaussianBlur(3))
         assert stems(opened.search(query, k=1).results) == ["chelsea"]
+        # The next index run reads the files for their thumbnails, embeds nothing again.
         report = opened.index(photos, workers=0)
-        assert report.embedded == 4
+        assert (report.embedded, report.unchanged, report.thumbnails) == (0, 4, 4)
         assert opened.catalog.ids_with_local_features(THUMBNAIL_KIND) == ids
         again = opened.index(photos, workers=0)
-        assert again.embedded == 0 and again.unchanged == 4
+        assert (again.embedded, again.thumbnails) == (0, 0)
+        # A file that cannot be read keeps none and does not stop the others.
+        with opened.catalog._transaction() as db:
+            db.execute("DELETE FROM local_features WHERE kind = ?", (THUMBNAIL_KIND,))
+        (photos / "chelsea.jpg").write_bytes(b"not a jpeg any more")
+        stored = opened.fill_thumbnails([str(p) for p in sorted(photos.iterdir())], workers=2)
+        assert stored == 3
+        assert len(opened.catalog.ids_with_local_features(THUMBNAIL_KIND)) == 3
 
 
 def test_copy_views_are_made_for_padded_corners_only() -> None:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Unpack
@@ -53,8 +53,8 @@ from lookalike.core.results import SearchResponse, SearchResult
 from lookalike.core.search import Query, SearchArgs, Searcher, search_options
 from lookalike.core.transform import WHITENING_SETTING, PreparedIndex, parse_whitening
 from lookalike.encoders.base import Encoder
-from lookalike.errors import LookalikeError, NotAnImageError
-from lookalike.images import ImageSource
+from lookalike.errors import ImageError, LookalikeError, NotAnImageError
+from lookalike.images import ImageSource, load_image
 from lookalike.knn.base import Metric
 
 __all__ = [
@@ -486,6 +486,9 @@ class Collection:
         job = IngestJob(todo, encoder, view.recipe(), local, batch_size, rules.max_pixels)
         batches = executor.batches(job)
         pipeline.run(batches, known, report, local=local, total=len(todo), progress=progress)
+        report.thumbnails = self.fill_thumbnails(
+            [p for _, p in self.local_store.missing_thumbnails() if p in on_disk], workers=workers
+        )
         if self._target is not None:
             report.switch = self._finish_switch()
         if metadata_csv is not None:
@@ -550,6 +553,25 @@ class Collection:
         )
         report.seconds = time.perf_counter() - started
         return report
+
+    def fill_thumbnails(self, paths: Iterable[str], *, workers: int | None = None) -> int:
+        """Store the thumbnail (for the search's pixel check) of each catalogued image of
+        ``paths`` that lacks one, reading just the file: an image indexed before lookalike
+        kept thumbnails is not embedded again for it. Files that cannot be read are left
+        without (a later run tries again). Returns how many were stored."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        wanted = set(paths)
+        todo = [(i, p) for i, p in self.local_store.missing_thumbnails() if p in wanted]
+        if not todo:
+            return 0
+        workers = min(os.cpu_count() or 1, 4) if workers is None else max(1, workers)
+        with ThreadPoolExecutor(workers, thread_name_prefix="lookalike-thumbnail") as pool:
+            made = list(pool.map(_thumbnail_of_file, [p for _, p in todo]))
+        ids = [i for (i, _), data in zip(todo, made, strict=True) if data is not None]
+        data = [d for d in made if d is not None]
+        self.local_store.save_thumbnails(ids, data, {})
+        return len(ids)
 
     def _record_moves(self, known: dict[str, FileState], on_disk: dict[str, os.stat_result]) -> int:
         """Find files renamed or moved within the folder since the last run (while no watcher
@@ -779,3 +801,18 @@ def _open_catalog(folder: Path, db: str | Path | Catalog | None) -> Catalog:
 
 def _changed(state: FileState, stat: os.stat_result) -> bool:
     return state.size != stat.st_size or state.mtime != stat.st_mtime
+
+
+# Thumbnails are made from a decode of at least this many pixels a side (JPEG draft mode):
+# plenty for a 32-pixel thumbnail, and what ingest's decode for the encoder gives.
+_THUMBNAIL_DRAFT = 256
+
+
+def _thumbnail_of_file(path: str) -> bytes | None:
+    """The serialised thumbnail of an image file, or None when it cannot be read."""
+    from lookalike.local.pixels import Thumbnail
+
+    try:
+        return Thumbnail.of(load_image(path, draft_size=_THUMBNAIL_DRAFT)).to_bytes()
+    except (ImageError, OSError):
+        return None

@@ -83,6 +83,9 @@ class IndexReport:
     # Files and folders left out on purpose (hidden, system, excluded, RAW beside a JPEG),
     # with the reason: not failures.
     skipped: list[tuple[str, str]] = field(default_factory=list)
+    # Images indexed before lookalike kept thumbnails that got one this run (read, not
+    # embedded again).
+    thumbnails: int = 0
     # A model switch this run worked on: "done" (the new model answers now), "pending" (images
     # of the collection still lack its vectors; the old model keeps answering), or None.
     switch: str | None = None

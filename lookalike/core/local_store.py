@@ -167,13 +167,15 @@ class LocalFeatureStore:
         return chosen
 
     def missing(self) -> set[int]:
-        """Ids of images that lack the collection's local features or their thumbnail (an
-        image indexed before thumbnails were kept gets one at the next index run)."""
-        lacking = {i for i, _ in self.catalog.ids_missing_local_features(THUMBNAIL_KIND)}
+        """Ids of images that lack the collection's local features."""
         kind = self.kind()
-        if kind is not None:
-            lacking |= {i for i, _ in self.catalog.ids_missing_local_features(kind.name)}
-        return lacking
+        if kind is None:
+            return set()
+        return {i for i, _ in self.catalog.ids_missing_local_features(kind.name)}
+
+    def missing_thumbnails(self) -> list[tuple[int, str]]:
+        """(id, path) of images without a thumbnail (indexed before lookalike kept them)."""
+        return self.catalog.ids_missing_local_features(THUMBNAIL_KIND)
 
     def save_thumbnails(
         self, ids: Sequence[int], thumbnails: Sequence[bytes | None], content_hashes: dict[int, str]

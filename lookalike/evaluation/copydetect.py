@@ -631,6 +631,7 @@ def _index_database(
     lacking = {i for i, _ in collection.catalog.ids_missing_vectors(collection.model_id)}
     lacking |= collection.local_store.missing()
     todo = [p for p in paths if p not in known or known[p] in lacking]
+    collection.fill_thumbnails([p for p in paths if p in known and p not in todo])
     if not todo:
         return 0
 
