@@ -486,9 +486,7 @@ class Collection:
         job = IngestJob(todo, encoder, view.recipe(), local, batch_size, rules.max_pixels)
         batches = executor.batches(job)
         pipeline.run(batches, known, report, local=local, total=len(todo), progress=progress)
-        report.thumbnails = self.fill_thumbnails(
-            [p for _, p in self.local_store.missing_thumbnails() if p in on_disk], workers=workers
-        )
+        report.thumbnails = self.fill_thumbnails(on_disk, workers=workers)
         if self._target is not None:
             report.switch = self._finish_switch()
         if metadata_csv is not None:

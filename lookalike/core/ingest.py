@@ -907,7 +907,7 @@ class IngestPipeline:
         )
         hashes = {i: r.content_hash for i, r in zip(ids, records, strict=True)}
         if local is not None and batch.local_features is not None:
-            self.local_store.save(local, ids, batch.local_features, hashes)
+            self.local_store.save(local.name, ids, batch.local_features, hashes)
         if batch.thumbnails:
             self.local_store.save_thumbnails(ids, batch.thumbnails, hashes)
         updated = sum(1 for d in batch.decoded if d.path in known)

@@ -181,9 +181,7 @@ class LocalFeatureStore:
         self, ids: Sequence[int], thumbnails: Sequence[bytes | None], content_hashes: dict[int, str]
     ) -> None:
         """Store the thumbnails of a batch just written (:mod:`lookalike.local.pixels`)."""
-        items = [(int(i), THUMBNAIL_KIND, t) for i, t in zip(ids, thumbnails, strict=True) if t]
-        if items:
-            self.catalog.store_local_features(items, content_hashes=content_hashes)
+        self.save(THUMBNAIL_KIND, ids, thumbnails, content_hashes)
 
     def thumbnails(self, ids: Iterable[int]) -> dict[int, Thumbnail]:
         """Id -> stored thumbnail, for the given ids that have a readable one."""
@@ -193,13 +191,14 @@ class LocalFeatureStore:
 
     def save(
         self,
-        kind: LocalFeatureKind,
+        kind: str,
         ids: Sequence[int],
         features: Sequence[bytes | None],
         content_hashes: dict[int, str],
     ) -> None:
-        """Store the features of a batch just written (images without any are skipped)."""
-        items = [(int(i), kind.name, data) for i, data in zip(ids, features, strict=True) if data]
+        """Store the features of kind ``kind`` (a :class:`LocalFeatureKind`'s name, or the
+        thumbnails') of a batch just written (images without any are skipped)."""
+        items = [(int(i), kind, data) for i, data in zip(ids, features, strict=True) if data]
         if items:
             self.catalog.store_local_features(items, content_hashes=content_hashes)
 

@@ -937,9 +937,10 @@ def search_options(**args: Unpack[SearchArgs]) -> SearchOptions:
 
 class PixelCheck:
     """One query's pixel check: how much of the query's pixels each of the best candidates'
-    stored thumbnails shows (:func:`lookalike.local.pixels.copy_likeness`), measured once a
-    candidate; those at ``PIXEL_COPY_AT`` or more are the copies that go first. Candidates
-    without a thumbnail (indexed before lookalike kept them) are left where they are."""
+    stored thumbnails shows (:meth:`lookalike.local.pixels.PixelQuery.likenesses`), measured
+    once a candidate; the copies (:meth:`copies`: alike enough, and standing out from the
+    rest) go first. Candidates without a thumbnail (indexed before lookalike kept them, until
+    the next index run) are left where they are."""
 
     def __init__(self, query: Thumbnail, store: LocalFeatureStore) -> None:
         self.query = PixelQuery(query)

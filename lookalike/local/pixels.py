@@ -154,10 +154,6 @@ class PixelQuery:
             self._templates[shape] = made
         return made
 
-    def likeness(self, candidate: Thumbnail) -> float:
-        """:meth:`likenesses` of one candidate."""
-        return float(self.likenesses([candidate])[0])
-
     def likenesses(self, candidates: list[Thumbnail]) -> np.ndarray:
         """How much of each candidate's pixels the query shows, from -1 to 1: the best
         correlation of the query (or its mirror image) inside the candidate, or of the
@@ -182,5 +178,5 @@ class PixelQuery:
 
 
 def copy_likeness(query: Thumbnail, candidate: Thumbnail) -> float:
-    """:meth:`PixelQuery.likeness` of one pair."""
-    return PixelQuery(query).likeness(candidate)
+    """:meth:`PixelQuery.likenesses` of one pair."""
+    return float(PixelQuery(query).likenesses([candidate])[0])
