@@ -17,17 +17,26 @@ import httpx
 import numpy as np
 import pytest
 from conftest import PHOTO_NAMES, photo
-from PIL import Image, ImageOps
+from PIL import Image, ImageDraw, ImageOps
 from test_rest import LiveServer
 
 from lookalike.cli.evaluation import add_eval_arguments, run_eval
 from lookalike.cli.main import main
 from lookalike.core.collection import Collection
-from lookalike.core.multicrop import COPY_VIEWS_BELOW, copy_views, trim_borders, unrotated
+from lookalike.core.multicrop import (
+    COPY_VIEWS_BELOW,
+    copy_views,
+    rotation_angle,
+    trim_borders,
+    unrotated,
+    unrotated_photo,
+)
+from lookalike.core.search import PIXEL_COPY_AT
 from lookalike.errors import LookalikeError, RequestError
 from lookalike.evaluation.copydetect import apply_attack
 from lookalike.local.features import QUERY_CONFIG, extract
 from lookalike.local.matching import mirror_features, verify
+from lookalike.local.pixels import Thumbnail, copy_likeness
 from lookalike.local.rerank import COPY_PROBABILITY, copy_probabilities, copy_probability
 from lookalike.server.grpc_server import create_grpc_server
 from lookalike.server.protos import lookalike_v1_pb2 as v1
@@ -116,12 +125,78 @@ def test_trim_borders_removes_solid_padding_only() -> None:
     assert trimmed is not None
     assert abs(trimmed.width - 240) <= 6 and abs(trimmed.height - 160) <= 6
     assert trim_borders(original) is None
-    # A plain sky along an edge looks like a border too: trimming it only adds a view.
-    assert trim_borders(photo("rocket").resize((240, 160))) is not None
-    views = copy_views(padded)
-    assert len(views) == 3  # un-rotated both ways, and the trimmed image
-    assert min(views[0].size) == 224 and views[2].size == trimmed.size
-    assert len(copy_views(original)) == 2  # nothing to trim: no such view
+    # A plain sky along an edge runs on beside the rocket: a backdrop, not a border.
+    assert trim_borders(photo("rocket").resize((240, 160))) is None
+    # Nor is the white around a product: the photo inside an oval on a white page.
+    page = Image.new("RGB", (240, 200), "white")
+    oval = Image.new("L", (200, 160), 0)
+    ImageDraw.Draw(oval).ellipse((0, 0, 199, 159), fill=255)
+    page.paste(original.resize((200, 160)), (20, 20), oval)
+    assert trim_borders(page) is None
+    # A screenshot's bars carry text and icons and still go, up to the photo.
+    shot = apply_attack(original, "screenshot", seed=1)
+    cut = trim_borders(shot)
+    assert cut is not None and cut.height < shot.height * 0.9
+
+
+def test_rotation_angle_reads_the_tilt_of_a_rotated_copy() -> None:
+    for name in ("astronaut", "chelsea", "coffee", "camera", "brick"):
+        image = photo(name).convert("RGB")
+        for angle in (8.0, -15.0, 30.0, -40.0):
+            # Black corners, and corners filled with a blurred stretch of the photo.
+            for copy in (rotated(image, angle), apply_attack_at(image, angle)):
+                found = rotation_angle(copy)
+                assert found is not None and abs(found - angle) < 1.5, (name, angle, found)
+    # Rotated, then cropped so that only parts of the fill are left.
+    copy = rotated(photo("chelsea").convert("RGB"), 20.0)
+    width, height = copy.size
+    found = rotation_angle(copy.crop((width // 8, height // 6, width, height * 7 // 8)))
+    assert found is not None and abs(found - 20.0) < 1.0
+    # Photos that were not turned have none (their edges are not a fill's borders).
+    for name in ("astronaut", "chelsea", "camera", "brick", "moon"):
+        assert rotation_angle(photo(name).convert("RGB")) is None, name
+    padded = ImageOps.expand(photo("chelsea").convert("RGB"), border=40, fill=(0, 0, 0))
+    assert rotation_angle(padded) is None
+
+
+def apply_attack_at(image: Image.Image, angle: float) -> Image.Image:
+    """Rotated ``angle`` degrees on a grown canvas whose corners are filled with a blurred,
+    stretched copy of the photo, as the copy-detection suite makes them."""
+    from lookalike.evaluation.copydetect import filled_rotation
+
+    return filled_rotation(image, angle)
+
+
+def test_unrotated_photo_cuts_out_the_fill_of_a_cropped_rotated_copy() -> None:
+    original = photo("coffee").convert("RGB").resize((300, 200))
+    canvas = rotated(original, 20.0)
+    # The whole grown canvas: the photo's rectangle follows from the canvas's size.
+    whole = unrotated_photo(canvas, 20.0, 100)
+    assert min(whole.size) == 100 and abs(whole.width / whole.height - 1.5) < 0.05
+    # Cropped after rotating: cut to the photo, no black wedges, and its thumbnail shows
+    # the source's pixels where the rotated copy's does not.
+    width, height = canvas.size
+    cropped = canvas.crop((width // 10, height // 8, width * 19 // 20, height * 7 // 8))
+    upright = unrotated_photo(cropped, 20.0, 100)
+    pixels = np.asarray(upright.convert("L"), dtype=float)
+    assert (pixels < 8).mean() < 0.02
+    source = Thumbnail.of(original)
+    assert copy_likeness(Thumbnail.of(upright), source) >= PIXEL_COPY_AT
+    assert copy_likeness(Thumbnail.of(cropped), source) < PIXEL_COPY_AT
+
+
+def test_copy_views_are_the_upright_photo_and_the_trimmed_frame() -> None:
+    original = photo("coffee").convert("RGB").resize((240, 160))
+    padded = ImageOps.expand(original, border=(40, 25, 40, 25), fill=(200, 30, 30))
+    framed = copy_views(padded)
+    assert framed.upright is None and len(framed.views) == 1
+    assert abs(framed.views[0].width / framed.views[0].height - 1.5) < 0.1
+    turned = copy_views(rotated(original, 25.0), side=112)
+    assert turned.upright is not None and turned.views == [turned.upright]
+    assert min(turned.upright.size) == 112
+    # A photo as it was: nothing to undo, no views (and no embedding spent on them).
+    for name in ("astronaut", "chelsea", "brick"):
+        assert copy_views(photo(name).convert("RGB")).views == [], name
 
 
 def test_copy_views_lift_a_rotated_copy_toward_its_source(collection: Collection) -> None:

@@ -291,7 +291,10 @@ class QueryViews:
     """The vectors [n, dim] of one query's views, and how much worse each view's scores
     count when the views are merged (``penalties`` [n], 0 for the query's own views; none
     given: all 0). ``later`` embeds more views (copy views) only when asked: it returns
-    these views with them added. ``thumbnail`` is the query image's, for the pixel check."""
+    these views with them added. ``thumbnail`` is the query image's, for the pixel check;
+    ``view_thumbnails`` those of views it compares too (the query turned upright);
+    ``framed`` whether the check also looks for candidates inside the query (a query with
+    bare corners: a frame, a border, a screenshot's bars)."""
 
     vectors: np.ndarray
     penalties: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros(1))
@@ -299,6 +302,10 @@ class QueryViews:
         default=None, compare=False, repr=False
     )
     thumbnail: Thumbnail | None = dataclasses.field(default=None, compare=False, repr=False)
+    view_thumbnails: tuple[Thumbnail, ...] = dataclasses.field(
+        default=(), compare=False, repr=False
+    )
+    framed: bool = dataclasses.field(default=True, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         vectors = np.asarray(self.vectors, dtype=np.float32)
@@ -347,8 +354,9 @@ class Searcher:
     def image_views(self, query: ImageSource, options: SearchOptions) -> QueryViews:
         """The query vectors of an image: its own (decoded as indexed images are, so an
         indexed file finds itself at similarity 1), plus its crops' with ``multi_crop``, plus
-        its copy views with ``copy_views`` (cosine only; embedded later, and only when the
-        query's own best score is weak: :meth:`search_views`)."""
+        its copy views with ``copy_views`` (cosine only; made and embedded later, and only
+        when the query's own best score is weak: :meth:`search_views`; most queries have
+        none: :func:`lookalike.core.multicrop.copy_views`)."""
         extra = options.copy_views and options.metric is Metric.COSINE
         if options.multi_crop:
             from lookalike.core.multicrop import query_crops
@@ -364,22 +372,30 @@ class Searcher:
         vectors = self.encoder.embed(own)
         if not extra:
             return QueryViews(vectors)
-        from lookalike.core.multicrop import padded_corners
+        from lookalike.core.multicrop import CopyClues
 
-        thumbnail = Thumbnail.of(image)
-        if not padded_corners(image):
-            # Nothing suggests a rotated or framed copy: the pixel check alone.
-            return QueryViews(vectors, thumbnail=thumbnail)
+        grey = image.convert("L")
+        thumbnail = Thumbnail.of(grey)
+        clues = CopyClues.of(grey)
         resolution = self.encoder.preprocess.resolution
 
         def later() -> QueryViews:
             from lookalike.core.multicrop import VIEW_PENALTY, copy_views
 
-            added = copy_views(image, resolution)
-            penalties = np.concatenate([np.zeros(len(own)), np.full(len(added), VIEW_PENALTY)])
-            return QueryViews(np.concatenate([vectors, self.encoder.embed(added)]), penalties)
+            made = copy_views(image, resolution, clues)
+            if not made.views:
+                return QueryViews(vectors, thumbnail=thumbnail)
+            penalties = np.concatenate([np.zeros(len(own)), np.full(len(made.views), VIEW_PENALTY)])
+            upright = () if made.upright is None else (Thumbnail.of(made.upright),)
+            return QueryViews(
+                np.concatenate([vectors, self.encoder.embed(made.views)]),
+                penalties,
+                thumbnail=thumbnail,
+                view_thumbnails=upright,
+            )
 
-        return QueryViews(vectors, later=later, thumbnail=thumbnail)
+        # Only a query in a frame can hold a candidate inside it (bare corners).
+        return QueryViews(vectors, later=later, thumbnail=thumbnail, framed=clues.padded)
 
     def text_vector(self, text: str) -> np.ndarray:
         """The query vector of a text (encoders with ``capabilities.text`` only)."""
@@ -504,7 +520,7 @@ class Searcher:
         guard: AbstractContextManager[Any] = lock if lock is not None else nullcontext()
         pixels = None
         if isinstance(views, QueryViews) and views.thumbnail is not None and options.checks_pixels:
-            pixels = PixelCheck(views.thumbnail, self.local_store)
+            pixels = PixelCheck(views.thumbnail, self.local_store, framed=views.framed)
         with _collecting_missing() as missing:
             with guard:
                 per_view = self._per_view(views, options)
@@ -514,11 +530,15 @@ class Searcher:
             if isinstance(views, QueryViews) and views.later is not None and weak:
                 more = views.later()  # the slow part: outside the lock
                 seen = len(views.vectors)
-                added = QueryViews(more.vectors[seen:], more.penalties[seen:])
-                with guard:
-                    per_view += self._per_view(added, options)
-                    ranked = _merge_views(per_view, options.metric)
-                    if pixels is not None:
+                if len(more.vectors) > seen:
+                    added = QueryViews(more.vectors[seen:], more.penalties[seen:])
+                    with guard:
+                        per_view += self._per_view(added, options)
+                        ranked = _merge_views(per_view, options.metric)
+                if pixels is not None:
+                    with guard:
+                        for seen_view in more.view_thumbnails:
+                            pixels.add_view(seen_view)
                         pixels.finds_copy(ranked)
         if pixels is not None:
             ranked = pixels.copies_first(ranked)
@@ -939,13 +959,28 @@ class PixelCheck:
     """One query's pixel check: how much of the query's pixels each of the best candidates'
     stored thumbnails shows (:meth:`lookalike.local.pixels.PixelQuery.likenesses`), measured
     once a candidate; the copies (:meth:`copies`: alike enough, and standing out from the
-    rest) go first. Candidates without a thumbnail (indexed before lookalike kept them, until
-    the next index run) are left where they are."""
+    rest) go first. A view of the query (turned upright) can be compared too
+    (:meth:`add_view`); ``framed`` looks for candidates inside the query as well. Candidates
+    without a thumbnail (indexed before lookalike kept them, until the next index run) are
+    left where they are."""
 
-    def __init__(self, query: Thumbnail, store: LocalFeatureStore) -> None:
-        self.query = PixelQuery(query)
+    def __init__(self, query: Thumbnail, store: LocalFeatureStore, *, framed: bool = True) -> None:
+        self.queries = [PixelQuery(query, framed=framed)]
         self.store = store
         self.likeness: dict[int, float] = {}
+        self.without_thumbnail: set[int] = set()
+
+    def add_view(self, view: Thumbnail) -> None:
+        """Compare the candidates with a view of the query too (the query turned upright):
+        those measured already are measured again with it, each keeping its best."""
+        added = PixelQuery(view, framed=False)
+        self.queries.append(added)
+        measured = [i for i in self.likeness if i not in self.without_thumbnail]
+        if measured:
+            thumbnails = self.store.thumbnails(measured)
+            found = added.likenesses([thumbnails[i] for i in measured])
+            for image_id, likeness in zip(measured, found.tolist(), strict=True):
+                self.likeness[image_id] = max(self.likeness[image_id], likeness)
 
     def finds_copy(self, ranked: Sequence[SearchResult]) -> bool:
         """Measure the head of ``ranked``, those within ``PIXEL_WITHIN`` of the best score
@@ -957,10 +992,12 @@ class PixelCheck:
         new = [i for i in head if i not in self.likeness]
         if new:
             thumbnails = self.store.thumbnails(new)
+            self.without_thumbnail.update(i for i in new if i not in thumbnails)
             self.likeness.update((i, -1.0) for i in new if i not in thumbnails)
             measured = [i for i in new if i in thumbnails]
             if measured:
-                found = self.query.likenesses([thumbnails[i] for i in measured])
+                chosen = [thumbnails[i] for i in measured]
+                found = np.max([query.likenesses(chosen) for query in self.queries], axis=0)
                 self.likeness.update(zip(measured, found.tolist(), strict=True))
         return bool(self.copies(ranked))
 

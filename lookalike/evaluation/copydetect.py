@@ -259,7 +259,7 @@ def _overlay(image: Image.Image, rng: np.random.Generator) -> Image.Image:
     return Image.composite(white, out, layer)
 
 
-def _filled_rotation(image: Image.Image, angle: float) -> Image.Image:
+def filled_rotation(image: Image.Image, angle: float) -> Image.Image:
     """Rotate by ``angle`` degrees on a grown canvas whose corners are filled with a blurred,
     stretched copy of the photo (as apps fill them) instead of black."""
     rotated = image.rotate(angle, Image.Resampling.BICUBIC, expand=True)
@@ -273,7 +273,7 @@ def _filled_rotation(image: Image.Image, angle: float) -> Image.Image:
 def _large_rotation(image: Image.Image, rng: np.random.Generator) -> Image.Image:
     """Rotate 10-45 degrees either way on a grown canvas, corners filled (see above)."""
     angle = rng.uniform(10.0, 45.0) * rng.choice([-1.0, 1.0])
-    return _filled_rotation(image, angle)
+    return filled_rotation(image, angle)
 
 
 def _crop_fraction(
@@ -294,7 +294,7 @@ def _rotation_crop_color(image: Image.Image, rng: np.random.Generator) -> Image.
     """Rotate 5-30 degrees either way (corners filled), keep 55-85% of that canvas, and change
     the colours as ``color`` does."""
     angle = rng.uniform(5.0, 30.0) * rng.choice([-1.0, 1.0])
-    rotated = _filled_rotation(image, angle)
+    rotated = filled_rotation(image, angle)
     return _color(_crop_fraction(rotated, rng, 0.55, 0.85), rng)
 
 

@@ -67,11 +67,6 @@ class Thumbnail:
         pixels = np.frombuffer(data, dtype=np.uint8, offset=2).reshape(height, width)
         return cls(pixels.astype(np.float32))
 
-    @property
-    def mirrored(self) -> Thumbnail:
-        """The thumbnail flipped left to right."""
-        return Thumbnail(np.ascontiguousarray(self.pixels[:, ::-1]))
-
 
 def _resized(pixels: np.ndarray, width: int, height: int) -> np.ndarray:
     """``pixels`` (float32 [h, w]) area-averaged to ``width`` x ``height``."""
@@ -98,61 +93,81 @@ def _templates(
     return templates
 
 
-def _inside_each(images: np.ndarray, template: np.ndarray) -> np.ndarray:
+def _inside_each(images: list[np.ndarray], template: np.ndarray) -> np.ndarray:
     """[n_images]: the best normalised cross-correlation of ``template`` anywhere in each of
-    ``images`` (all of one shape, no smaller): one OpenCV call over the images stacked one
-    above the other, keeping only the positions that lie inside one image."""
+    ``images`` (none smaller than it): one OpenCV call over the images stacked one above the
+    other (padded to one shape), keeping only the positions that lie inside one image."""
     import cv2
 
-    count, height, width = images.shape
-    rows = height - template.shape[0] + 1
     if float(template.std()) < FLAT_STD:
-        return np.full(count, -1.0)
-    stacked = images.reshape(count * height, width)
+        return np.full(len(images), -1.0)
+    heights = np.array([image.shape[0] for image in images])
+    widths = np.array([image.shape[1] for image in images])
+    height, width = int(heights.max()), int(widths.max())
+    if (heights == height).all() and (widths == width).all():
+        stacked = np.concatenate(images)
+    else:
+        stacked = np.zeros((len(images) * height, width), dtype=np.float32)
+        for slot, image in enumerate(images):
+            top = slot * height
+            stacked[top : top + image.shape[0], : image.shape[1]] = image
     found = cv2.matchTemplate(stacked, template, cv2.TM_CCOEFF_NORMED)
-    padded = np.full((count * height, found.shape[1]), -1.0, dtype=np.float32)
-    padded[: len(found)] = np.nan_to_num(found, nan=-1.0)
-    best = padded.reshape(count, height, -1)[:, :rows].max(axis=(1, 2))
+    # Flat windows come out as NaN: they match nothing.
+    padded = np.full((len(images) * height, found.shape[1]), -1.0, dtype=np.float32)
+    np.fmax(found, -1.0, out=padded[: len(found)])
+    scores = padded.reshape(len(images), height, -1)
+    # A position counts when the template lies inside that image, not in its padding.
+    rows = heights - template.shape[0] + 1
+    cols = widths - template.shape[1] + 1
+    if (rows == rows[0]).all() and (cols == scores.shape[2]).all():
+        best = scores[:, : rows[0]].max(axis=(1, 2))
+    else:
+        inside = (np.arange(height)[None, :, None] < rows[:, None, None]) & (
+            np.arange(scores.shape[2])[None, None, :] < cols[:, None, None]
+        )
+        best = np.where(inside, scores, -1.0).max(axis=(1, 2))
     return np.asarray(np.minimum(best, 1.0))
 
 
-def _each_inside(image: np.ndarray, templates: np.ndarray) -> np.ndarray:
+def _windows(image: np.ndarray, height: int, width: int) -> tuple[np.ndarray, np.ndarray]:
+    """Every ``height`` x ``width`` window of ``image``, flattened [n_windows, size], and
+    each window's spread (the root of its summed squared deviations from its mean)."""
+    size = height * width
+    flat = np.lib.stride_tricks.sliding_window_view(image, (height, width)).reshape(-1, size)
+    spread = np.sqrt(np.maximum((flat * flat).sum(axis=1) - flat.sum(axis=1) ** 2 / size, 0.0))
+    return flat, spread
+
+
+def _each_inside(windows: tuple[np.ndarray, np.ndarray], templates: np.ndarray) -> np.ndarray:
     """[n_templates]: the best normalised cross-correlation of each of ``templates`` (all of
-    one shape) anywhere in ``image``: the image's windows against every template in one
-    product."""
+    one shape) anywhere in an image, given that image's ``windows`` of that shape: the
+    windows against every template in one product."""
+    flat, spread = windows
     count, height, width = templates.shape
     size = height * width
-    windows = np.lib.stride_tricks.sliding_window_view(image, (height, width))
-    flat = windows.reshape(-1, size)
     centred = templates.reshape(count, size)
     centred = centred - centred.mean(axis=1, keepdims=True)
     norms = np.linalg.norm(centred, axis=1)
     unit = centred / np.maximum(norms, 1e-6)[:, None]
     sums = flat @ unit.T  # the templates sum to zero: the windows' means drop out
-    spread = np.sqrt(np.maximum((flat * flat).sum(axis=1) - flat.sum(axis=1) ** 2 / size, 0.0))
     scores = np.where(spread[:, None] > FLAT_STD, sums / np.maximum(spread, 1e-6)[:, None], 0.0)
     best = np.minimum(scores.max(axis=0), 1.0)
     return np.where(norms / np.sqrt(size) >= FLAT_STD, best, -1.0)
 
 
 class PixelQuery:
-    """A query thumbnail compared with many candidates at once: its scaled templates (and
-    its mirror image's) are made once for each candidate shape, since most photos of a
-    collection share a few shapes, and all candidates of a shape are correlated together."""
+    """A query thumbnail compared with many candidates at once: its scaled templates are
+    made once for each candidate shape, since most photos of a collection share a few, and
+    each template is correlated in one call with every candidate that takes it and their
+    mirror images (the mirror image of the query inside the candidate). ``framed=False``
+    leaves out the candidates inside the query (for a query without a frame, a border or a
+    screenshot's bars, where none can be: half the time)."""
 
-    def __init__(self, query: Thumbnail) -> None:
+    def __init__(self, query: Thumbnail, *, framed: bool = True) -> None:
         self.query = query
-        self._mirrored = query.mirrored.pixels
+        self.framed = framed
         self._templates: dict[tuple[int, ...], list[np.ndarray]] = {}
-
-    def templates_for(self, shape: tuple[int, ...]) -> list[np.ndarray]:
-        """The query's and its mirror image's templates for a candidate of ``shape``."""
-        made = self._templates.get(shape)
-        if made is None:
-            made = _templates(self.query.pixels, shape, SCALES)
-            made += _templates(self._mirrored, shape, SCALES)
-            self._templates[shape] = made
-        return made
+        self._windows: dict[tuple[int, int], tuple[np.ndarray, np.ndarray]] = {}
 
     def likenesses(self, candidates: list[Thumbnail]) -> np.ndarray:
         """How much of each candidate's pixels the query shows, from -1 to 1: the best
@@ -161,20 +176,43 @@ class PixelQuery:
         (``lookalike.core.search.PIXEL_COPY_AT``); another photo of the same scene mostly
         under it."""
         best = np.full(len(candidates), -1.0)
-        by_shape: dict[tuple[int, ...], list[int]] = {}
+        # Candidates of different shapes often take the same template (the query fitted to
+        # the same height): each template is correlated once with all that take it, and
+        # with their mirror images (the query's mirror image inside the candidate).
+        takers: dict[tuple[int, int], list[int]] = {}
+        made: dict[tuple[int, int], np.ndarray] = {}
         for position, candidate in enumerate(candidates):
-            by_shape.setdefault(candidate.pixels.shape, []).append(position)
-        for shape, positions in by_shape.items():
-            stacked = np.stack([candidates[i].pixels for i in positions])
-            for template in self.templates_for(shape):
-                best[positions] = np.maximum(best[positions], _inside_each(stacked, template))
-            # Each candidate inside the query (a frame, a border, a screenshot's canvas).
-            frames = _templates(stacked[0], self.query.pixels.shape, FRAMED_SCALES)
-            for height, width in {frame.shape for frame in frames}:
-                framed = np.stack([_resized(c, width, height) for c in stacked])
-                found = _each_inside(self.query.pixels, framed)
-                best[positions] = np.maximum(best[positions], found)
+            for template in self._templates_for(candidate.pixels.shape):
+                takers.setdefault(template.shape, []).append(position)
+                made[template.shape] = template
+        for size, positions in takers.items():
+            images = [candidates[i].pixels for i in positions]
+            images += [np.ascontiguousarray(image[:, ::-1]) for image in images]
+            found = _inside_each(images, made[size])
+            best[positions] = np.maximum(best[positions], found[: len(positions)])
+            best[positions] = np.maximum(best[positions], found[len(positions) :])
+        if not self.framed:
+            return best
+        # Each candidate inside the query (a frame, a border, a screenshot's canvas).
+        by_size: dict[tuple[int, int], list[tuple[int, np.ndarray]]] = {}
+        for position, candidate in enumerate(candidates):
+            for frame in _templates(candidate.pixels, self.query.pixels.shape, FRAMED_SCALES):
+                by_size.setdefault(frame.shape, []).append((position, frame))
+        for (height, width), frames in by_size.items():
+            windows = self._windows.get((height, width))
+            if windows is None:
+                windows = self._windows[height, width] = _windows(self.query.pixels, height, width)
+            found = _each_inside(windows, np.stack([frame for _, frame in frames]))
+            positions = [position for position, _ in frames]
+            np.maximum.at(best, positions, found)
         return best
+
+    def _templates_for(self, shape: tuple[int, ...]) -> list[np.ndarray]:
+        """The query's templates for a candidate of ``shape``."""
+        made = self._templates.get(shape)
+        if made is None:
+            made = self._templates[shape] = _templates(self.query.pixels, shape, SCALES)
+        return made
 
 
 def copy_likeness(query: Thumbnail, candidate: Thumbnail) -> float:
