@@ -111,7 +111,7 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
         dest="copy_views",
         action="store_false",
         help="copy detection: search with each copy as it is only (no pixel check, no "
-        "un-rotated or trimmed views: the search before they were the default)",
+        "upright or trimmed views: the search before they were the default)",
     )
     parser.add_argument(
         "--copies",

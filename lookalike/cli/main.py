@@ -856,7 +856,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--no-copy-views",
         action="store_true",
         help="search with the image as it is only: no pixel check of the best candidates' "
-        "thumbnails and no un-rotated or trimmed views (what finds edited copies)",
+        "thumbnails and no upright or trimmed views (what finds edited copies)",
     )
     search.add_argument(
         "--format",

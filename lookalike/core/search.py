@@ -203,9 +203,10 @@ class SearchOptions:
     ``query_expansion=n`` ranks by the query averaged with its n nearest images
     (alpha-QE, cosine only). ``rerank=n`` verifies the n best candidates by local features
     (cosine only). ``multi_crop`` also searches with the query's centre and corner crops.
-    ``copy_views`` (on by default) also searches a single image query un-rotated both ways and
-    without solid borders, so edited copies are found (:func:`lookalike.core.multicrop.
-    copy_views`); ``False`` searches with the image as it is only. ``copies`` returns only
+    ``copy_views`` (on by default) puts candidates showing a single image query's pixels
+    first, and searches a rotated copy turned upright and a framed one without its border,
+    so edited copies are found (:func:`lookalike.core.multicrop.copy_views`); ``False``
+    searches with the image as it is only. ``copies`` returns only
     verified copies of a single image query (SIFT local features, RANSAC), each with its
     calibrated ``copy_probability`` and estimated ``transform``, most probable first (cosine
     only)."""

@@ -428,7 +428,8 @@ def create_app(service: SearchService, *, local_key: str | None = None) -> FastA
             bool,
             Form(
                 description="put candidates whose thumbnails show the query's pixels first, "
-                "and also search with the image un-rotated both ways and without borders, so "
+                "and also search with a rotated copy turned upright and a framed one without "
+                "its border, so "
                 "edited copies are found (single-image queries; default on)"
             ),
         ] = True,
