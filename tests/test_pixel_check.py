@@ -182,6 +182,12 @@ def test_copies_go_first_most_alike_first_and_scores_still_fall() -> None:
     out = check.copies_first(ranked)
     assert [r.id for r in out] == [3, 1, 2, 4, 5]
     assert out[0].score == pytest.approx(0.92)  # at least the best of the rest
+    # Measured while among the best, then pushed down by the views' candidates: still a copy.
+    long = [result(i, 0.9 - 0.01 * i) for i in range(1, 31)]
+    check.likeness = {i: 0.3 for i in range(1, 31)}
+    check.likeness[27] = 0.9
+    out = check.copies_first(long)
+    assert out[0].id == 27 and [r.id for r in out[1:]] == [i for i in range(1, 31) if i != 27]
 
 
 @pytest.fixture(scope="module", params=["sqlite", "postgresql"])

@@ -1003,10 +1003,11 @@ class PixelCheck:
         return bool(self.copies(ranked))
 
     def copies(self, ranked: Sequence[SearchResult]) -> set[int]:
-        """Ids of the measured head's copies: the most alike at ``PIXEL_COPY_AT`` or more
-        with those as alike as it (within ``PIXEL_SAME``: copies of one photo), when the
-        next is ``PIXEL_MARGIN`` less alike; none otherwise."""
-        head = [r.id for r in ranked[:PIXEL_CANDIDATES] if r.id in self.likeness]
+        """Ids of the measured candidates' copies: the most alike at ``PIXEL_COPY_AT`` or
+        more with those as alike as it (within ``PIXEL_SAME``: copies of one photo), when the
+        next is ``PIXEL_MARGIN`` less alike; none otherwise. A candidate measured while it
+        was among the best counts wherever the views have moved it since."""
+        head = [r.id for r in ranked if r.id in self.likeness]
         order = sorted(head, key=lambda i: -self.likeness[i])
         if not order or self.likeness[order[0]] < PIXEL_COPY_AT:
             return set()
@@ -1023,7 +1024,7 @@ class PixelCheck:
         (so scores still fall down the list, a copy whose vector drifted passes a threshold
         the other candidates pass, and a copy scores alike whatever its neighbours)."""
         found = self.copies(ranked)
-        copies = [r for r in ranked[:PIXEL_CANDIDATES] if r.id in found]
+        copies = [r for r in ranked if r.id in found]
         if not copies:
             return ranked
         copies.sort(key=lambda r: -self.likeness[r.id])
