@@ -85,7 +85,8 @@ OPTIONS = (
     "rerank",
     "whitening",
 )
-QUERIES = ("indexed", "edited", "edited_png")
+# "rotated" is weak by its vector and found by its upright view (the copy views' seam).
+QUERIES = ("indexed", "edited", "edited_png", "rotated")
 CLI_QUERIES = ("indexed", "edited")  # a process and a model load per call: ~15 calls in all
 INTERFACES = ("library", "rest", "grpc", "cli")
 
@@ -168,6 +169,11 @@ def corpus(tmp_path_factory: pytest.TempPathFactory) -> Corpus:
     width, height = coffee.size
     cropped = coffee.crop((width // 6, 0, width, height * 5 // 6))
     ImageOps.mirror(ImageEnhance.Color(cropped).enhance(1.4)).save(queries / "coffee_edited.png")
+    # An indexed image rotated 24 degrees on a grown canvas (black corners), cropped.
+    shot = Image.open(folder / "chelsea" / "chelsea_05.jpg").convert("RGB")
+    turned = shot.rotate(24, Image.Resampling.BICUBIC, expand=True)
+    width, height = turned.size
+    turned.crop((width // 12, height // 10, width, height)).save(queries / "rotated.jpg")
     # Full size (512 x 512): JPEG draft decoding halves it for the encoder, uploads do not.
     ImageEnhance.Brightness(photo("astronaut")).enhance(1.1).save(
         queries / "astronaut_large.jpg", quality=90
@@ -179,12 +185,14 @@ def corpus(tmp_path_factory: pytest.TempPathFactory) -> Corpus:
             "indexed": folder / "astronaut" / "astronaut_07.jpg",
             "edited": queries / "astronaut_edited.jpg",
             "edited_png": queries / "coffee_edited.png",
+            "rotated": queries / "rotated.jpg",
             "large": queries / "astronaut_large.jpg",
         },
         query_labels={
             "indexed": "astronaut",
             "edited": "astronaut",
             "edited_png": "coffee",
+            "rotated": "chelsea",
             "large": "astronaut",
         },
     )
@@ -659,7 +667,12 @@ def test_each_option_does_what_it_says(
     elif option == "query_expansion":
         assert len(got.hits) == K
         plain_scores = cases.cosine_scores(query)  # scores stay those of the query
-        assert all(h.score == pytest.approx(plain_scores[h.id], abs=1e-5) for h in got.hits)
+        if query == "rotated":
+            # ... or of its upright view (penalised), where that is the better.
+            assert all(h.score >= plain_scores[h.id] - 1e-5 for h in got.hits)
+            assert any(h.score > plain_scores[h.id] + 1e-3 for h in got.hits)
+        else:
+            assert all(h.score == pytest.approx(plain_scores[h.id], abs=1e-5) for h in got.hits)
     elif option == "multi_crop":
         plain_scores = {h.id: h.score for h in ranking}  # the best of the views, whole included
         assert all(h.score >= plain_scores[h.id] - 1e-5 for h in got.hits)
@@ -669,6 +682,17 @@ def test_each_option_does_what_it_says(
         assert got.scores[0] >= plain.scores[0] - 1e-5
     elif option == "whitening":
         assert len(got.hits) == K and got.differs_from(plain)
+
+
+def test_a_rotated_copy_is_found_by_its_upright_view(sqlite_side: Side) -> None:
+    # The query's vector is weak; the photo turned upright finds the shot it was made from
+    # (the answers of the other interfaces and options are checked against this one below).
+    main = sqlite_side.collections["main"]
+    query = sqlite_side.corpus.queries["rotated"]
+    found = from_response(main.search(query, k=K))
+    plain = from_response(main.search(query, k=K, copy_views=False))
+    assert found.hits[0].name == "chelsea_05.jpg"
+    assert plain.hits[0].score < found.hits[0].score - 0.05
 
 
 def test_every_option_changes_some_answer(sqlite_side: Side, cases: CaseBook) -> None:
