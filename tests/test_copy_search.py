@@ -33,7 +33,7 @@ from lookalike.core.multicrop import (
 )
 from lookalike.core.search import PIXEL_COPY_AT
 from lookalike.errors import LookalikeError, RequestError
-from lookalike.evaluation.copydetect import apply_attack
+from lookalike.evaluation.copydetect import apply_attack, filled_rotation
 from lookalike.local.features import QUERY_CONFIG, extract
 from lookalike.local.matching import mirror_features, verify
 from lookalike.local.pixels import Thumbnail, copy_likeness
@@ -144,7 +144,7 @@ def test_rotation_angle_reads_the_tilt_of_a_rotated_copy() -> None:
         image = photo(name).convert("RGB")
         for angle in (8.0, -15.0, 30.0, -40.0):
             # Black corners, and corners filled with a blurred stretch of the photo.
-            for copy in (rotated(image, angle), apply_attack_at(image, angle)):
+            for copy in (rotated(image, angle), filled_rotation(image, angle)):
                 found = rotation_angle(copy)
                 assert found is not None and abs(found - angle) < 1.5, (name, angle, found)
     # Rotated, then cropped so that only parts of the fill are left.
@@ -157,14 +157,6 @@ def test_rotation_angle_reads_the_tilt_of_a_rotated_copy() -> None:
         assert rotation_angle(photo(name).convert("RGB")) is None, name
     padded = ImageOps.expand(photo("chelsea").convert("RGB"), border=40, fill=(0, 0, 0))
     assert rotation_angle(padded) is None
-
-
-def apply_attack_at(image: Image.Image, angle: float) -> Image.Image:
-    """Rotated ``angle`` degrees on a grown canvas whose corners are filled with a blurred,
-    stretched copy of the photo, as the copy-detection suite makes them."""
-    from lookalike.evaluation.copydetect import filled_rotation
-
-    return filled_rotation(image, angle)
 
 
 def test_unrotated_photo_cuts_out_the_fill_of_a_cropped_rotated_copy() -> None:

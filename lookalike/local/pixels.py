@@ -42,7 +42,7 @@ class Thumbnail:
     @classmethod
     def of(cls, image: Image.Image) -> Thumbnail:
         """The thumbnail of a decoded image (area-averaged, so blur and JPEG noise vanish)."""
-        gray = image.convert("L")
+        gray = image if image.mode == "L" else image.convert("L")
         width, height = gray.size
         scale = THUMBNAIL_SIDE / max(width, height, 1)
         size = (max(1, round(width * scale)), max(1, round(height * scale)))
