@@ -394,3 +394,19 @@ def test_cli_errors(tmp_path: Path, capsys) -> None:
     assert "--move-to" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["dedup", "--method", "fuzzy"])
+
+
+@pytest.mark.parametrize("local_features", [True, False])
+def test_a_library_of_two_photos_finds_its_copy(tmp_path: Path, local_features: bool) -> None:
+    """Two images hold too few keypoints to learn visual words from; the default method
+    still checks their embedding neighbours, stored features or not."""
+    library = tmp_path / "library"
+    library.mkdir()
+    photo("coffee").save(library / "coffee.jpg", quality=92)
+    photo("coffee").resize((300, 200)).save(library / "coffee-small.jpg", quality=40)
+    with Collection(tmp_path / "c") as collection:
+        collection.index(library, workers=1, local_features=local_features)
+        report = find_duplicates(collection, workers=1)
+    assert [sorted(Path(m.path).name for m in g.members) for g in report.groups] == [
+        ["coffee-small.jpg", "coffee.jpg"]
+    ]

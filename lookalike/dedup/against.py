@@ -20,6 +20,7 @@ import hashlib
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -39,7 +40,8 @@ from lookalike.errors import DedupError, ImageError
 
 if TYPE_CHECKING:
     from lookalike.core.collection import Collection
-    from lookalike.dedup.verification import Verifier
+    from lookalike.dedup.verification import PairCheck, Verifier
+    from lookalike.local.alignment import PixelAlignment
     from lookalike.local.features import LocalFeatures
     from lookalike.local.matching import EstimatedTransform
     from lookalike.local.words import WordLookup
@@ -359,9 +361,10 @@ def _verified(
     words = _word_lookup(verifier, scope, workers)
     found: Matches = {}
     for path, vector in _embedded(collection, paths, failed):
-        features = _query_features(path, failed)
-        if features is None:
+        query = _query_features(path, failed)
+        if query is None:
             continue
+        features, grey = query
         hits = dict(_candidates(collection, scope, vector, threshold))
         if words is not None:
             sharing = [i for i, _ in words.candidates(features, limit=WORD_CANDIDATES)]
@@ -378,7 +381,7 @@ def _verified(
             # Checked from the query; reversed, its transform turns the reference image into
             # the query, as find_duplicates reports a duplicate against its keeper.
             check = check_pair(features, target, mirrored=mirrored).reversed()
-            if rule.accepts(check):
+            if rule.confirms(check, partial(_aligned, verifier, image_id, check, grey)):
                 confirmed.append((image_id, cosine, check.inliers, check.transform))
         if confirmed:
             found[path] = _matches(
@@ -405,15 +408,32 @@ def _cosines(collection: Collection, vector: np.ndarray, ids: list[int]) -> list
     return [(i, float(c)) for i, c in zip(ids, cosine.tolist(), strict=True)]
 
 
-def _query_features(path: str, failed: list[tuple[str, str]]) -> LocalFeatures | None:
+def _aligned(
+    verifier: Verifier, image_id: int, check: PairCheck, query: np.ndarray
+) -> PixelAlignment:
+    """The pixel alignment of a reference image and the query's grey pixels, by ``check``
+    (reference to query)."""
+    from lookalike.dedup.verification import aligned
+
+    return aligned(check, verifier.grey(image_id), query)
+
+
+def _query_features(
+    path: str, failed: list[tuple[str, str]]
+) -> tuple[LocalFeatures, np.ndarray] | None:
+    """The query file's local features and its grey pixels in their frame (for the pixel
+    test), from one read; None, noted in ``failed``, when it does not read."""
     from lookalike.images import load_image
+    from lookalike.local.alignment import frame_grey
     from lookalike.local.features import DATABASE_CONFIG, extract
 
     try:
-        return extract(load_image(path, draft_size=DATABASE_CONFIG.max_side), DATABASE_CONFIG)
+        image = load_image(path, draft_size=DATABASE_CONFIG.max_side)
+        features = extract(image, DATABASE_CONFIG)
     except ImageError as error:
         failed.append((path, error.reason))
         return None
+    return features, frame_grey(image, features.width, features.height)
 
 
 _CHECKS = {

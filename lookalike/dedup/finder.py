@@ -95,6 +95,17 @@ MIN_AGREEMENT = 0.9
 # keypoints are stored as float16 (0.25 px steps in the 256-512 range), and heavy JPEG on
 # smooth photos moves them by about that: 0.35 leaves them the room.
 MAX_RESIDUAL = 0.35
+# The pixel test (see lookalike.dedup.verification.PixelRule), tuned on grocery-store's train
+# split. A pair the keypoints do not prove is a copy when half its textured blocks are alike
+# once aligned (captions hide up to half) and their shifts stray at most 0.08 px (median, in
+# the coarser frame) from one motion: copies strayed 0.079 px at most, second photos with
+# half their blocks alike 0.095 or more (a product moved in front of a still shelf).
+# A pair the keypoints prove with fewer than 40 inliers needs 37% of its blocks alike: the
+# different products they took for copies had 6-33% (a shared logo), copies 41-100%.
+MIN_ALIKE = 0.5
+MAX_DRIFT = 0.08
+SURE_INLIERS = 40
+MIN_SUPPORT = 0.37
 # Nearest neighbours asked of the index per image; more are asked for images whose k
 # nearest all pass the threshold.
 NEIGHBOURS = 16
@@ -550,13 +561,17 @@ def verified_candidates(
     """Pairs of scope images worth verifying: those that share the visual words of their
     keypoints (a rotated or cropped copy, whatever its cosine), and each image's nearest
     embedding neighbours at cosine ``threshold`` or more that share a word (an overlay can
-    hide most of a copy's keypoints, not its look)."""
+    hide most of a copy's keypoints, not its look); all of those when the scope is too small
+    to learn words from."""
     from lookalike.local.words import word_index
 
     words = word_index(verifier, embeddings.ids[embeddings.scope].tolist(), workers)
     candidates = set(words.candidates())
     near = embeddings.nearest_pairs(threshold, VERIFIED_NEIGHBOURS)
-    candidates.update(pair for pair, shared in zip(near, words.shared(near), strict=True) if shared)
+    if not words.learned:
+        candidates.update(near)
+    shared = words.shared(near)
+    candidates.update(pair for pair, count in zip(near, shared, strict=True) if count)
     return sorted(candidates)
 
 
@@ -573,11 +588,11 @@ def verified_groups(
     involved = sorted({i for pair in candidates for i in pair})
     verifier.forget(involved)
     verifier.prefetch(involved, workers)
-    confirmed = [(a, b) for a, b in candidates if rule.accepts(verifier.check(a, b))]
+    confirmed = [(a, b) for a, b in candidates if verifier.is_copy(a, b, rule)]
 
     def match(keeper: int, others: np.ndarray) -> tuple[np.ndarray, np.ndarray, list[Detail]]:
         checks = [verifier.check(keeper, other) for other in others.tolist()]
-        mask = np.array([rule.accepts(c) for c in checks], dtype=bool)
+        mask = np.array([verifier.is_copy(keeper, o, rule) for o in others.tolist()], dtype=bool)
         details: list[Detail] = [(c.inliers, c.transform) for c in checks]
         return mask, embeddings.cosine(keeper, others), details
 
@@ -595,8 +610,11 @@ def verified_groups(
             pixels = record.width * record.height
             if picture and pixels < SAME_PICTURE * max(picture.values()):
                 break
-            checks = (verifier.check(image_id, other) for other in ids if other != image_id)
-            shares = [check.source_content for check in checks if rule.accepts(check)]
+            shares = [
+                verifier.check(image_id, other).source_content
+                for other in ids
+                if other != image_id and verifier.is_copy(image_id, other, rule)
+            ]
             picture[image_id] = pixels * min(shares, default=1.0)
         most = max(picture.values())
         keeper = min(
@@ -614,9 +632,10 @@ def verified_groups(
 
 def copy_rule(min_inliers: int) -> CopyRule:
     """The copy test of the verified method with this many inliers at least."""
-    from lookalike.dedup.verification import CopyRule
+    from lookalike.dedup.verification import CopyRule, PixelRule
 
-    return CopyRule(min_inliers, MIN_AGREEMENT, MAX_RESIDUAL)
+    pixels = PixelRule(MIN_ALIKE, MAX_DRIFT, SURE_INLIERS, MIN_SUPPORT)
+    return CopyRule(min_inliers, MIN_AGREEMENT, MAX_RESIDUAL, pixels)
 
 
 _FINDERS = {

@@ -7,15 +7,20 @@ confident match is explained by it (``agreement``, the share of tentative matche
 inliers), and they land where it says to a fraction of a pixel (``residual``, the median
 reprojection error of the inliers). A second shot moves the product against its background,
 leaving confident matches the transform cannot explain, and the parallax of the scene spreads
-the residuals. See :class:`CopyRule`; its thresholds are tuned in ``benchmarks/dedup_accuracy.py``.
+the residuals. On photos of little texture heavy JPEG or shrinking moves the few keypoints as
+far as parallax does, and captions hide most of them: a pair that fails by keypoints alone
+but still has a few inliers is judged by its pixels, aligned by the same transform
+(:mod:`lookalike.local.alignment`): a copy's blocks land where the one motion says, a second
+photo's stray. See :class:`CopyRule`; its thresholds are tuned in
+``benchmarks/dedup_accuracy.py``.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, replace
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -25,6 +30,7 @@ from lookalike.local.matching import mirror_features
 
 if TYPE_CHECKING:
     from lookalike.core.collection import Collection
+    from lookalike.local.alignment import PixelAlignment
     from lookalike.local.features import LocalFeatures
     from lookalike.local.matching import EstimatedTransform, Verification
 
@@ -39,7 +45,9 @@ class PairCheck:
     overlap of the two frames) and the contents: the share of each
     image's frame that is picture rather than padding, 1 unless the other image, moved by
     the transform, leaves part of it uncovered and that part is nearly bare of keypoints
-    (the black or blurred corners of a copy rotated on a grown canvas)."""
+    (the black or blurred corners of a copy rotated on a grown canvas). ``matrix``: the 2x3
+    affine that takes the first image's feature frame onto the second's (a mirror folded
+    in), for aligning their pixels."""
 
     inliers: int
     matches: int
@@ -48,6 +56,7 @@ class PairCheck:
     transform: EstimatedTransform | None = None
     source_content: float = 1.0
     target_content: float = 1.0
+    matrix: np.ndarray | None = field(default=None, compare=False, repr=False)
 
     def reversed(self) -> PairCheck:
         """The same check seen from the second image."""
@@ -58,6 +67,7 @@ class PairCheck:
             transform=self.transform.inverse(),
             source_content=self.target_content,
             target_content=self.source_content,
+            matrix=None if self.matrix is None else _invert(self.matrix),
         )
 
 
@@ -68,24 +78,78 @@ CLEAR_INLIERS = 20
 PADDING_DENSITY = 0.25
 # How far past the covered part a keypoint must lie to count as padding's (frame share).
 PADDING_MARGIN = 0.03
+# Pairs whose inliers land further than this (median, pixels) are not aligned by pixels: a
+# copy's keypoints, however blurred or recompressed, stay within ~0.5 px; second photos of a
+# moving scene spread more and would only cost the time of reading them.
+PIXEL_CHECK_RESIDUAL = 0.6
+# Grey frames a Verifier keeps for pixel alignment (about 256 KB each).
+GREY_CACHE = 256
+
+
+@dataclass(frozen=True)
+class PixelRule:
+    """How aligned pixels (:mod:`lookalike.local.alignment`) judge a pair. They prove a copy
+    the keypoints do not when at least ``min_alike`` of the textured blocks are alike and
+    their shifts stray at most ``max_drift`` pixels from one motion. They refute one the
+    keypoints prove with fewer than ``clear_inliers`` inliers when under ``min_support`` of
+    the blocks are alike: two products printed with the same logo share a few dozen exact
+    keypoints, and little else."""
+
+    min_alike: float
+    max_drift: float
+    clear_inliers: int
+    min_support: float
+
+    def proves(self, alignment: PixelAlignment) -> bool:
+        """Whether the aligned pixels show a copy."""
+        return alignment.alike >= self.min_alike and alignment.drift <= self.max_drift
+
+    def refutes(self, alignment: PixelAlignment) -> bool:
+        """Whether the aligned pixels show that most of the shared picture differs (never
+        without enough textured blocks to say)."""
+        from lookalike.local.alignment import MIN_ALIKE_BLOCKS
+
+        return alignment.blocks >= MIN_ALIKE_BLOCKS and alignment.alike < self.min_support
 
 
 @dataclass(frozen=True)
 class CopyRule:
     """When a :class:`PairCheck` means a copy: at least ``min_inliers`` inliers, at least
     ``min_agreement`` of the tentative matches explained, and a median residual of at most
-    ``max_residual`` pixels."""
+    ``max_residual`` pixels, unless the aligned ``pixels`` refute it; or, failing that with
+    at least half ``min_inliers`` inliers, when the aligned pixels prove it."""
 
     min_inliers: int
     min_agreement: float
     max_residual: float
+    pixels: PixelRule
 
     def accepts(self, check: PairCheck) -> bool:
+        """Whether the keypoints alone show a copy."""
         return (
             check.inliers >= self.min_inliers
             and check.agreement >= self.min_agreement
             and check.residual <= self.max_residual
         )
+
+    def needs_pixels(self, check: PairCheck) -> bool:
+        """Whether the aligned pixels have a say: for a pair the keypoints show with few
+        inliers, or one they do not show that has a transform, half the inliers a copy
+        needs and keypoints that land near where it says (``PIXEL_CHECK_RESIDUAL``)."""
+        if check.matrix is None:
+            return False
+        if self.accepts(check):
+            return check.inliers < self.pixels.clear_inliers
+        return 2 * check.inliers >= self.min_inliers and check.residual <= PIXEL_CHECK_RESIDUAL
+
+    def confirms(self, check: PairCheck, alignment: Callable[[], PixelAlignment]) -> bool:
+        """Whether a checked pair is a copy; ``alignment`` gives its aligned pixels, asked
+        only when they have a say (it reads both files)."""
+        if not self.needs_pixels(check):
+            return self.accepts(check)
+        if self.accepts(check):
+            return not self.pixels.refutes(alignment())
+        return self.pixels.proves(alignment())
 
 
 def check_pair(
@@ -124,6 +188,9 @@ def _measure(
     matrix, pairs, others = found.transform, found.inlier_pairs, found.outlier_pairs
     assert matrix is not None and pairs is not None and others is not None  # with a transform
     moved = _apply(matrix, view.points[pairs[:, 0]])
+    # The mirrored view's frame is the image's flipped left to right: fold that in.
+    flip = np.array([[-1.0, 0.0, source.width - 1.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0]])
+    own = matrix @ flip if view is not source else matrix
     landed = target.points[pairs[:, 1]].astype(np.float64)
     errors = np.linalg.norm(moved - landed, axis=1)
     # In the coarser of the two frames: an enlarging transform spreads errors too.
@@ -149,6 +216,7 @@ def _measure(
         ),
         source_content=_content(_invert(matrix), target, view),
         target_content=_content(matrix, view, target),
+        matrix=own,
     )
 
 
@@ -246,6 +314,34 @@ class Verifier:
         self._features: dict[int, LocalFeatures | None] = {}
         self._mirrored: dict[int, LocalFeatures | None] = {}
         self._checks: dict[tuple[int, int], PairCheck] = {}
+        self._alignments: dict[tuple[int, int], PixelAlignment] = {}
+        self._greys: dict[int, np.ndarray | None] = {}
+
+    def is_copy(self, a: int, b: int, rule: CopyRule) -> bool:
+        """Whether images ``a`` and ``b`` are copies of each other by ``rule``: by their
+        keypoints, else (when they come close) by their aligned pixels."""
+        return rule.confirms(self.check(a, b), lambda: self.alignment(a, b))
+
+    def alignment(self, a: int, b: int) -> PixelAlignment:
+        """How the pixels of ``a`` and ``b`` line up by their SIFT transform; cached."""
+        key = (min(a, b), max(a, b))
+        if key not in self._alignments:
+            self._alignments[key] = aligned(self.check(*key), self.grey(key[0]), self.grey(key[1]))
+        return self._alignments[key]
+
+    def grey(self, image_id: int) -> np.ndarray | None:
+        """The image's grey pixels in its feature frame, read from its file (None when it
+        no longer reads); the last ``GREY_CACHE`` are kept."""
+        if image_id not in self._greys:
+            features = self.features(image_id)
+            record = self.collection.catalog.images([image_id]).get(image_id)
+            grey = None
+            if features is not None and record is not None:
+                grey = read_grey(record.path, features)
+            if len(self._greys) >= GREY_CACHE:
+                del self._greys[next(iter(self._greys))]
+            self._greys[image_id] = grey
+        return self._greys[image_id]
 
     def check(self, a: int, b: int) -> PairCheck:
         """The check of image ``a`` against ``b`` (its transform turns a into b); cached."""
@@ -274,7 +370,7 @@ class Verifier:
     def forget(self, keep: Iterable[int]) -> None:
         """Drop the features of every image but ``keep`` (bounds memory between stages)."""
         wanted = set(keep)
-        for cache in (self._features, self._mirrored):
+        for cache in (self._features, self._mirrored, self._greys):
             for image_id in [i for i in cache if i not in wanted]:
                 del cache[image_id]
 
@@ -322,6 +418,34 @@ class Verifier:
             self._features[image_id] = features
             if error is not None:
                 self.failed.append((path, error))
+
+
+def aligned(
+    check: PairCheck, first: np.ndarray | None, second: np.ndarray | None
+) -> PixelAlignment:
+    """The pixel alignment of a checked pair's grey frames (see ``read_grey``). The smaller
+    picture is warped onto the larger: shrinking by warping would alias fine detail."""
+    from lookalike.local.alignment import NO_ALIGNMENT, align_pixels
+
+    if check.matrix is None or first is None or second is None:
+        return NO_ALIGNMENT
+    if abs(np.linalg.det(check.matrix[:, :2])) >= 1.0:
+        return align_pixels(first, second, check.matrix)
+    return align_pixels(second, first, _invert(check.matrix))
+
+
+def read_grey(path: str, features: LocalFeatures) -> np.ndarray | None:
+    """The file's grey pixels in the frame its ``features`` were found in; None when it no
+    longer reads."""
+    from lookalike.images import load_image
+    from lookalike.local.alignment import frame_grey
+    from lookalike.local.features import DATABASE_CONFIG
+
+    try:
+        image = load_image(path, draft_size=DATABASE_CONFIG.max_side)
+    except ImageError:
+        return None
+    return frame_grey(image, features.width, features.height)
 
 
 def _extract_file(item: tuple[int, str]) -> tuple[int, str, LocalFeatures | None, str | None]:

@@ -212,11 +212,22 @@ def best_pairs(
 
 class WordIndex:
     """The shared visual words of every pair of images in a scope that shares one: ``ids``
-    (sorted catalog ids) and, per pair, positions ``a`` < ``b`` in it and the ``count``."""
+    (sorted catalog ids) and, per pair, positions ``a`` < ``b`` in it and the ``count``.
+    ``learned`` is False when the scope had too few keypoints to learn words from (a
+    handful of images): then no pair shares a word, and that says nothing."""
 
-    def __init__(self, ids: Sequence[int], a: np.ndarray, b: np.ndarray, shared: np.ndarray):
+    def __init__(
+        self,
+        ids: Sequence[int],
+        a: np.ndarray,
+        b: np.ndarray,
+        shared: np.ndarray,
+        *,
+        learned: bool = True,
+    ):
         self.ids = np.asarray(ids, dtype=np.int64)
         self.a, self.b, self.count = a, b, shared
+        self.learned = learned
         # Positions are < 2^24 (see shared_words): one int64 key a pair.
         self._keys = (a << 24) | b
 
@@ -331,7 +342,7 @@ def word_index(
     empty = np.zeros(0, dtype=np.int64)
     found = _words_of(verifier, ids, workers) if len(ids) >= 2 else None
     if found is None:
-        return WordIndex(ids, empty, empty, empty)  # too few images or keypoints
+        return WordIndex(ids, empty, empty, empty, learned=False)  # too few keypoints
     _, owners, entries, words = found
     if len(owners) < 2:
         return WordIndex(owners, empty, empty, empty)
