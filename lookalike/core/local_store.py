@@ -56,8 +56,8 @@ COPY_CANDIDATES = 20
 # shares its source's keypoints. One stays only when it verifies better than every candidate
 # the vector found. On the grocery-store train split (100 sources x 16 attacks, rerank 10)
 # mean recall@1 rose from 0.986 to 0.991 (min 0.93 -> 0.95). The reference side posts
-# ``WORD_KEYPOINTS`` keypoints an image (96, as dedup does, found 4-9 shared words for a
-# quarter-size rotated crop; 256 found 15-18) and the query looks with all of its own. The
+# ``WORD_KEYPOINTS`` keypoints an image (96 found 4-9 shared words for a quarter-size
+# rotated crop; 256 found 15-18) and the query looks with all of its own. The
 # words are built in memory from the stored SIFT features at the first such search, or when
 # a server starts (1.2 s for 2,640 images, 1.5 s for 6,031; 4 KB an image), for at most
 # ``WORD_LOOKUP_AT_MOST`` images with features (a larger collection verifies its global

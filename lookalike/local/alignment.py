@@ -37,6 +37,9 @@ BLUR_SIGMA = 1.0
 TWO_WAY = 0.1
 # Blocks with less contrast than this measure their shift too poorly to count.
 SHIFT_STD = 8.0
+# Below this share of alike blocks a pair is no copy whatever a refined alignment would find:
+# the second pass is skipped (most pairs aligned are second photos, far below).
+REFINE_FROM = 0.3
 # Fewer alike blocks than this give no drift (too few to fit a motion to).
 MIN_ALIKE_BLOCKS = 12
 
@@ -60,13 +63,14 @@ def align_pixels(source: np.ndarray, target: np.ndarray, matrix: np.ndarray) -> 
     """Warp grey ``source`` [h, w] onto grey ``target`` by the 2x3 affine ``matrix`` (source
     pixels to target pixels) and compare them block by block (see :class:`PixelAlignment`).
     The blocks' shifts first correct the matrix (keypoints place it to a fraction of a pixel,
-    and a block's shift is measured best when small), then are measured again."""
+    and a block's shift is measured best when small), then are measured again, unless fewer
+    than ``REFINE_FROM`` of the blocks are alike."""
     affine = np.vstack([np.asarray(matrix, dtype=np.float64), [0.0, 0.0, 1.0]])
     found = _compare(source, target, affine)
     if found is None:
         return NO_ALIGNMENT
     count, alike, shifts = found
-    if len(shifts) >= MIN_ALIKE_BLOCKS:
+    if alike >= REFINE_FROM and len(shifts) >= MIN_ALIKE_BLOCKS:
         motion, _ = _motion(shifts)
         correction = np.eye(3)
         correction[:2] += motion.T

@@ -33,7 +33,10 @@ from lookalike.local.matching import MIRROR_ORDER
 if TYPE_CHECKING:
     from lookalike.local.features import LocalFeatures
 
-WORD_KEYPOINTS = 96
+# 160 rather than 96: on clothing-small's train split a copy shared 4 words or more with its
+# source 96% of the time with 96 voters, 98% with 160 (rotations with black corners 83% ->
+# 92%, captions 93% -> 96%), 99% with all 256, at 1.7 times the word index's work.
+WORD_KEYPOINTS = 160
 GRID = 4
 PCA_DIMS = 24
 SUBQUANTIZERS = 6
