@@ -140,7 +140,7 @@ def test_a_shared_logo_is_not_a_copy(first: str, second: str, at: tuple[int, int
     check, grey_a, grey_b = checked(a, b)
     assert RULE.accepts(check), "the label's keypoints alone look like a copy"
     assert check.inliers < RULE.pixels.clear_inliers
-    assert not RULE.confirms(check, lambda: aligned(check, grey_a, grey_b))
+    assert not RULE.confirms(check, lambda refine: aligned(check, grey_a, grey_b, refine=refine))
 
 
 def test_pixels_decide_a_pair_the_keypoints_leave_open() -> None:
@@ -151,9 +151,13 @@ def test_pixels_decide_a_pair_the_keypoints_leave_open() -> None:
     copy = noisy(original.resize((original.width // 2, original.height // 2)), 8)
     check, grey_copy, grey_original = checked(copy, original)
     assert not strict.accepts(check) and strict.needs_pixels(check)
-    assert strict.confirms(check, lambda: aligned(check, grey_copy, grey_original))
+    assert strict.confirms(
+        check, lambda refine: aligned(check, grey_copy, grey_original, refine=refine)
+    )
     view_check, grey_view, _ = checked(second_view(original), original)
-    assert not strict.confirms(view_check, lambda: aligned(view_check, grey_view, grey_original))
+    assert not strict.confirms(
+        view_check, lambda refine: aligned(view_check, grey_view, grey_original, refine=refine)
+    )
 
 
 @pytest.fixture(scope="module")

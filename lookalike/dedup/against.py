@@ -409,13 +409,13 @@ def _cosines(collection: Collection, vector: np.ndarray, ids: list[int]) -> list
 
 
 def _aligned(
-    verifier: Verifier, image_id: int, check: PairCheck, query: np.ndarray
+    verifier: Verifier, image_id: int, check: PairCheck, query: np.ndarray, refine: bool
 ) -> PixelAlignment:
     """The pixel alignment of a reference image and the query's grey pixels, by ``check``
     (reference to query)."""
     from lookalike.dedup.verification import aligned
 
-    return aligned(check, verifier.grey(image_id), query)
+    return aligned(check, verifier.grey(image_id), query, refine=refine)
 
 
 def _query_features(

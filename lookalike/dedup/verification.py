@@ -21,6 +21,7 @@ import contextlib
 import os
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field, replace
+from functools import partial
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -146,14 +147,15 @@ class CopyRule:
             return check.inliers < self.pixels.clear_inliers
         return check.inliers >= PIXEL_CHECK_INLIERS and check.residual <= PIXEL_CHECK_RESIDUAL
 
-    def confirms(self, check: PairCheck, alignment: Callable[[], PixelAlignment]) -> bool:
-        """Whether a checked pair is a copy; ``alignment`` gives its aligned pixels, asked
-        only when they have a say (it reads both files)."""
+    def confirms(self, check: PairCheck, alignment: Callable[[bool], PixelAlignment]) -> bool:
+        """Whether a checked pair is a copy; ``alignment(refine)`` gives its aligned pixels,
+        asked only when they have a say (it reads both files), refined only when their drift
+        counts (see ``align_pixels``)."""
         if not self.needs_pixels(check):
             return self.accepts(check)
         if self.accepts(check):
-            return not self.pixels.refutes(alignment())
-        return self.pixels.proves(alignment())
+            return not self.pixels.refutes(alignment(False))
+        return self.pixels.proves(alignment(True))
 
 
 def check_pair(
@@ -324,13 +326,15 @@ class Verifier:
     def is_copy(self, a: int, b: int, rule: CopyRule) -> bool:
         """Whether images ``a`` and ``b`` are copies of each other by ``rule``: by their
         keypoints, else (when they come close) by their aligned pixels."""
-        return rule.confirms(self.check(a, b), lambda: self.alignment(a, b))
+        return rule.confirms(self.check(a, b), partial(self.alignment, a, b))
 
-    def alignment(self, a: int, b: int) -> PixelAlignment:
-        """How the pixels of ``a`` and ``b`` line up by their SIFT transform; cached."""
+    def alignment(self, a: int, b: int, refine: bool = True) -> PixelAlignment:
+        """How the pixels of ``a`` and ``b`` line up by their SIFT transform (see
+        ``align_pixels``); cached (a pair is always asked the same way: its check decides)."""
         key = (min(a, b), max(a, b))
         if key not in self._alignments:
-            self._alignments[key] = aligned(self.check(*key), self.grey(key[0]), self.grey(key[1]))
+            first, second = self.grey(key[0]), self.grey(key[1])
+            self._alignments[key] = aligned(self.check(*key), first, second, refine=refine)
         return self._alignments[key]
 
     def grey(self, image_id: int) -> np.ndarray | None:
@@ -425,7 +429,11 @@ class Verifier:
 
 
 def aligned(
-    check: PairCheck, first: np.ndarray | None, second: np.ndarray | None
+    check: PairCheck,
+    first: np.ndarray | None,
+    second: np.ndarray | None,
+    *,
+    refine: bool = True,
 ) -> PixelAlignment:
     """The pixel alignment of a checked pair's grey frames (see ``read_grey``). The smaller
     picture is warped onto the larger: shrinking by warping would alias fine detail."""
@@ -434,8 +442,8 @@ def aligned(
     if check.matrix is None or first is None or second is None:
         return NO_ALIGNMENT
     if abs(np.linalg.det(check.matrix[:, :2])) >= 1.0:
-        return align_pixels(first, second, check.matrix)
-    return align_pixels(second, first, _invert(check.matrix))
+        return align_pixels(first, second, check.matrix, refine=refine)
+    return align_pixels(second, first, _invert(check.matrix), refine=refine)
 
 
 def read_grey(path: str, features: LocalFeatures) -> np.ndarray | None:
