@@ -216,3 +216,25 @@ def test_a_file_gone_since_indexing_leaves_the_keypoints_verdict(
         report = find_duplicates(collection, method="verified", workers=1)
     names = [sorted(Path(m.path).name for m in g.members) for g in report.groups]
     assert names == [["coffee-label-copy.jpg", "coffee-label.jpg"]]
+
+
+def test_which_pairs_the_pixels_have_a_say_in() -> None:
+    """Keypoint-proven pairs with few inliers (a refutation can undo them), and unproven
+    pairs with a few inliers landing near their transform; a stricter ``min_inliers`` asks
+    more of the latter too. Without a transform, nothing to align."""
+    identity = np.eye(3)[:2]
+
+    def pair(
+        inliers: int, agreement: float, residual: float, matrix: np.ndarray | None
+    ) -> PairCheck:
+        return PairCheck(inliers, inliers * 2, agreement, residual, matrix=matrix)
+
+    assert RULE.needs_pixels(pair(20, 0.95, 0.2, identity))  # proven, under 40 inliers
+    assert not RULE.needs_pixels(pair(60, 0.95, 0.2, identity))  # proven beyond doubt
+    assert RULE.needs_pixels(pair(3, 0.5, 0.9, identity))
+    assert not RULE.needs_pixels(pair(2, 0.5, 0.2, identity))
+    assert not RULE.needs_pixels(pair(30, 0.8, 1.5, identity))  # a second photo's spread
+    assert not RULE.needs_pixels(pair(30, 0.8, 0.5, None))
+    strict = copy_rule(50)
+    assert not strict.needs_pixels(pair(5, 0.5, 0.5, identity))
+    assert strict.needs_pixels(pair(15, 0.5, 0.5, identity))

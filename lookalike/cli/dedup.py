@@ -77,7 +77,9 @@ def add_dedup_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--min-inliers",
         type=int,
-        help=f"verified: RANSAC inliers that confirm a pair (default {DEFAULT_MIN_INLIERS})",
+        help=f"verified: RANSAC inliers that confirm a pair by its keypoints (default "
+        f"{DEFAULT_MIN_INLIERS}); a pair with fewer, down to 3 in 10, is confirmed only when "
+        "its pixels, aligned by them, follow one motion",
     )
     parser.add_argument(
         "--format",

@@ -18,6 +18,7 @@ photo's stray. See :class:`CopyRule`; its thresholds are tuned in
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field, replace
@@ -145,7 +146,9 @@ class CopyRule:
             return False
         if self.accepts(check):
             return check.inliers < self.pixels.clear_inliers
-        return check.inliers >= PIXEL_CHECK_INLIERS and check.residual <= PIXEL_CHECK_RESIDUAL
+        # A stricter min_inliers asks more of the pixel test's pairs too (3 of the default 10).
+        fewest = max(PIXEL_CHECK_INLIERS, math.ceil(0.3 * self.min_inliers))
+        return check.inliers >= fewest and check.residual <= PIXEL_CHECK_RESIDUAL
 
     def confirms(self, check: PairCheck, alignment: Callable[[bool], PixelAlignment]) -> bool:
         """Whether a checked pair is a copy; ``alignment(refine)`` gives its aligned pixels,
