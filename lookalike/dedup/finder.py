@@ -588,7 +588,10 @@ def verified_groups(
     involved = sorted({i for pair in candidates for i in pair})
     verifier.forget(involved)
     verifier.prefetch(involved, workers)
-    confirmed = [(a, b) for a, b in candidates if verifier.is_copy(a, b, rule)]
+    # Confirmed pairs only link images into components; each member still has to be a copy
+    # of its group's keeper (``match``), where a pair the pixels refute is refused: so the
+    # links skip the refutation and its file reads.
+    confirmed = [(a, b) for a, b in candidates if verifier.is_copy(a, b, rule, refute=False)]
 
     def match(keeper: int, others: np.ndarray) -> tuple[np.ndarray, np.ndarray, list[Detail]]:
         checks = [verifier.check(keeper, other) for other in others.tolist()]
@@ -613,7 +616,7 @@ def verified_groups(
             shares = [
                 verifier.check(image_id, other).source_content
                 for other in ids
-                if other != image_id and verifier.is_copy(image_id, other, rule)
+                if other != image_id and verifier.is_copy(image_id, other, rule, refute=False)
             ]
             picture[image_id] = pixels * min(shares, default=1.0)
         most = max(picture.values())

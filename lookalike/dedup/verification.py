@@ -150,14 +150,21 @@ class CopyRule:
         fewest = max(PIXEL_CHECK_INLIERS, math.ceil(0.3 * self.min_inliers))
         return check.inliers >= fewest and check.residual <= PIXEL_CHECK_RESIDUAL
 
-    def confirms(self, check: PairCheck, alignment: Callable[[bool], PixelAlignment]) -> bool:
+    def confirms(
+        self,
+        check: PairCheck,
+        alignment: Callable[[bool], PixelAlignment],
+        *,
+        refute: bool = True,
+    ) -> bool:
         """Whether a checked pair is a copy; ``alignment(refine)`` gives its aligned pixels,
         asked only when they have a say (it reads both files), refined only when their drift
-        counts (see ``align_pixels``)."""
+        counts (see ``align_pixels``). Without ``refute``, a pair the keypoints prove is not
+        put to the pixels (a cheaper, looser test, for pairs that only link candidates)."""
         if not self.needs_pixels(check):
             return self.accepts(check)
         if self.accepts(check):
-            return not self.pixels.refutes(alignment(False))
+            return not refute or not self.pixels.refutes(alignment(False))
         return self.pixels.proves(alignment(True))
 
 
@@ -326,10 +333,12 @@ class Verifier:
         self._alignments: dict[tuple[int, int], PixelAlignment] = {}
         self._greys: dict[int, np.ndarray | None] = {}
 
-    def is_copy(self, a: int, b: int, rule: CopyRule) -> bool:
+    def is_copy(self, a: int, b: int, rule: CopyRule, *, refute: bool = True) -> bool:
         """Whether images ``a`` and ``b`` are copies of each other by ``rule``: by their
-        keypoints, else (when they come close) by their aligned pixels."""
-        return rule.confirms(self.check(a, b), partial(self.alignment, a, b))
+        keypoints, else (when they come close) by their aligned pixels (see
+        ``CopyRule.confirms``)."""
+        alignment = partial(self.alignment, a, b)
+        return rule.confirms(self.check(a, b), alignment, refute=refute)
 
     def alignment(self, a: int, b: int, refine: bool = True) -> PixelAlignment:
         """How the pixels of ``a`` and ``b`` line up by their SIFT transform (see
