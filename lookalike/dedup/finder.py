@@ -101,7 +101,7 @@ MAX_RESIDUAL = 0.35
 # the coarser frame) from one motion: copies strayed 0.079 px at most, second photos with
 # half their blocks alike 0.095 or more (a product moved in front of a still shelf).
 # A pair the keypoints prove with fewer than 40 inliers needs 37% of its blocks alike: the
-# different products they took for copies had 6-33% (a shared logo), copies 41-100%.
+# different products they took for copies had 6-33% (a shared logo), copies 42-100%.
 MIN_ALIKE = 0.5
 MAX_DRIFT = 0.08
 SURE_INLIERS = 40
