@@ -8,6 +8,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -21,8 +22,8 @@ from lookalike.core.collection import Collection
 from lookalike.dedup import find_duplicates, find_in_reference
 from lookalike.dedup.finder import copy_rule
 from lookalike.dedup.verification import CopyRule, PairCheck, Verifier, aligned, check_pair
-from lookalike.local.alignment import align_pixels, frame_grey
-from lookalike.local.features import extract
+from lookalike.local.alignment import align_pixels
+from lookalike.local.features import extract, frame_grey
 from lookalike.local.matching import mirror_features
 
 pytest.importorskip("cv2")
@@ -176,6 +177,14 @@ def logo_library(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
+def copied(source: Path, folder: Path, *names: str) -> Path:
+    """A new ``folder`` holding copies of these files of ``source``."""
+    folder.mkdir()
+    for name in names:
+        shutil.copy(source / name, folder / name)
+    return folder
+
+
 LABEL_GROUPS = [
     ["coffee-label-copy.jpg", "coffee-label.png"],
     ["rocket-label-captions.jpg", "rocket-label.png"],
@@ -212,10 +221,9 @@ def test_against_a_reference_the_label_alone_matches_nothing(
 ) -> None:
     """The reference holds the coffee with the label and the rocket's captioned copy: the
     rocket with the label finds its copy and not the coffee, whose label its words share."""
-    reference = tmp_path / "reference"
-    reference.mkdir()
-    for name in ("coffee-label.png", "rocket-label-captions.jpg"):
-        (reference / name).write_bytes((logo_library / name).read_bytes())
+    reference = copied(
+        logo_library, tmp_path / "reference", "coffee-label.png", "rocket-label-captions.jpg"
+    )
     with Collection(tmp_path / "c") as collection:
         assert not collection.index(reference, workers=1, local_features=True).failed
         found = find_in_reference(logo_library / "rocket-label.png", collection, workers=1)
@@ -232,10 +240,9 @@ def test_a_file_gone_since_indexing_leaves_the_keypoints_verdict(
     """The pixel test reads files; one that no longer reads has no say, and the run goes on.
     (Two images alone are too few to learn visual words from: their embedding neighbours are
     checked all the same.)"""
-    library = tmp_path / "library"
-    library.mkdir()
-    for name in ("coffee-label.png", "coffee-label-copy.jpg"):
-        (library / name).write_bytes((logo_library / name).read_bytes())
+    library = copied(
+        logo_library, tmp_path / "library", "coffee-label.png", "coffee-label-copy.jpg"
+    )
     with Collection(tmp_path / "c") as collection:
         assert not collection.index(library, workers=1, local_features=True).failed
         os.remove(library / "coffee-label.png")

@@ -424,8 +424,7 @@ def _query_features(
     """The query file's local features and its grey pixels in their frame (for the pixel
     test), from one read; None, noted in ``failed``, when it does not read."""
     from lookalike.images import load_image
-    from lookalike.local.alignment import frame_grey
-    from lookalike.local.features import DATABASE_CONFIG, extract
+    from lookalike.local.features import DATABASE_CONFIG, extract, frame_grey
 
     try:
         image = load_image(path, draft_size=DATABASE_CONFIG.max_side)

@@ -568,10 +568,10 @@ def verified_candidates(
     words = word_index(verifier, embeddings.ids[embeddings.scope].tolist(), workers)
     candidates = set(words.candidates())
     near = embeddings.nearest_pairs(threshold, VERIFIED_NEIGHBOURS)
-    if not words.learned:
-        candidates.update(near)
     shared = words.shared(near)
-    candidates.update(pair for pair, count in zip(near, shared, strict=True) if count)
+    candidates.update(
+        p for p, count in zip(near, shared, strict=True) if count or not words.learned
+    )
     return sorted(candidates)
 
 

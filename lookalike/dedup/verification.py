@@ -462,8 +462,7 @@ def read_grey(path: str, features: LocalFeatures) -> np.ndarray | None:
     """The file's grey pixels in the frame its ``features`` were found in; None when it no
     longer reads."""
     from lookalike.images import load_image
-    from lookalike.local.alignment import frame_grey
-    from lookalike.local.features import DATABASE_CONFIG
+    from lookalike.local.features import DATABASE_CONFIG, frame_grey
 
     try:
         image = load_image(path, draft_size=DATABASE_CONFIG.max_side)

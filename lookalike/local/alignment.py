@@ -14,14 +14,10 @@ heavy JPEG moves the few keypoints as far as parallax does; whole blocks can.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import numpy as np
 
 from lookalike.local.features import opencv
-
-if TYPE_CHECKING:
-    from PIL import Image
 
 # Blocks compared, in pixels of the ~512-pixel feature frame, every half block.
 BLOCK = 32
@@ -180,13 +176,3 @@ def _drift(shifts: np.ndarray) -> float:
         return float("inf")
     _, left = _motion(shifts)
     return float(np.median(left))
-
-
-def frame_grey(image: Image.Image, width: int, height: int) -> np.ndarray:
-    """An image as grey uint8 [height, width], resized the way local features see it."""
-    from PIL import Image
-
-    grey = image.convert("L")
-    if grey.size != (width, height):
-        grey = grey.resize((width, height), Image.Resampling.BILINEAR, reducing_gap=3.0)
-    return np.asarray(grey)

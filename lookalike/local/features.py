@@ -220,11 +220,8 @@ def extract(image: ImageSource, config: SiftConfig = DATABASE_CONFIG) -> LocalFe
     pil = _as_image(image, config)
     width, height = pil.size
     factor = min(1.0, config.max_side / max(width, height))
-    gray = pil.convert("L")
-    if factor < 1.0:
-        size = (max(1, round(width * factor)), max(1, round(height * factor)))
-        gray = gray.resize(size, Image.Resampling.BILINEAR, reducing_gap=3.0)
-    pixels = np.asarray(gray)
+    size = (max(1, round(width * factor)), max(1, round(height * factor)))
+    pixels = frame_grey(pil, *size)
     sift = cv2.SIFT_create(
         nfeatures=config.max_keypoints, contrastThreshold=config.contrast_threshold
     )
@@ -245,6 +242,15 @@ def extract(image: ImageSource, config: SiftConfig = DATABASE_CONFIG) -> LocalFe
         height=pixels.shape[0],
         scale=max(width, height) / max(pixels.shape),
     )
+
+
+def frame_grey(image: Image.Image, width: int, height: int) -> np.ndarray:
+    """An image as grey uint8 [height, width], resized as ``extract`` sees it: the frame its
+    keypoints' coordinates refer to (the pixel test aligns these, see ``local.alignment``)."""
+    grey = image.convert("L")
+    if grey.size != (width, height):
+        grey = grey.resize((width, height), Image.Resampling.BILINEAR, reducing_gap=3.0)
+    return np.asarray(grey)
 
 
 def root_sift(descriptors: np.ndarray) -> np.ndarray:
