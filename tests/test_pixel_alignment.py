@@ -292,3 +292,70 @@ def test_a_copy_only_its_pixels_prove_is_grouped(tmp_path: Path) -> None:
     assert not RULE.accepts(check), check
     names = [sorted(Path(m.path).name for m in g.members) for g in report.groups]
     assert names == [["coffee-noisy.jpg", "coffee.jpg"]]
+
+
+@pytest.fixture
+def messy_library(logo_library: Path, tmp_path: Path) -> Path:
+    """The labelled photos the way a user's folder holds them: odd names, other formats (PNG,
+    TIFF, WebP, HEIC), a copy that is a symlink to a file kept elsewhere, a corrupt file and
+    an empty one beside them."""
+    from pillow_heif import register_heif_opener
+
+    register_heif_opener()
+    root = tmp_path / "Mes photos (2024)"
+    (root / "étiquettes").mkdir(parents=True)
+    outside = tmp_path / "elsewhere"
+    outside.mkdir()
+    first = Image.open(logo_library / "coffee-label.png").convert("RGB")
+    second = Image.open(logo_library / "rocket-label.png").convert("RGB")
+    first.save(root / "café à l'étiquette #1.png")
+    second.save(root / "étiquettes" / "fusée 🚀.tiff")
+    jpeg(first, 35).save(root / "café copie.webp", quality=60)
+    overlaid(second).save(outside / "fusée légendée.heic", quality=90)
+    (root / "étiquettes" / "fusée légendée.heic").symlink_to(outside / "fusée légendée.heic")
+    (root / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    (root / "empty.png").write_bytes(b"")
+    return root
+
+
+MESSY_GROUPS = [
+    ["café copie.webp", "café à l'étiquette #1.png"],
+    ["fusée légendée.heic", "fusée 🚀.tiff"],
+]
+
+
+def test_a_messy_folder_keeps_the_labels_apart_in_the_library_cli_and_rest(
+    messy_library: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The pixel test reads every format and path the index does; the bad files are reported
+    and the rest goes on, the same groups through each interface."""
+    import httpx
+    from test_rest import LiveServer
+
+    from lookalike.server.rest import create_app
+    from lookalike.server.service import SearchService
+
+    with Collection(tmp_path / "c") as collection:
+        report = collection.index(messy_library, workers=1, local_features=True)
+        assert sorted(Path(path).name for path, _ in report.failed) == ["broken.jpg", "empty.png"]
+        groups = find_duplicates(collection, method="verified", workers=1).groups
+        assert sorted(sorted(Path(m.path).name for m in g.members) for g in groups) == MESSY_GROUPS
+        with (
+            LiveServer(create_app(SearchService(collection))) as server,
+            httpx.Client(base_url=server.url, timeout=120) as client,
+        ):
+            reply = client.get("/duplicates", params={"method": "verified"})
+        assert reply.status_code == 200, reply.text
+        served = [
+            sorted([g["keeper"]["filename"]] + [d["filename"] for d in g["duplicates"]])
+            for g in reply.json()["groups"]
+        ]
+        assert sorted(served) == MESSY_GROUPS
+    target = tmp_path / "cli"
+    assert main(["-c", str(target), "dedup", str(messy_library), "--format", "json", "-q"]) == 0
+    payload = json.loads(capsys.readouterr().out)
+    named = [
+        sorted([Path(g["keeper"]["path"]).name] + [Path(d["path"]).name for d in g["duplicates"]])
+        for g in payload["groups"]
+    ]
+    assert sorted(named) == MESSY_GROUPS
