@@ -202,18 +202,21 @@ def test_find_duplicates_keeps_photos_that_share_a_label_apart(
     assert groups == LABEL_GROUPS
 
 
+def cli_groups(folder: Path, target: Path, capsys: pytest.CaptureFixture[str]) -> list[list[str]]:
+    """The groups ``lookalike dedup FOLDER --format json`` prints, as sorted file names."""
+    assert main(["-c", str(target), "dedup", str(folder), "--format", "json", "-q"]) == 0
+    payload = json.loads(capsys.readouterr().out)
+    return sorted(
+        sorted([Path(g["keeper"]["path"]).name] + [Path(d["path"]).name for d in g["duplicates"]])
+        for g in payload["groups"]
+    )
+
+
 def test_the_cli_keeps_photos_that_share_a_label_apart(
     logo_library: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """``lookalike dedup FOLDER`` indexes without local features: the same groups."""
-    target = tmp_path / "c"
-    assert main(["-c", str(target), "dedup", str(logo_library), "--format", "json", "-q"]) == 0
-    payload = json.loads(capsys.readouterr().out)
-    groups = [
-        sorted([Path(g["keeper"]["path"]).name] + [Path(d["path"]).name for d in g["duplicates"]])
-        for g in payload["groups"]
-    ]
-    assert sorted(groups) == LABEL_GROUPS
+    assert cli_groups(logo_library, tmp_path / "c", capsys) == LABEL_GROUPS
 
 
 def test_against_a_reference_the_label_alone_matches_nothing(
@@ -351,11 +354,4 @@ def test_a_messy_folder_keeps_the_labels_apart_in_the_library_cli_and_rest(
             for g in reply.json()["groups"]
         ]
         assert sorted(served) == MESSY_GROUPS
-    target = tmp_path / "cli"
-    assert main(["-c", str(target), "dedup", str(messy_library), "--format", "json", "-q"]) == 0
-    payload = json.loads(capsys.readouterr().out)
-    named = [
-        sorted([Path(g["keeper"]["path"]).name] + [Path(d["path"]).name for d in g["duplicates"]])
-        for g in payload["groups"]
-    ]
-    assert sorted(named) == MESSY_GROUPS
+    assert cli_groups(messy_library, tmp_path / "cli", capsys) == MESSY_GROUPS
