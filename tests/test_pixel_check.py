@@ -14,10 +14,11 @@ import pytest
 from conftest import photo
 from PIL import Image, ImageDraw, ImageEnhance, ImageFilter, ImageOps
 
+from lookalike.core import search as search_module
 from lookalike.core.collection import Collection
 from lookalike.core.multicrop import COPY_VIEWS_BELOW
 from lookalike.core.results import SearchResult
-from lookalike.core.search import PIXEL_COPY_AT, PixelCheck
+from lookalike.core.search import PIXEL_COPY_AT, PIXEL_LEAN_FROM, PixelCheck
 from lookalike.local.pixels import (
     THUMBNAIL_KIND,
     THUMBNAIL_SIDE,
@@ -190,6 +191,36 @@ def test_copies_go_first_most_alike_first_and_scores_still_fall() -> None:
     assert out[0].id == 27 and [r.id for r in out[1:]] == [i for i in range(1, 31) if i != 27]
 
 
+def test_with_no_copy_standing_out_the_pixels_lean_to_the_likelier_source() -> None:
+    check = PixelCheck(Thumbnail(np.zeros((4, 4), np.float32)), store=None)  # type: ignore[arg-type]
+    ranked = [result(1, 0.72), result(2, 0.70), result(3, 0.66), result(4, 0.60)]
+    # Another shot of the crate comes first by its vector; the copy's source shows more of
+    # the query's pixels, though not enough to stand out as a copy: it goes first, at the
+    # first's score, and the rest keep their order.
+    check.likeness = {1: 0.45, 2: 0.75, 3: 0.7, 4: 0.3}
+    assert check.copies(ranked) == set()
+    assert check.leaning(ranked) == 2
+    out = check.copies_first(ranked)
+    assert [r.id for r in out] == [2, 1, 3, 4]
+    assert [r.score for r in out] == [0.72, 0.72, 0.66, 0.60]
+    # A clearly closer vector is not beaten by a garment of the same cut a little more
+    # alike at 32 pixels.
+    ranked = [result(1, 0.90), result(2, 0.75), result(3, 0.7)]
+    check.likeness = {1: 0.70, 2: 0.78, 3: 0.2}
+    assert check.leaning(ranked) == 1
+    assert check.copies_first(ranked) == ranked
+    # When no candidate shows PIXEL_LEAN_FROM of the query, the pixels have no say.
+    ranked = [result(1, 0.72), result(2, 0.70)]
+    check.likeness = {1: 0.1, 2: PIXEL_LEAN_FROM - 0.01}
+    assert check.leaning(ranked) is None
+    assert check.copies_first(ranked) == ranked
+    # A candidate without a thumbnail (-1) is never leaned to, nor counted.
+    check.likeness = {1: -1.0, 2: 0.65}
+    assert check.copies_first(ranked)[0].id == 2
+    check.likeness = {1: 0.3, 2: -1.0}
+    assert check.leaning(ranked) is None
+
+
 @pytest.fixture(scope="module", params=["sqlite", "postgresql"])
 def collection(
     request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
@@ -256,6 +287,33 @@ def test_a_crop_of_one_shot_that_the_other_does_not_contain_finds_its_shot(
         query = window(shot, 0.0, 0.0, 0.7, 0.7).filter(ImageFilter.GaussianBlur(2))
         found = opened.search(query, k=2)
         assert stems(found.results)[0] == f"{name}-a", (name, stems(found.results))
+
+
+def rotated_cut_recoloured(image: Image.Image, angle: float, saturation: float) -> Image.Image:
+    """Rotated on a grown canvas (black corners), cut to the canvas's upper-left 65%, its
+    colours changed: a copy whose thumbnail shows its shot's pixels, but not beyond doubt."""
+    turned = image.rotate(angle, Image.Resampling.BICUBIC, expand=True)
+    cut = window(turned, 0.1, 0.1, 0.75, 0.75)
+    return ImageEnhance.Contrast(ImageEnhance.Color(cut).enhance(saturation)).enhance(0.8)
+
+
+@pytest.mark.parametrize(("name", "angle"), [("coffee", 25.0), ("brick", -15.0), ("brick", 25.0)])
+def test_a_copy_no_shot_stands_out_for_goes_to_the_shot_its_pixels_lean_to(
+    collection: tuple[Collection, Path], monkeypatch: pytest.MonkeyPatch, name: str, angle: float
+) -> None:
+    # The other shot of the scene wins by its vector; the copy's shot shows more of the
+    # query's pixels (not enough to stand out as a copy), and that decides.
+    opened, photos = collection
+    shot = Image.open(photos / f"{name}-a.jpg").convert("RGB")
+    for saturation in (0.4, 1.6):
+        query = rotated_cut_recoloured(shot, angle, saturation)
+        found = opened.search(query, k=3)
+        assert stems(found.results)[0] == f"{name}-a", (saturation, stems(found.results))
+        scores = [r.score for r in found]
+        assert scores == sorted(scores, reverse=True)
+        with monkeypatch.context() as lean_off:
+            lean_off.setattr(search_module, "PIXEL_LEAN_FROM", 2.0)
+            assert stems(opened.search(query, k=3).results)[0] == f"{name}-b"
 
 
 def test_images_indexed_without_thumbnails_are_searched_and_get_them_at_the_next_index(
