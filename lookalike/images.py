@@ -270,6 +270,13 @@ def to_rgb(image: Image.Image, *, source: str = "<image>") -> Image.Image:
         return _convert(image, source=source, copy=True)
 
 
+def in_mode(image: Image.Image, mode: str) -> Image.Image:
+    """``image`` in the Pillow ``mode`` (``"L"``, ``"RGB"``, ...): itself when it is in it
+    already, since ``convert`` would copy it (the copy views and thumbnails of one query
+    each take the same grey image)."""
+    return image if image.mode == mode else image.convert(mode)
+
+
 def _convert(image: Image.Image, *, source: str, copy: bool = False) -> Image.Image:
     """``to_rgb`` without the error mapping; ``copy=False`` when ``image`` is ours to return."""
     mode = image.mode

@@ -24,6 +24,7 @@ import numpy as np
 from PIL import Image
 
 from lookalike.errors import LookalikeError
+from lookalike.images import in_mode
 
 # Each crop keeps this fraction of the query's width and height.
 CROP_FRACTION = 0.75
@@ -177,7 +178,7 @@ class CopyClues:
     @classmethod
     def of(cls, image: Image.Image) -> CopyClues:
         """The clues of a decoded query image."""
-        grey = _shrunk(_in_mode(image, "L"), _ANGLE_GRID)
+        grey = _shrunk(in_mode(image, "L"), _ANGLE_GRID)
         return cls(grey, padded_corners(grey))
 
 
@@ -192,7 +193,7 @@ def copy_views(image: Image.Image, side: int = 224, clues: CopyClues | None = No
     border = _border_box(clues.grey) if clues.padded else None
     if angle is None and border is None:
         return CopyViews([], None)
-    small = _shrunk(_in_mode(image, "RGB"), _VIEW_SIDE)
+    small = _shrunk(in_mode(image, "RGB"), _VIEW_SIDE)
     upright = None if angle is None else unrotated_photo(small, angle, side)
     views = [] if upright is None else [upright]
     if border is not None:
@@ -203,7 +204,7 @@ def copy_views(image: Image.Image, side: int = 224, clues: CopyClues | None = No
 def padded_corners(image: Image.Image) -> bool:
     """Whether ``image`` looks like a copy on a grown canvas or in a frame: enough of its
     corners nearly bare of detail (see ``_CORNERS_NEEDED``), so copy views may find it."""
-    gray = _in_mode(image, "L")
+    gray = in_mode(image, "L")
     scale = _TRIM_GRID / max(gray.size)
     size = (max(8, round(gray.width * scale)), max(8, round(gray.height * scale)))
     pixels = np.asarray(gray.resize(size, Image.Resampling.BOX), dtype=np.float32)
@@ -228,7 +229,7 @@ def rotation_angle(image: Image.Image) -> float | None:
     transform) on the outline of the smooth area; the longest tilt they agree on wins."""
     import cv2
 
-    pixels = np.asarray(_shrunk(_in_mode(image, "L"), _ANGLE_GRID), dtype=np.float32)
+    pixels = np.asarray(_shrunk(in_mode(image, "L"), _ANGLE_GRID), dtype=np.float32)
     height, width = pixels.shape
     side = min(height, width)
     if side < 16:
@@ -328,7 +329,7 @@ def unrotated_photo(image: Image.Image, angle: float, side: int) -> Image.Image:
     solved for from the canvas's size alone); ``side`` pixels on the shorter side."""
     import cv2
 
-    small = _shrunk(_in_mode(image, "RGB"), _VIEW_SIDE)
+    small = _shrunk(in_mode(image, "RGB"), _VIEW_SIDE)
     grid = _shrunk(small.convert("L"), _CUT_GRID)
     smooth = _smooth(np.asarray(grid, dtype=np.float32))
     if _whole_canvas(smooth, angle):
@@ -484,12 +485,6 @@ def _near_edge(x: float, y: float, width: int, height: int) -> bool:
     return min(x, y, width - 1 - x, height - 1 - y) <= _EDGE_NEAR
 
 
-def _in_mode(image: Image.Image, mode: str) -> Image.Image:
-    """``image`` in ``mode``: itself when it is already (Pillow's convert would copy it, and
-    the views' tests each take the same grey image)."""
-    return image if image.mode == mode else image.convert(mode)
-
-
 def _shrunk(image: Image.Image, side: int) -> Image.Image:
     width, height = image.size
     factor = side / max(width, height)
@@ -591,7 +586,7 @@ def _border_box(image: Image.Image) -> tuple[float, float, float, float] | None:
     """The box (left, top, right, bottom, as fractions of the sides) inside the solid-colour
     bands along ``image``'s edges, or None when it has none."""
     grey = np.asarray(
-        _in_mode(image, "L").resize((_TRIM_GRID, _TRIM_GRID), Image.Resampling.NEAREST),
+        in_mode(image, "L").resize((_TRIM_GRID, _TRIM_GRID), Image.Resampling.NEAREST),
         dtype=np.float32,
     )
 

@@ -1070,7 +1070,7 @@ class PixelCheck:
     def _leaning_first(self, ranked: list[SearchResult]) -> list[SearchResult]:
         """``ranked`` with the candidate :meth:`leaning` names first, at the first's score."""
         chosen = self.leaning(ranked)
-        if chosen is None or not ranked or chosen == ranked[0].id:
+        if chosen is None or chosen == ranked[0].id:
             return ranked
         moved = next(r for r in ranked if r.id == chosen)
         lifted = dataclasses.replace(moved, score=max(moved.score, ranked[0].score))

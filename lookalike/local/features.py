@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from PIL import Image
 
-from lookalike.images import ImageSource, load_image
+from lookalike.images import ImageSource, in_mode, load_image
 from lookalike.local.errors import CorruptLocalFeaturesError, LocalFeaturesError
 
 if TYPE_CHECKING:
@@ -247,7 +247,7 @@ def extract(image: ImageSource, config: SiftConfig = DATABASE_CONFIG) -> LocalFe
 def frame_grey(image: Image.Image, width: int, height: int) -> np.ndarray:
     """An image as grey uint8 [height, width], resized as ``extract`` sees it: the frame its
     keypoints' coordinates refer to (the pixel test aligns these, see ``local.alignment``)."""
-    grey = image.convert("L")
+    grey = in_mode(image, "L")
     if grey.size != (width, height):
         grey = grey.resize((width, height), Image.Resampling.BILINEAR, reducing_gap=3.0)
     return np.asarray(grey)
