@@ -6,14 +6,19 @@ Real photos; the catalogs are real SQLite and PostgreSQL."""
 from __future__ import annotations
 
 import itertools
+import json
 from collections.abc import Iterator
 from pathlib import Path
 
+import grpc
+import httpx
 import numpy as np
 import pytest
 from conftest import photo
 from PIL import Image, ImageDraw, ImageEnhance, ImageFilter, ImageOps
+from test_rest import LiveServer
 
+from lookalike.cli.main import main
 from lookalike.core import search as search_module
 from lookalike.core.collection import Collection
 from lookalike.core.multicrop import COPY_VIEWS_BELOW
@@ -26,6 +31,11 @@ from lookalike.local.pixels import (
     Thumbnail,
     copy_likeness,
 )
+from lookalike.server.grpc_server import create_grpc_server
+from lookalike.server.protos import lookalike_v1_pb2 as v1
+from lookalike.server.protos import lookalike_v1_pb2_grpc as v1_grpc
+from lookalike.server.rest import create_app
+from lookalike.server.service import SearchService
 
 NAMES = ("astronaut", "chelsea", "coffee", "rocket", "camera", "horse", "brick", "moon")
 
@@ -314,6 +324,55 @@ def test_a_copy_no_shot_stands_out_for_goes_to_the_shot_its_pixels_lean_to(
         with monkeypatch.context() as lean_off:
             lean_off.setattr(search_module, "PIXEL_LEAN_FROM", 2.0)
             assert stems(opened.search(query, k=3).results)[0] == f"{name}-b"
+
+
+def test_the_lean_holds_with_other_options_and_through_every_interface(
+    collection: tuple[Collection, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # One search pipeline: the CLI, REST and gRPC put the copy's own shot first as the
+    # library does, with one result, with a threshold at its score, and each turns the
+    # pixel check (and so the lean) off with its copy-views switch.
+    opened, photos = collection
+    query = rotated_cut_recoloured(
+        Image.open(photos / "coffee-a.jpg").convert("RGB"), 25.0, saturation=0.4
+    )
+    query.save(tmp_path / "copy.jpg", quality=95)
+    query = Image.open(tmp_path / "copy.jpg").convert("RGB")  # what every interface reads
+    found = opened.search(query, k=3)
+    assert stems(found.results)[0] == "coffee-a"
+    assert stems(opened.search(query, k=1).results) == ["coffee-a"]
+    best = found.results[0].score
+    assert stems(opened.search(query, k=3, threshold=best - 1e-6).results)[0] == "coffee-a"
+    plain = stems(opened.search(query, k=3, copy_views=False).results)
+    assert plain[0] == "coffee-b"
+
+    cli = ["-c", str(opened.path), "search", str(tmp_path / "copy.jpg"), "--no-server"]
+    assert main([*cli, "-k", "3", "--json"]) == 0
+    assert Path(json.loads(capsys.readouterr().out)["results"][0]["path"]).stem == "coffee-a"
+    assert main([*cli, "-k", "3", "--json", "--no-copy-views"]) == 0
+    assert Path(json.loads(capsys.readouterr().out)["results"][0]["path"]).stem == "coffee-b"
+
+    service = SearchService(opened)
+    upload = (tmp_path / "copy.jpg").read_bytes()
+    with LiveServer(create_app(service)) as server, httpx.Client(base_url=server.url) as client:
+        for fields, expected in (
+            ({"k": 3}, "coffee-a"),
+            ({"k": 3, "copy_views": "false"}, "coffee-b"),
+        ):
+            files = {"image": ("copy.jpg", upload, "image/jpeg")}
+            reply = client.post("/search", files=files, data=fields, timeout=120)
+            assert reply.status_code == 200, reply.text
+            assert Path(reply.json()["results"][0]["filename"]).stem == expected
+    grpc_server, port = create_grpc_server(service, port=0, max_workers=2)
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            stub = v1_grpc.LookalikeStub(channel)
+            reply = stub.Search(v1.SearchRequest(image=upload, k=3), timeout=120)
+            assert Path(reply.matches[0].path).stem == "coffee-a"
+            off = stub.Search(v1.SearchRequest(image=upload, k=3, no_copy_views=True), timeout=120)
+            assert Path(off.matches[0].path).stem == "coffee-b"
+    finally:
+        grpc_server.stop(None).wait()
 
 
 def test_images_indexed_without_thumbnails_are_searched_and_get_them_at_the_next_index(
