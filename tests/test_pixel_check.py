@@ -23,7 +23,7 @@ from lookalike.core import search as search_module
 from lookalike.core.collection import Collection
 from lookalike.core.multicrop import COPY_VIEWS_BELOW
 from lookalike.core.results import SearchResult
-from lookalike.core.search import PIXEL_COPY_AT, PIXEL_LEAN_FROM, PixelCheck
+from lookalike.core.search import PIXEL_COPY_AT, PIXEL_LEAN_FROM, PIXEL_UPRIGHT_AT, PixelCheck
 from lookalike.local.pixels import (
     THUMBNAIL_KIND,
     THUMBNAIL_SIDE,
@@ -231,6 +231,34 @@ def test_with_no_copy_standing_out_the_pixels_lean_to_the_likelier_source() -> N
     assert check.leaning(ranked) is None
 
 
+def test_a_query_turned_upright_puts_the_shot_most_alike_its_view_first() -> None:
+    check = PixelCheck(Thumbnail(np.zeros((4, 4), np.float32)), store=None)  # type: ignore[arg-type]
+    ranked = [result(1, 0.70), result(2, 0.66), result(3, 0.45), result(4, 0.40)]
+    # The upright view shows the third candidate's pixels (not enough for a copy) and the
+    # others clearly less: it goes first at the first's score, though the lean would not
+    # move it (its vector is far behind).
+    check.likeness = {1: 0.55, 2: 0.5, 3: 0.72, 4: 0.3}
+    check.upright = {1: 0.55, 2: 0.5, 3: 0.72, 4: 0.3}
+    assert check.copies(ranked) == set() and check.leaning(ranked) == 1
+    assert check.upright_copy(ranked) == 3
+    out = check.copies_first(ranked)
+    assert [r.id for r in out] == [3, 1, 2, 4]
+    assert [r.score for r in out] == [0.70, 0.70, 0.66, 0.40]
+    # Not alike enough, or not standing out from the next: the lean decides as before.
+    check.upright = {1: 0.55, 2: 0.5, 3: PIXEL_UPRIGHT_AT - 0.01, 4: 0.3}
+    assert check.upright_copy(ranked) is None
+    assert check.copies_first(ranked) == ranked
+    check.upright = {1: 0.70, 2: 0.5, 3: 0.72, 4: 0.3}
+    assert check.upright_copy(ranked) is None
+    # A query never turned upright has no upright views' likenesses: nothing changes.
+    check.upright = {}
+    assert check.upright_copy(ranked) is None
+    # A copy standing out by the query's own pixels still decides first.
+    check.likeness = {1: 0.3, 2: 0.95, 3: 0.72, 4: 0.3}
+    check.upright = {1: 0.3, 2: 0.4, 3: 0.72, 4: 0.3}
+    assert check.copies_first(ranked)[0].id == 2
+
+
 @pytest.fixture(scope="module", params=["sqlite", "postgresql"])
 def collection(
     request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
@@ -323,7 +351,25 @@ def test_a_copy_no_shot_stands_out_for_goes_to_the_shot_its_pixels_lean_to(
         assert scores == sorted(scores, reverse=True)
         with monkeypatch.context() as lean_off:
             lean_off.setattr(search_module, "PIXEL_LEAN_FROM", 2.0)
+            lean_off.setattr(search_module, "PIXEL_UPRIGHT_AT", 2.0)
             assert stems(opened.search(query, k=3).results)[0] == f"{name}-b"
+
+
+@pytest.mark.parametrize("angle", [-15.0, 25.0])
+def test_a_copy_turned_upright_goes_to_the_shot_most_alike_its_view(
+    collection: tuple[Collection, Path], monkeypatch: pytest.MonkeyPatch, angle: float
+) -> None:
+    # The brick wall's two shots are alike everywhere; the copy turned upright shows its own
+    # shot's pixels clearly more than the other's, which decides without the lean.
+    opened, photos = collection
+    shot = Image.open(photos / "brick-a.jpg").convert("RGB")
+    monkeypatch.setattr(search_module, "PIXEL_LEAN_FROM", 2.0)
+    for saturation in (0.4, 1.6):
+        query = rotated_cut_recoloured(shot, angle, saturation)
+        assert stems(opened.search(query, k=3).results)[0] == "brick-a", saturation
+        with monkeypatch.context() as upright_off:
+            upright_off.setattr(search_module, "PIXEL_UPRIGHT_AT", 2.0)
+            assert stems(opened.search(query, k=3).results)[0] == "brick-b", saturation
 
 
 def test_the_lean_holds_with_other_options_and_through_every_interface(

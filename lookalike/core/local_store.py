@@ -25,7 +25,7 @@ from lookalike.local.patches import (
     patch_kind,
     rerank_patches,
 )
-from lookalike.local.pixels import THUMBNAIL_KIND, Thumbnail
+from lookalike.local.pixels import THUMBNAIL_KIND, LayoutTable, Thumbnail
 from lookalike.local.rerank import (
     SEARCH_RULE,
     CopyCheck,
@@ -69,6 +69,12 @@ WORD_MIN_SHARED = 2
 WORD_KEYPOINTS = 256
 WORD_LOOKUP_AT_MOST = 10_000
 WORD_LOOKUP_STALE = 0.1
+# The layouts of the stored thumbnails (:class:`lookalike.local.pixels.LayoutTable`, 256
+# bytes an image in memory) are built at the first search that looks among them, or when a
+# server starts, and again after every change to the catalog (so a removed, replaced or
+# restored image is never offered): 0.02 s for 2,640 images, about 0.8 s for 100,000. A
+# larger collection finds its candidates by their vectors alone.
+LAYOUT_TABLE_AT_MOST = 100_000
 
 
 class LocalFeatureCatalog(Protocol):
@@ -86,6 +92,9 @@ class LocalFeatureCatalog(Protocol):
 
     @property
     def generation(self) -> int: ...
+
+    @property
+    def state(self) -> tuple[int, str]: ...
 
     def store_local_features(
         self,
@@ -147,6 +156,8 @@ class LocalFeatureStore:
         self.catalog = catalog
         # (catalog generation seen, kind, images it was built from, the lookup or None)
         self._words: tuple[int, str, int, WordLookup | None] | None = None
+        # (catalog state seen, the layout table or None)
+        self._layouts: tuple[tuple[int, str], LayoutTable | None] | None = None
 
     def kind(self) -> LocalFeatureKind | None:
         """The kind this collection stores, or None when it stores none."""
@@ -188,6 +199,19 @@ class LocalFeatureStore:
         stored = self.catalog.local_features(ids, THUMBNAIL_KIND)
         found = {i: Thumbnail.from_bytes(data) for i, data in stored.items()}
         return {i: t for i, t in found.items() if t is not None}
+
+    def layout_table(self) -> LayoutTable | None:
+        """The layouts of every stored thumbnail, cached for one catalog state; None for a
+        collection of more than ``LAYOUT_TABLE_AT_MOST`` images with thumbnails."""
+        state = self.catalog.state
+        if self._layouts is not None and self._layouts[0] == state:
+            return self._layouts[1]
+        ids = self.catalog.ids_with_local_features(THUMBNAIL_KIND)
+        table = None
+        if len(ids) <= LAYOUT_TABLE_AT_MOST:
+            table = LayoutTable.of(self.thumbnails(ids))
+        self._layouts = (state, table)
+        return table
 
     def save(
         self,

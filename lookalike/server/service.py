@@ -114,14 +114,16 @@ class SearchService:
         self._dedup: OrderedDict[tuple[Any, ...], DedupReport] = OrderedDict()
 
     def warm_up(self) -> None:
-        """Load the model, the cosine index and the visual words of the stored local features
-        (which re-ranking may ask for) now, so no request pays for them."""
+        """Load the model, the cosine index, the visual words of the stored local features
+        (which re-ranking may ask for) and the thumbnails' layouts (which a weak query looks
+        among) now, so no request pays for them."""
         encoder = self.collection.encoder
         encoder.embed_pixels(np.zeros((1, *(encoder.preprocess.resolution,) * 2, 3), np.uint8))
         with self._lock:
             if len(self.collection):
                 self.collection.vector_index(Metric.COSINE)
                 self.collection.local_store.word_lookup()
+                self.collection.local_store.layout_table()
 
     # -- requests ---------------------------------------------------------------------------
 
