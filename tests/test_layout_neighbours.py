@@ -12,21 +12,19 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
-from conftest import photo
 from PIL import Image, ImageEnhance, ImageFilter, ImageOps
+from test_pixel_check import NAMES, assert_first, source, stems, window
 from test_rest import LiveServer
 
 from lookalike.cli.main import main
 from lookalike.core import search as search_module
 from lookalike.core.collection import Collection
 from lookalike.core.multicrop import COPY_VIEWS_BELOW
-from lookalike.core.results import SearchResult
 from lookalike.core.search import PixelCheck
 from lookalike.local.pixels import LAYOUT_SIDE, LayoutTable, Thumbnail, layout_vector
 from lookalike.server.rest import create_app
 from lookalike.server.service import SearchService
 
-NAMES = ("astronaut", "chelsea", "coffee", "rocket", "camera", "horse", "brick", "moon")
 # Grey, blurred photos of other things: the neighbours an edited-all-over copy's vector
 # drifts to.
 OTHERS = (
@@ -35,25 +33,10 @@ OTHERS = (
 )
 
 
-def source(name: str) -> Image.Image:
-    image = photo(name)
-    image.thumbnail((512, 512))
-    return image
-
-
-def window(image: Image.Image, x0: float, y0: float, x1: float, y1: float) -> Image.Image:
-    width, height = image.size
-    return image.crop((int(width * x0), int(height * y0), int(width * x1), int(height * y1)))
-
-
 def edited_all_over(image: Image.Image) -> Image.Image:
     """Greyed, blurred and shrunk to a tenth: every pixel changed, the layout kept."""
     grey = ImageOps.grayscale(image).filter(ImageFilter.GaussianBlur(4))
     return grey.resize((max(16, image.width // 10), max(16, image.height // 10))).convert("RGB")
-
-
-def stems(results: list[SearchResult]) -> list[str]:
-    return [Path(r.path).stem for r in results]
 
 
 def test_a_layout_outlasts_edits_all_over_and_tells_photos_apart() -> None:
@@ -138,10 +121,7 @@ def test_a_copy_edited_all_over_is_found_by_its_layout_past_the_vector_candidate
         query = query_of(photos, name)
         plain = opened.search(query, k=3, copy_views=False)
         assert plain.results[0].score < COPY_VIEWS_BELOW  # a weak query
-        found = opened.search(query, k=3)
-        assert stems(found.results)[0] == f"{name}-a", (name, stems(found.results))
-        scores = [r.score for r in found]
-        assert scores == sorted(scores, reverse=True)
+        assert_first(opened, query, f"{name}-a", name)
         with monkeypatch.context() as layouts_off:
             layouts_off.setattr(search_module, "PIXEL_LAYOUTS", 0)
             if stems(opened.search(query, k=3).results)[0] != f"{name}-a":
