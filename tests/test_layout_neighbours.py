@@ -20,7 +20,7 @@ from lookalike.cli.main import main
 from lookalike.core import search as search_module
 from lookalike.core.collection import Collection
 from lookalike.core.multicrop import COPY_VIEWS_BELOW
-from lookalike.core.search import PixelCheck
+from lookalike.core.search import PixelCheck, QueryViews, search_options
 from lookalike.local.pixels import LAYOUT_SIDE, LayoutTable, Thumbnail, layout_vector
 from lookalike.server.rest import create_app
 from lookalike.server.service import SearchService
@@ -200,6 +200,13 @@ def test_the_layout_table_follows_every_change_to_the_catalog(
         moon = opened.catalog.ids_for_paths([str((photos / "moon.jpg").resolve())])
         nearest = grown.nearest([Thumbnail.of(source("moon"))], 1)
         assert [image_id for image_id, _ in nearest] == list(moon.values())
+        # A thumbnail stored later (as `fill_thumbnails` does) counts at once, though it
+        # leaves the catalog's state as it was.
+        (moon_id,) = moon.values()
+        replaced = Thumbnail.of(source("rocket"))
+        store.save_thumbnails([moon_id], [replaced.to_bytes()], {})
+        relaid = store.layout_table()
+        assert relaid is not None and relaid.nearest([replaced], 1)[0][0] == moon_id
         opened.remove([photos / "moon.jpg"])
         shrunk = store.layout_table()
         assert shrunk is not None and len(shrunk) == 3
@@ -229,3 +236,24 @@ def test_an_image_measured_for_its_layout_alone_counts_only_when_it_shows_the_qu
     check.add_view(Thumbnail.of(source("chelsea").rotate(90, expand=True)))
     assert check.turned_upright
     assert check.measure_alike(list(by_stem.values()), -1.0) == set(by_stem.values())
+
+
+def test_images_added_by_their_layout_are_scored_as_the_plain_search_scores_them(
+    collection: tuple[Collection, Path],
+) -> None:
+    opened, photos = collection
+    query = query_of(photos, "rocket")
+    plain = opened.search(query, k=30, copy_views=False)
+    ids = [r.id for r in plain.results]
+    searcher = opened.searcher
+    scored = searcher._scored_by_views(ids, opened.embed(query)[None, :], search_options())
+    assert [r.id for r in scored] == ids
+    for result, expected in zip(scored, plain.results, strict=True):
+        assert result.score == pytest.approx(expected.score, abs=1e-4)
+    # A view's penalty lowers its scores; the best view counts.
+    views = QueryViews(np.stack([opened.embed(query)] * 2), np.array([0.1, 0.3]))
+    lowered = searcher._scored_by_views(ids, views, search_options())
+    for result, expected in zip(lowered, plain.results, strict=True):
+        assert result.score == pytest.approx(expected.score - 0.1, abs=1e-4)
+    # A filter keeps out what it keeps out of any search.
+    assert searcher._scored_by_views(ids, views, search_options(where={"shelf": "none"})) == []

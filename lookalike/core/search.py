@@ -23,6 +23,7 @@ Measured against reciprocal-rank fusion in ``benchmarks/results/combined_queries
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 import os
 from collections.abc import Callable, Iterator, Sequence
@@ -56,6 +57,7 @@ from lookalike.core.results import SearchResponse, SearchResult, best_first, cut
 from lookalike.core.transform import PreparedIndex
 from lookalike.encoders.base import Encoder
 from lookalike.errors import (
+    CorruptVectorError,
     EmptyCollectionError,
     EncoderError,
     ModelMismatchError,
@@ -67,6 +69,8 @@ from lookalike.knn.base import Metric, SearchHits, l2_normalize
 from lookalike.knn.exact import score_matrix
 from lookalike.local.pixels import UPRIGHT_SCALES, PixelQuery, Thumbnail
 from lookalike.local.rerank import COPY_PROBABILITY, SEARCH_RULE, CopyCheck, in_context
+
+_log = logging.getLogger(__name__)
 
 # Records are fetched this many at a time when every image is ranked exactly.
 _EXHAUSTIVE_CHUNK = 1024
@@ -656,8 +660,9 @@ class Searcher:
     def _scored_by_views(
         self, ids: list[int], views: np.ndarray | QueryViews, options: SearchOptions
     ) -> list[SearchResult]:
-        """These images (those that exist, have a vector and pass the filters), each scored
-        by its best view less that view's penalty."""
+        """These images (those that exist, have a sound vector and pass the filters), each
+        scored by its best view less that view's penalty, exactly (an approximate index,
+        IVF-PQ, scores the ranked ones approximately: the two kinds sort together)."""
         records = self.catalog.images(ids)
         kept: list[ImageRecord] = []
         vectors: list[np.ndarray] = []
@@ -665,7 +670,12 @@ class Searcher:
             record = records.get(image_id)
             if record is None or not options.filter.matches(record):
                 continue
-            vector = self.catalog.vector(image_id, self.model_id)
+            try:
+                vector = self.catalog.vector(image_id, self.model_id)
+            except CorruptVectorError as error:
+                # Offered by its thumbnail alone: a damaged vector leaves it out, not the search.
+                _log.warning("%s", error)
+                continue
             if vector is not None:
                 kept.append(record)
                 vectors.append(vector)

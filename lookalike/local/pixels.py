@@ -265,6 +265,16 @@ class LayoutTable:
             vectors[row] = layout_vector(thumbnail)
         return cls(ids, vectors)
 
+    @classmethod
+    def joined(cls, parts: Sequence[LayoutTable]) -> LayoutTable:
+        """One table of several (built a chunk of thumbnails at a time)."""
+        if not parts:
+            return cls.of({})
+        return cls(
+            np.concatenate([part.ids for part in parts]),
+            np.concatenate([part.vectors for part in parts]),
+        )
+
     def __len__(self) -> int:
         return len(self.ids)
 
