@@ -225,7 +225,7 @@ def test_an_image_measured_for_its_layout_alone_counts_only_when_it_shows_the_qu
     query = Thumbnail.of(query_of(photos, "chelsea"))
     check = PixelCheck(query, opened.searcher.local_store)
     check.measure([by_stem["horse-a"]])  # a vector candidate, measured however alike
-    alike = check.measure_alike(list(by_stem.values()), search_module.PIXEL_LAYOUT_COPY_AT)
+    alike = check.measure(list(by_stem.values()), at_least=search_module.PIXEL_LAYOUT_COPY_AT)
     # The copy's own shot shows the query; the rest are forgotten, as if never measured,
     # except the candidate measured before.
     assert alike == {by_stem["chelsea-a"], by_stem["horse-a"]}
@@ -235,7 +235,7 @@ def test_an_image_measured_for_its_layout_alone_counts_only_when_it_shows_the_qu
     # A query turned upright measures its layout neighbours as any candidates.
     check.add_view(Thumbnail.of(source("chelsea").rotate(90, expand=True)))
     assert check.turned_upright
-    assert check.measure_alike(list(by_stem.values()), -1.0) == set(by_stem.values())
+    assert check.measure(list(by_stem.values()), at_least=-1.0) == set(by_stem.values())
 
 
 def test_images_added_by_their_layout_are_scored_as_the_plain_search_scores_them(

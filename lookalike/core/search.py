@@ -651,7 +651,7 @@ class Searcher:
         ]
         # A query turned upright is a copy's sign already: its neighbours count as any
         # candidate does (see PIXEL_LAYOUT_COPY_AT).
-        alike = pixels.measure_alike(nearest, -1.0 if upright else PIXEL_LAYOUT_COPY_AT)
+        alike = pixels.measure(nearest, at_least=-1.0 if upright else PIXEL_LAYOUT_COPY_AT)
         listed = {r.id for r in ranked}
         missed = [i for i in nearest if i in alike and i not in listed]
         added = self._scored_by_views(missed, views, options)
@@ -1131,33 +1131,28 @@ class PixelCheck:
         self.measure([r.id for r in ranked[:PIXEL_CANDIDATES] if r.score >= floor])
         return bool(self.copies(ranked))
 
-    def measure(self, ids: Sequence[int]) -> None:
-        """Measure how much of the query's pixels each of these candidates shows (those
-        not measured yet; reads thumbnails: under a server's lock)."""
+    def measure(self, ids: Sequence[int], *, at_least: float = -1.0) -> set[int]:
+        """Measure how much of the query's pixels each of these candidates shows (those not
+        measured yet; reads thumbnails: under a server's lock), keeping only those showing
+        ``at_least`` of them (the rest stay unmeasured, as if never looked at; a candidate
+        without a thumbnail counts -1); the ids of ``ids`` measured now."""
         new = [i for i in dict.fromkeys(ids) if i not in self.likeness]
-        if not new:
-            return
-        thumbnails = self.store.thumbnails(new)
-        self.without_thumbnail.update(i for i in new if i not in thumbnails)
-        self.likeness.update((i, -1.0) for i in new if i not in thumbnails)
-        measured = [i for i in new if i in thumbnails]
-        if measured:
-            chosen = [thumbnails[i] for i in measured]
-            found = np.array([query.likenesses(chosen) for query in self.queries])
-            self.likeness.update(zip(measured, found.max(axis=0).tolist(), strict=True))
-            if len(found) > 1:
-                self.upright.update(zip(measured, found[1:].max(axis=0).tolist(), strict=True))
-
-    def measure_alike(self, ids: Sequence[int], at: float) -> set[int]:
-        """Measure these candidates, forgetting those newly measured that show less than
-        ``at`` of the query's pixels (as if never measured); the ids measured now."""
-        new = [i for i in ids if i not in self.likeness]
-        self.measure(new)
-        for image_id in new:
-            if self.likeness[image_id] < at:
-                del self.likeness[image_id]
-                self.upright.pop(image_id, None)
-                self.without_thumbnail.discard(image_id)
+        if new:
+            thumbnails = self.store.thumbnails(new)
+            if at_least <= -1.0:
+                self.without_thumbnail.update(i for i in new if i not in thumbnails)
+                self.likeness.update((i, -1.0) for i in new if i not in thumbnails)
+            measured = [i for i in new if i in thumbnails]
+            if measured:
+                chosen = [thumbnails[i] for i in measured]
+                found = np.array([query.likenesses(chosen) for query in self.queries])
+                best = found.max(axis=0)
+                upright = found[1:].max(axis=0) if len(found) > 1 else None
+                for row, image_id in enumerate(measured):
+                    if best[row] >= at_least:
+                        self.likeness[image_id] = float(best[row])
+                        if upright is not None:
+                            self.upright[image_id] = float(upright[row])
         return {i for i in ids if i in self.likeness}
 
     @property
