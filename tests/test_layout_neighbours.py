@@ -9,10 +9,13 @@ import json
 from collections.abc import Iterator
 from pathlib import Path
 
+import grpc
 import httpx
 import numpy as np
 import pytest
+from conftest import photo
 from PIL import Image, ImageEnhance, ImageFilter, ImageOps
+from test_messy_folders import LIMIT, assert_failures, build_messy
 from test_pixel_check import NAMES, assert_first, source, stems, window
 from test_rest import LiveServer
 
@@ -22,6 +25,9 @@ from lookalike.core.collection import Collection
 from lookalike.core.multicrop import COPY_VIEWS_BELOW
 from lookalike.core.search import PixelCheck, QueryViews, search_options
 from lookalike.local.pixels import LAYOUT_SIDE, LayoutTable, Thumbnail, layout_vector
+from lookalike.server.grpc_server import create_grpc_server
+from lookalike.server.protos import lookalike_v1_pb2 as v1
+from lookalike.server.protos import lookalike_v1_pb2_grpc as v1_grpc
 from lookalike.server.rest import create_app
 from lookalike.server.service import SearchService
 
@@ -157,6 +163,36 @@ def test_layout_neighbours_keep_the_filters_and_serve_every_interface(
         reply = client.post("/search", files=files, data={"k": 3}, timeout=120)
         assert reply.status_code == 200, reply.text
         assert Path(reply.json()["results"][0]["filename"]).stem == f"{name}-a"
+    grpc_server, port = create_grpc_server(service, port=0, max_workers=2)
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            stub = v1_grpc.LookalikeStub(channel)
+            upload = (tmp_path / "copy.png").read_bytes()
+            reply = stub.Search(v1.SearchRequest(image=upload, k=3), timeout=120)
+            assert Path(reply.matches[0].path).stem == f"{name}-a"
+            kept_only = v1.SearchRequest(image=upload, k=5, where={"shelf": "kept"})
+            for match in stub.Search(kept_only, timeout=120).matches:
+                assert match.id not in source_id.values()
+    finally:
+        grpc_server.stop(None).wait()
+
+
+@pytest.mark.usefixtures("few_candidates")
+def test_a_messy_folder_gets_layouts_for_its_good_photos_and_finds_their_copies(
+    tmp_path: Path,
+) -> None:
+    # Odd names (not UTF-8 too), AVIF, PNG, a symlinked file and folder, and every kind of
+    # bad entry beside them: each good photo gets a layout, and a copy of it edited all over
+    # is found first; the bad entries cost nothing.
+    messy = build_messy(tmp_path)
+    with Collection(tmp_path / "c") as opened:
+        report = opened.index(messy.folder, workers=0, max_file_bytes=LIMIT)
+        assert_failures(report.failed, messy.bad)
+        table = opened.searcher.local_store.layout_table()
+        assert table is not None and len(table) == len(messy.good) == len(opened)
+        for path, name in messy.good.items():
+            found = opened.search(edited_all_over(photo(name)), k=3)
+            assert found.results[0].path == path, (name, [r.path for r in found.results])
 
 
 def _missed_without_layouts(opened: Collection, photos: Path) -> str:
